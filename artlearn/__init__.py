@@ -1,4 +1,6 @@
 """artlearn: artist classifiers trained from scratch, with stratified K-fold and fold ensembles."""
+import sys
+import types
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -6,7 +8,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "read_artworks": "data", "check_images": "data", "assign_folds": "data",
     "StratifiedFoldSplitter": "data", "artist_dls": "data", "PresizeCache": "data",
-    "load_rgb": "data",
+    "load_rgb": "data", "stratified_subset": "data", "FoldSelection": "kfold",
     "make_synthetic_artworks": "synthetic",
     "ArtistResNet": "models", "GeM": "models", "build_model": "models",
     "LabelSmoothing": "callbacks", "CosineAnnealing": "callbacks", "FoldCheckpoint": "callbacks",
@@ -18,6 +20,9 @@ _EXPORTS = {
     "describe_artworks": "plots", "plot_confusion": "plots", "plot_artist_recall": "plots",
 }
 
+_SUBMODULES = ("data", "synthetic", "models", "callbacks", "checkpoint", "learner", "kfold", "ensemble", "plots",
+               "presets")
+
 __all__ = ["__version__", *_EXPORTS]
 
 
@@ -27,8 +32,22 @@ def __getattr__(name):
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'artlearn' has no attribute {name!r}")
 
 
 def __dir__():
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """The package module: a submodule import never hides a public function of the same name (`ensemble`)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

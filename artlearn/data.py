@@ -151,8 +151,13 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scale 16/32-bit or float pixels to 0-255."""
     if arr.dtype == np.uint8:
         return arr
+    if arr.dtype.kind == "f":
+        top = 1.0 if arr.max() <= 1.0 else 255.0
+    elif arr.dtype.itemsize == 2:  # I;16: the full 16-bit range, however dark the image
+        top = 65535.0
+    else:
+        top = 255.0 if arr.max() <= 255 else 65535.0
     arr = arr.astype(np.float64)
-    top = 1.0 if arr.max() <= 1.0 and arr.dtype.kind == "f" else (255.0 if arr.max() <= 255 else 65535.0)
     return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -171,16 +176,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _refuse_bomb(img: Image.Image) -> None:
+    """Raise above Pillow's pixel limit (warning zone included) without the thread-unsafe warning filters."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(f"{img.width * img.height} pixels exceed the limit of {limit}")
+
+
 def load_rgb(path, max_side: int | None = None) -> Image.Image:
     """Decode an image file to RGB (EXIF orientation applied); JPEGs shrink while decoding when max_side allows."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if max_side and img.format == "JPEG":
-                img.draft(img.mode, (max_side, max_side))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+    with Image.open(path) as img:
+        _refuse_bomb(img)
+        if max_side and img.format == "JPEG":
+            img.draft(img.mode, (max_side, max_side))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
 
 
 def _describe_error(e: Exception) -> str:
@@ -202,12 +213,11 @@ def _inspect(path: str) -> dict:
         if os.path.getsize(path) == 0:
             row["problem"] = "empty file (0 bytes)"
             return row
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                row.update(mode=img.mode, width=img.width, height=img.height)
-                img.load()
-                to_rgb(img)
+        with Image.open(path) as img:
+            row.update(mode=img.mode, width=img.width, height=img.height)
+            _refuse_bomb(img)
+            img.load()
+            to_rgb(img)
         row["ok"] = True
     except Exception as e:  # noqa: BLE001 - every decoder failure is reported, none is raised here
         row["problem"] = _describe_error(e)
@@ -701,3 +711,19 @@ def _fill_cache(df: pd.DataFrame, cache: PresizeCache, on_bad: str) -> pd.DataFr
     df = df[keep].reset_index(drop=True)
     cache.fill(df["img_path"], source="training table")
     return df
+
+
+def stratified_subset(df: pd.DataFrame, n: int, seed: int = 42, min_per_artist: int = 1) -> pd.DataFrame:
+    """About n rows keeping each artist's share (at least `min_per_artist` each, when it has them), seeded."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n={n!r}: need a positive number of rows")
+    if n >= len(df):
+        return df.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    counts = df["artist"].value_counts()
+    quota = np.maximum(np.round(counts * n / len(df)).astype(int), np.minimum(counts, min_per_artist))
+    keep = []
+    for artist, k in quota.items():
+        idx = np.flatnonzero((df["artist"] == artist).to_numpy())
+        keep.extend(np.sort(rng.choice(idx, size=min(k, len(idx)), replace=False)))
+    return df.iloc[np.sort(keep)].reset_index(drop=True)

@@ -1,0 +1,28 @@
+"""Named recipes: 'reference' (the report's) and 'best' (the from-scratch recipe measured to beat it)."""
+
+REFERENCE = dict(
+    arch="resnet50", pool="avg", size=288, epochs=30, bs=32, lr=1e-3,
+    optimizer="adam", wd=0.0, label_smoothing=0.05, eta_min=0.0, warmup=0, monitor="valid_loss",
+    min_scale=0.08, max_rotate=15.0, flip=True, sampler=None,
+    mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0, precision="auto", grad_accum=1,
+)
+
+# Each change from REFERENCE is an option tested on its own in examples/compare_recipes.py.
+BEST = dict(
+    REFERENCE,
+    optimizer="adamw", wd=0.05, warmup=2, label_smoothing=0.1,
+    min_scale=0.25, sampler="sqrt", mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0,
+)
+
+PRESETS = {"reference": REFERENCE, "best": BEST}
+
+
+def resolve_preset(preset: str | None, overrides: dict) -> dict:
+    """The preset's settings with every non-None override applied; unknown names are a ValueError."""
+    name = "reference" if preset is None else preset
+    if name not in PRESETS:
+        raise ValueError(f"preset={preset!r}: use one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - set(PRESETS[name]))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; valid ones: {sorted(PRESETS[name])}")
+    return {k: (overrides[k] if overrides.get(k) is not None else v) for k, v in PRESETS[name].items()}
