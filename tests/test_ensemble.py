@@ -1,0 +1,145 @@
+"""ensemble() against a hand-written flip-TTA reference, fold compatibility checks, write_submission."""
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import artlearn as al
+from artlearn.checkpoint import load_fold
+from artlearn.data import PresizeCache, _shrink, load_rgb, presize_for, valid_crop
+from artlearn.ensemble import crop_batch
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-fold x 1-epoch ResNet-18 run at 32 px on tiny synthetic data (shared by the tests of this file)."""
+    base = tmp_path_factory.mktemp("ens")
+    root = al.make_synthetic_artworks(base / "data", n_artists=4, n_train=40, n_test=12, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = al.read_artworks(root / "train.csv", kind="train")
+        run = al.train_kfold(df, base / "run", n_folds=2, arch="resnet18", size=32, epochs=1, bs=8,
+                             progress=False, log=lambda *a: None)
+    test = al.read_artworks(root / "test.csv", kind="test")
+    return run, df, test
+
+
+def reference_probs(fold_dirs, paths, flip=True):
+    """Hand-written oracle: per fold softmax(model(x)) and softmax(model(flip(x))), averaged."""
+    total = 0
+    for d in fold_dirs:
+        model, meta = load_fold(d)
+        mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+        imgs = [np.asarray(valid_crop(_shrink(load_rgb(p, max_side=presize_for(meta["size"])),
+                                               presize_for(meta["size"])), meta["size"])) for p in paths]
+        x = (torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        with torch.no_grad():
+            total = total + model(x).softmax(1) + (model(x.flip(3)).softmax(1) if flip else 0)
+    return (total / (len(fold_dirs) * (2 if flip else 1))).numpy()
+
+
+def test_ensemble_equals_hand_written_flip_tta(tiny_run):
+    run, _, test = tiny_run
+    probs, vocab = al.ensemble(run, test, folds=[0, 1], tta="flip")
+    expected = reference_probs([run.fold_dir(0), run.fold_dir(1)], test["img_path"])
+    assert probs.shape == (len(test), len(run.vocab)) and vocab == run.vocab
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_tta_none_and_logit_average(tiny_run):
+    run, _, test = tiny_run
+    plain, _ = al.ensemble(run, test, folds=[0], tta=None)
+    np.testing.assert_allclose(plain, reference_probs([run.fold_dir(0)], test["img_path"], flip=False), atol=1e-5)
+    by_prob, _ = al.ensemble(run, test, folds=[0, 1], average="prob")
+    by_logit, _ = al.ensemble(run, test, folds=[0, 1], average="logit")
+    np.testing.assert_allclose(by_logit.sum(1), 1.0, atol=1e-5)
+    assert not np.allclose(by_prob, by_logit)
+
+
+def test_ensemble_view_equals_the_validation_loader(tiny_run):
+    run, df, _ = tiny_run
+    folds = pd.read_csv(run.path / "folds.csv")
+    dls = al.artist_dls(folds.assign(img_path=df["img_path"]), fold=0, size=32, bs=64, n_folds=2)
+    x_fastai = torch.cat([xb for xb, _ in dls.valid]).cpu()
+    valid_paths = dls.valid.items["img_path"]
+    mean = torch.tensor(dls.artlearn_meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(dls.artlearn_meta["std"]).view(1, 3, 1, 1)
+    ours = (crop_batch(dls.cache, valid_paths, 32).float() / 255 - mean) / std
+    np.testing.assert_allclose(np.asarray(x_fastai), ours.numpy(), atol=1e-5)
+
+
+def test_each_image_decoded_once_for_all_folds_and_flips(tiny_run):
+    run, _, test = tiny_run
+    cache = PresizeCache(presize_for(32))
+    al.ensemble(run, test, folds=[0, 1], tta="flip", cache=cache)
+    assert cache.n_decodes == len(test)
+    al.ensemble(run, test, folds=[0, 1], tta="flip", cache=cache)
+    assert cache.n_decodes == len(test)
+
+
+def test_default_folds_follow_the_selection(tiny_run):
+    run, _, test = tiny_run
+    chosen = run.summary["selection"]["folds"]
+    auto, _ = al.ensemble(al.load_run(run.path), test)
+    named, _ = al.ensemble(run, test, folds=chosen)
+    np.testing.assert_allclose(auto, named, atol=1e-6)
+
+
+def _copy_fold(run, tmp_path, name, change):
+    """A copy of fold 0 whose meta.json is changed by `change`."""
+    dst = tmp_path / name
+    shutil.copytree(run.fold_dir(0), dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    change(meta)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_folds_with_other_vocab_or_size_are_refused(tiny_run, tmp_path):
+    run, _, test = tiny_run
+    renamed = _copy_fold(run, tmp_path, "renamed", lambda m: m.update(vocab=[v + "_x" for v in m["vocab"]]))
+    with pytest.raises(ValueError, match="different vocabs"):
+        al.ensemble([run.fold_dir(0), renamed], test)
+    resized = _copy_fold(run, tmp_path, "resized", lambda m: m.update(size=48))
+    with pytest.raises(ValueError, match="different sizes"):
+        al.ensemble([run.fold_dir(0), resized], test)
+
+
+def test_bad_arguments(tiny_run):
+    run, _, test = tiny_run
+    with pytest.raises(ValueError, match="tta"):
+        al.ensemble(run, test, tta="multi")
+    with pytest.raises(ValueError, match="average"):
+        al.ensemble(run, test, average="median")
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        al.ensemble(run, test, folds=[5])
+    with pytest.raises(ValueError, match="img_path"):
+        al.ensemble(run, pd.DataFrame({"path": ["x.jpg"]}))
+
+
+def test_write_submission_order_and_atomicity(tmp_path):
+    vocab = ["A", "B", "C"]
+    probs = np.array([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1], [0.2, 0.2, 0.6]])
+    path = al.write_submission(["t2", "t0", "t1"], probs, vocab, tmp_path / "sub" / "submission.csv")
+    sub = pd.read_csv(path)
+    assert list(sub.columns) == ["id", "artist"]
+    assert sub["id"].tolist() == ["t2", "t0", "t1"] and sub["artist"].tolist() == ["B", "A", "C"]
+    assert [p.name for p in path.parent.iterdir()] == ["submission.csv"]
+
+
+@pytest.mark.parametrize("ids, probs, message", [
+    (["a", "a"], np.eye(2), "duplicated id"),
+    (["a", "b", "c"], np.eye(2), "one row per id"),
+    (["a", "b"], np.ones((2, 3)), "vocabulary has 2"),
+    (["a", "b"], np.array([[np.nan, 1.0], [1.0, 0.0]]), "NaN"),
+])
+def test_write_submission_refuses_bad_input(tmp_path, ids, probs, message):
+    with pytest.raises(ValueError, match=message):
+        al.write_submission(ids, probs, ["A", "B"], tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()
