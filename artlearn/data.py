@@ -194,8 +194,10 @@ def load_rgb(path, max_side: int | None = None) -> Image.Image:
         return to_rgb(img)
 
 
-def _describe_error(e: Exception) -> str:
+def _describe_error(e: Exception, path=None) -> str:
     """A short reason for an unreadable image."""
+    if path is not None and os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return (f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels); "
                 "downscale it or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it")
@@ -489,13 +491,13 @@ class PresizeCache:
         bad = []
         for path, (key, arr, decoded) in zip(missing, results):
             if key is None:
-                bad.append(f"{path} ({_describe_error(arr)})")
+                bad.append(f"{path} ({_describe_error(arr, path)})")
                 continue
             self.n_decodes += int(decoded)
             self._store(path, key, arr, mode)
         if bad:
             raise ValueError(f"{source}: {len(bad)} unreadable image(s): {_listing(bad, len(bad))}; remove them, or "
-                             "read the table with read_artworks(..., on_bad='drop') to skip them")
+                             "skip them with on_bad='drop' (artist_dls, read_artworks)")
 
     def get(self, path) -> np.ndarray:
         """The cached uint8 HxWx3 array of an image (decoded now if it is not cached yet)."""
