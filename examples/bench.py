@@ -1,0 +1,298 @@
+"""Throughput benchmark: is the model, not the input pipeline, the limit?
+
+    python examples/bench.py                                            # synthetic data, ResNet-18, 128 px, CPU
+    python examples/bench.py --data ../shared/data/artworks --arch resnet18 --size 128 --bs 32
+    python examples/bench.py --data DIR --arch resnet50 --size 288 --bs 64 --precision bf16    # on a GPU
+
+Prints, in one process, warm-up excluded, medians over --reps repetitions of --batches batches:
+  ceiling     model-only training step on tensors already in memory (images/s)
+  artlearn    artist_dls + artist_learner: cached decode, crop, flip/rotate, normalise and the step
+  torchvision a plain PyTorch DataLoader (PIL decode, RandomResizedCrop, flip, rotation, Normalize) + the step
+  ensemble    ensemble() over k folds x 2 flips against k x 2 bare forward passes on in-memory tensors
+and the ratio of each to its ceiling, the presize-cache size for the whole table and peak memory.
+"""
+import argparse
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import artlearn
+from artlearn.checkpoint import atomic_write_json, save_weights
+from artlearn.data import PresizeCache, presize_for
+from artlearn.models import build_model
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="competition folder with train.csv (default: built-in synthetic)")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--bs", type=int, default=32)
+    p.add_argument("--images", type=int, default=640, help="training images used (stratified subset)")
+    p.add_argument("--batches", type=int, default=6, help="batches per repetition")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
+    p.add_argument("--folds", type=int, default=2, help="folds in the ensemble benchmark")
+    p.add_argument("--infer-images", type=int, default=128)
+    p.add_argument("--workers", type=int, help="loader workers for both pipelines (default: artlearn's)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: torchvision,ensemble,cache")
+    return p.parse_args(argv)
+
+
+def device_setup(precision: str):
+    """(device, autocast dtype or None, channels_last?) for this machine."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), None, False
+    if precision == "fp32":
+        return torch.device("cuda"), None, True
+    bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+    return torch.device("cuda"), (torch.bfloat16 if bf16 else torch.float16), True
+
+
+def sync(device):
+    """Wait for queued GPU work so timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device, dtype):
+    """Autocast context for the GPU path, a no-op otherwise."""
+    import contextlib
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_step(model, device, dtype, channels_last):
+    """One Adam training step with label-smoothed CE, as the recipe trains."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+    def step(x, y):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def fresh_model(args, n_classes, device, channels_last):
+    """A from-scratch model on the device."""
+    model = build_model(args.arch, n_classes=n_classes).to(device).train()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def timed_reps(run_batches, args, device) -> list:
+    """images/s of --reps repetitions of --batches batches, after one warm-up repetition."""
+    rates = []
+    for rep in range(args.reps + 1):
+        sync(device)
+        start = time.perf_counter()
+        n = run_batches()
+        sync(device)
+        if rep:
+            rates.append(n / (time.perf_counter() - start))
+    return rates
+
+
+def bench_ceiling(args, n_classes, device, dtype, channels_last) -> float:
+    """Model-only training throughput on tensors already on the device."""
+    model = fresh_model(args, n_classes, device, channels_last)
+    step = make_step(model, device, dtype, channels_last)
+    x = torch.randn(args.bs, 3, args.size, args.size, device=device)
+    y = torch.randint(0, n_classes, (args.bs,), device=device)
+
+    def run():
+        for _ in range(args.batches):
+            step(x, y)
+        return args.batches * args.bs
+    return statistics.median(timed_reps(run, args, device))
+
+
+def bench_artlearn(args, df, device, cache) -> float:
+    """artist_dls + artist_learner training throughput (decoding done once up front, like train_kfold)."""
+    from fastai.callback.core import Callback, CancelTrainException, CancelValidException
+
+    class Timed(Callback):
+        """Stops each epoch after --batches training batches, skips validation, times the training part."""
+        order = 0
+
+        def before_fit(self):
+            self.rates = []
+
+        def before_train(self):
+            sync(device)
+            self.start, self.seen = time.perf_counter(), 0
+
+        def after_batch(self):
+            if self.training:
+                self.seen += len(self.yb[0])
+                if self.iter + 1 >= args.batches:
+                    raise CancelTrainException
+
+        def after_train(self):
+            sync(device)
+            self.rates.append(self.seen / (time.perf_counter() - self.start))
+
+        def after_cancel_train(self):
+            self.after_train()
+
+        def before_validate(self):
+            raise CancelValidException
+
+    dls = artlearn.artist_dls(df, fold=0, size=args.size, bs=args.bs, cache=cache, workers=args.workers,
+                              n_folds=4)
+    learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision)
+    timer = Timed()
+    learn.fit(args.reps + 1, 1e-3, cbs=[timer])
+    return statistics.median(timer.rates[1:])
+
+
+def bench_torchvision(args, df, n_classes, device, dtype, channels_last, mean, std) -> float:
+    """The plain PyTorch + torchvision pipeline a user would write, same augmentation and step."""
+    from torchvision import transforms as T
+    vocab = {a: i for i, a in enumerate(sorted(df["artist"].unique()))}
+    tfm = T.Compose([T.RandomResizedCrop(args.size), T.RandomHorizontalFlip(), T.RandomRotation(15), T.ToTensor(),
+                     T.Normalize(mean, std)])
+
+    class Paintings(torch.utils.data.Dataset):
+        """Decodes each image from disk on every access."""
+
+        def __len__(self):
+            return len(df)
+
+        def __getitem__(self, i):
+            with Image.open(df["img_path"].iloc[i]) as img:
+                return tfm(img.convert("RGB")), vocab[df["artist"].iloc[i]]
+
+    workers = artlearn.data.default_workers() if args.workers is None else args.workers
+    loader = torch.utils.data.DataLoader(Paintings(), batch_size=args.bs, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=workers > 0)
+    model = fresh_model(args, n_classes, device, channels_last)
+    step = make_step(model, device, dtype, channels_last)
+
+    def run():
+        n = 0
+        for i, (x, y) in enumerate(loader):
+            step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            n += len(y)
+            if i + 1 >= args.batches:
+                break
+        return n
+    return statistics.median(timed_reps(run, args, device))
+
+
+def write_random_folds(args, n_classes, vocab, mean, std, root: Path) -> list:
+    """k fold folders holding from-scratch weights, as train_kfold writes them."""
+    dirs = []
+    for k in range(args.folds):
+        model = build_model(args.arch, n_classes=n_classes)
+        d = root / f"fold{k}"
+        d.mkdir(parents=True)
+        save_weights(d / "best.safetensors", model)
+        atomic_write_json(d / "meta.json", dict(model=model.config, arch=args.arch, n_classes=n_classes,
+                                                vocab=vocab, size=args.size, mean=mean, std=std, fold=k,
+                                                complete=True))
+        dirs.append(d)
+    return dirs
+
+
+def bench_ensemble(args, items, n_classes, vocab, mean, std, device, dtype, channels_last) -> tuple:
+    """(ensemble cold images/s, ensemble warm-cache images/s, bare k x 2 forward images/s)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = write_random_folds(args, n_classes, vocab, mean, std, Path(tmp))
+        warm_cache = PresizeCache(presize_for(args.size))
+
+        def cold():
+            artlearn.ensemble(dirs, items, bs=args.bs, precision=args.precision)
+            return len(items)
+
+        def warm():
+            artlearn.ensemble(dirs, items, bs=args.bs, precision=args.precision, cache=warm_cache)
+            return len(items)
+        cold_rate = statistics.median(timed_reps(cold, args, device))
+        warm_rate = statistics.median(timed_reps(warm, args, device))
+    models = [fresh_model(args, n_classes, device, channels_last).eval() for _ in range(args.folds)]
+    x = torch.randn(len(items), 3, args.size, args.size, device=device)
+
+    def bare():
+        with torch.inference_mode(), autocast(device, dtype):
+            for start in range(0, len(x), args.bs):
+                xb = x[start:start + args.bs]
+                xb = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+                for m in models:
+                    m(xb).float().softmax(1)
+                    m(xb.flip(3)).float().softmax(1)
+        return len(x)
+    return cold_rate, warm_rate, statistics.median(timed_reps(bare, args, device))
+
+
+def load_table(args):
+    """(training table subset, full training table, test items)."""
+    root = args.data if args.data is not None else artlearn.make_synthetic_artworks(Path("data") / "synthetic")
+    full = artlearn.read_artworks(root / "train.csv", kind="train")
+    df = artlearn.stratified_subset(full, args.images, seed=0)
+    test_csv = root / "test.csv"
+    items = (artlearn.read_artworks(test_csv, kind="test") if test_csv.is_file() else df)
+    return df, full, items.iloc[:args.infer_images].reset_index(drop=True)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process (GB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def main(argv=None):
+    """Run every section and print the figures."""
+    args = parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    device, dtype, channels_last = device_setup(args.precision)
+    torch.manual_seed(0)
+    df, full, items = load_table(args)
+    vocab = sorted(df["artist"].unique())
+    n_classes = len(vocab)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+          f", precision {dtype or 'fp32'}, channels_last {channels_last}; {args.arch} at {args.size} px, batch {args.bs}, "
+          f"{len(df)} training images, {n_classes} artists; medians of {args.reps} reps x {args.batches} batches")
+    cache = PresizeCache(presize_for(args.size))
+    start = time.perf_counter()
+    cache.fill(df["img_path"])
+    print(f"decode once  : {len(df)} images in {time.perf_counter() - start:.1f} s "
+          f"({cache.n_decodes} decodes, {cache.nbytes / 2 ** 20:.0f} MiB cached)")
+    mean, std = cache.channel_stats(df["img_path"])
+    ceiling = bench_ceiling(args, n_classes, device, dtype, channels_last)
+    print(f"ceiling      : {ceiling:8.1f} images/s  (model-only training step)")
+    ours = bench_artlearn(args, df, device, cache)
+    print(f"artlearn     : {ours:8.1f} images/s  ratio to ceiling {ours / ceiling:.2f}")
+    if "torchvision" not in skip:
+        plain = bench_torchvision(args, df, n_classes, device, dtype, channels_last, mean, std)
+        print(f"torchvision  : {plain:8.1f} images/s  ratio to ceiling {plain / ceiling:.2f}; "
+              f"artlearn / torchvision {ours / plain:.2f}")
+    if "ensemble" not in skip:
+        cold, warm, bare = bench_ensemble(args, items, n_classes, vocab, mean, std, device, dtype, channels_last)
+        print(f"ensemble     : {cold:8.1f} images/s cold (decode included), {warm:.1f} warm cache; bare "
+              f"{args.folds} folds x 2 flips {bare:.1f} images/s; ratio cold {cold / bare:.2f}, warm {warm / bare:.2f}")
+    if "cache" not in skip:
+        whole = PresizeCache(presize_for(args.size))
+        start = time.perf_counter()
+        whole.fill(full["img_path"])
+        print(f"cache        : whole table {len(full)} images at presize {whole.presize} px -> "
+              f"{whole.nbytes / 2 ** 30:.2f} GiB in {whole.mode if whole.mode != 'auto' else 'memory/auto'} "
+              f"({time.perf_counter() - start:.1f} s)")
+    print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB"
+          + (f", GPU max allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
+
+
+if __name__ == "__main__":
+    main()
