@@ -1,0 +1,189 @@
+"""Fold checkpoints on disk: atomic writes, safetensors weights, and loading a fold from its folder alone.
+
+A fold folder holds `best.safetensors` (the weights), `meta.json` (how to rebuild the model: `meta['model']`
+is the model's `config`, plus vocab, image size and normalisation stats) and `history.csv`. Weights are
+only ever read with safetensors, which parses tensors and runs no code: pickled formats are refused.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "atomic_write_bytes", "atomic_write_text",
+           "atomic_write_json", "atomic_write_csv", "save_weights", "load_weights", "read_meta", "load_fold"]
+
+WEIGHTS_NAME, META_NAME, HISTORY_NAME = "best.safetensors", "meta.json", "history.csv"
+_PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a directory entry (the rename) to disk where the OS allows it."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Atomically write UTF-8 `text` to `path` (readers see the old file or the new one, never half)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o):
+    """JSON for numpy scalars/arrays, tensors and paths."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def atomic_write_json(path, obj) -> Path:
+    """Atomically write `obj` as indented JSON (numpy values and paths converted)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path, df) -> Path:
+    """Atomically write a DataFrame as CSV without its index."""
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def _state_dict(model_or_state) -> dict:
+    """A module's state dict, or the dict itself."""
+    return model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
+
+
+def save_weights(path, model_or_state) -> Path:
+    """Atomically save a model's (or a state dict's) tensors as safetensors: contiguous CPU copies."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _state_dict(model_or_state).items()}
+    return atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+
+
+def _refuse_pickle(path: Path) -> None:
+    """ValueError for weights in a pickle-based format (loading those can run arbitrary code)."""
+    raise ValueError(f"{path}: refusing to load {path.suffix!r} weights; artlearn reads only safetensors "
+                     "('best.safetensors'), because torch.load/pickle files can execute arbitrary code when "
+                     "loaded. Convert trusted weights with safetensors.torch.save_file, or retrain the fold")
+
+
+def load_weights(path) -> dict:
+    """Tensors of a safetensors file; ValueError if it is truncated, corrupt or not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        _refuse_pickle(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is truncated or not a safetensors file: retrain this fold or delete its "
+                         f"folder ({type(e).__name__}: {e})") from None
+
+
+def read_meta(path) -> dict:
+    """The parsed `meta.json` of a fold folder (or the file itself)."""
+    path = Path(path)
+    meta_path = path / META_NAME if path.is_dir() else path
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: no meta.json, so this is not a fold checkpoint folder "
+                                "(or its training never finished an epoch)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): retrain this fold or delete its folder") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{meta_path} has no 'model' entry (the model config for build_model)")
+    return meta
+
+
+def _fold_files(path: Path) -> tuple[Path, Path]:
+    """(folder, weights file) for a fold folder, its meta.json or its weights file."""
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        _refuse_pickle(path)
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.exists():
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+            if pickles:
+                _refuse_pickle(path / pickles[0])
+        return path, weights
+    if path.name == META_NAME:
+        return path.parent, path.parent / WEIGHTS_NAME
+    return path.parent, path
+
+
+def _rebuild(meta: dict, meta_path: Path):
+    """The model described by `meta['model']`, or a ValueError naming the meta file."""
+    from .models import ARCHITECTURES, build_model
+    arch = meta["model"].get("arch")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{meta_path}: unknown architecture {arch!r} in 'model'; this artlearn knows "
+                         f"{list(ARCHITECTURES)} (was the fold trained with a newer version?)")
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):  # the random init is overwritten anyway
+            return build_model(**meta["model"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{meta_path}: cannot rebuild the model from its 'model' entry: {e}") from None
+
+
+def _check_state(state: dict, model, weights_path: Path) -> None:
+    """ValueError naming the first missing, unexpected or wrongly shaped tensor."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise ValueError(f"{weights_path}: missing tensor {missing[0]!r} ({len(missing)} missing) for "
+                         f"{model.config['arch']}: the weights belong to another architecture")
+    if unexpected:
+        raise ValueError(f"{weights_path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected) "
+                         f"for {model.config['arch']}: the weights belong to another architecture")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{weights_path}: tensor {k!r} has shape {tuple(state[k].shape)} but the model "
+                             f"in meta.json expects {tuple(v.shape)}")
+        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()):
+            raise ValueError(f"{weights_path}: tensor {k!r} holds NaN/inf values: retrain this fold")
+
+
+def load_fold(path, device="cpu"):
+    """(model in eval mode, meta) from a fold folder: the model is rebuilt from meta.json alone and
+    `best.safetensors` loaded with safetensors (never torch.load/pickle), keys and shapes checked."""
+    path = Path(path)
+    folder, weights_path = _fold_files(path)
+    meta = read_meta(folder)
+    model = _rebuild(meta, folder / META_NAME)
+    state = load_weights(weights_path)
+    _check_state(state, model, weights_path)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+

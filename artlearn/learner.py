@@ -1,0 +1,200 @@
+"""`artist_learner`: a fastai Learner with the recipe's defaults (from-scratch model, torch Adam, label-smoothed
+cross-entropy, per-epoch cosine LR, accuracy and macro-F1) and its optional extras."""
+import numbers
+from functools import partial
+
+import torch
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.mixup import CutMix, MixUp
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import lr_find  # noqa: F401  (fastai adds Learner.lr_find, fit_one_cycle)
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy, skm_to_fastai
+from fastai.optimizer import OptimWrapper
+from fastcore.basics import noop
+from fastcore.foundation import L
+
+from .callbacks import (
+    EMA,
+    MONITORS,
+    CosineAnnealing,
+    FoldCheckpoint,
+    History,
+    LabelSmoothing,
+    LogitAdjustment,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    Reproducible,
+)
+from .models import ARCHITECTURES, POOLS, build_model
+
+__all__ = ["artist_learner", "ArtistLearner", "f1_macro", "torch_optimizer", "OPTIMIZERS", "PRECISIONS"]
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+class ArtistLearner(Learner):
+    """A fastai `Learner` whose `fit` also cleans up when an exception (e.g. Ctrl-C) escapes it.
+
+    fastai only runs `after_fit` for a normal end or a `CancelFitException`; here, on any other exception,
+    every callback's `release()` is called (restoring the global RNG state, the loss function and
+    EMA-swapped weights) and the learner's loss function is put back before the exception propagates.
+    """
+
+    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
+        """`Learner.fit`, with clean-up on errors."""
+        loss_func, extra = self.loss_func, list(L(cbs))
+        try:
+            super().fit(n_epoch, lr=lr, wd=wd, cbs=cbs, reset_opt=reset_opt, start_epoch=start_epoch)
+        except BaseException as e:
+            for cb in [*self.cbs, *extra]:
+                getattr(cb, "release", noop)()
+            self.loss_func = loss_func
+            self._end_cleanup()
+            if isinstance(e, NonFiniteLossError):
+                e.args = (e.message,)
+            raise
+
+
+def f1_macro():
+    """Macro-averaged F1 over the validation set (sklearn `f1_score`, absent classes scored 0), named 'f1_macro'."""
+    from sklearn.metrics import f1_score
+    return skm_to_fastai(f1_score, average="macro", zero_division=0, name="f1_macro")
+
+
+def torch_optimizer(name: str = "adam", wd: float = 0.0):
+    """fastai `opt_func` wrapping torch's own optimizer: Adam (L2 `weight_decay`, as torch) or AdamW (decoupled)."""
+    _check_choice("optimizer", name, tuple(OPTIMIZERS))
+    return partial(OptimWrapper, opt=OPTIMIZERS[name], betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    """ValueError naming `value` and the valid `choices` unless `value` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+
+def _check_number(name: str, value, low: float = 0.0, strict: bool = False, integer: bool = False):
+    """ValueError naming `value` unless it is a number >= low (> low when strict)."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value > low if strict else value >= low)
+    if not ok:
+        raise ValueError(f"{name}={value!r}: need {'an integer' if integer else 'a number'} "
+                         f"{'>' if strict else '>='} {low:g}")
+
+
+def _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
+                ema, logit_adjust, monitor, seed):
+    """ValueError for any bad `artist_learner` argument, naming the value and the valid choices."""
+    _check_choice("arch", arch, tuple(ARCHITECTURES))
+    _check_choice("pool", pool, POOLS)
+    _check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("monitor", monitor, tuple(MONITORS))
+    if not (isinstance(label_smoothing, numbers.Real) and 0 <= label_smoothing < 1):
+        raise ValueError(f"label_smoothing={label_smoothing!r}: need a number in [0, 1)")
+    _check_number("lr", lr, strict=True)
+    for name, value in (("wd", wd), ("mixup", mixup), ("cutmix", cutmix), ("logit_adjust", logit_adjust)):
+        _check_number(name, value)
+    _check_number("grad_accum", grad_accum, low=1, integer=True)
+    if epochs is not None:
+        _check_number("epochs", epochs, low=1, integer=True)
+    if seed is not None:
+        _check_number("seed", seed, integer=True)
+    if mixup and cutmix:
+        raise ValueError(f"mixup={mixup!r} and cutmix={cutmix!r}: use one of them, not both")
+    if ema is not None and not (isinstance(ema, numbers.Real) and 0 < ema < 1):
+        raise ValueError(f"ema={ema!r}: need a decay in (0, 1) (e.g. 0.999) or None")
+
+
+def _on_cuda(dls) -> bool:
+    """True when the DataLoaders put batches on a CUDA device."""
+    device = getattr(dls, "device", None)
+    return torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+
+
+def _resolve_precision(precision: str, cuda: bool) -> str:
+    """'bf16', 'fp16' or 'fp32': 'auto' is bf16 where supported, else fp16, on CUDA; always fp32 on CPU."""
+    if not cuda:
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def _seeded_model(seed, arch, n_classes, pool, **kw):
+    """Build the model; with a seed, initialise it under a forked, seeded torch RNG (global state untouched)."""
+    if seed is None:
+        return build_model(arch, n_classes=n_classes, pool=pool, **kw)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        return build_model(arch, n_classes=n_classes, pool=pool, **kw)
+
+
+def _gpu_callbacks(dls, precision, channels_last) -> list:
+    """Mixed precision and channels-last callbacks (CUDA only unless channels_last=True is asked)."""
+    cuda = _on_cuda(dls)
+    cbs = []
+    if channels_last or (channels_last is None and cuda):
+        cbs.append(ChannelsLast())
+    mode = _resolve_precision(precision, cuda)
+    if mode != "fp32":
+        cbs.append(MixedPrecision(amp_mode=mode))
+    return cbs
+
+
+def _fold_of(dls, fold):
+    """The fold number: as given, else the one `artist_dls` recorded."""
+    fold = fold if fold is not None else (getattr(dls, "artlearn_meta", None) or {}).get("fold")
+    if fold is None:
+        raise ValueError("out= was given without fold=, and the DataLoaders do not say which fold they hold")
+    return fold
+
+
+def artist_learner(dls, arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e-3, optimizer="adam", wd=0.0,
+                   epochs=None, eta_min=0.0, warmup=0, seed=None, out=None, fold=None, monitor="valid_loss",
+                   progress=True, precision="auto", channels_last=None, grad_accum=1, mixup=0.0, cutmix=0.0,
+                   ema=None, logit_adjust=0.0, zero_init_residual=False, cbs=None, **model_kw) -> ArtistLearner:
+    """A fastai Learner for `dls`: from-scratch `build_model(arch, pool=pool)`, torch Adam, label-smoothed CE,
+    per-epoch cosine LR, metrics accuracy and f1_macro, a `History`, and the optional extras.
+
+    `epochs` is the cosine's `t_max` (None: the length of each `fit`); `out`+`fold` add a `FoldCheckpoint`;
+    `seed` seeds the model's initialisation and each fit (`Reproducible`) without reseeding the process;
+    `progress=False` trains silently. On CUDA: `precision` ('auto' = bf16 where supported, else fp16; 'fp32'),
+    channels-last memory format (default on). `grad_accum=n` accumulates n batches per step; `mixup`/`cutmix`
+    are Beta alphas (0 = off); `ema` an EMA decay; `logit_adjust` the logit-adjustment tau (0 = off).
+    Extra keywords go to the model (e.g. `gem_p`, `drop_rate`, `stochastic_depth_prob`).
+    """
+    _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
+                ema, logit_adjust, monitor, seed)
+    if arch.startswith("resnet"):
+        model_kw["zero_init_residual"] = zero_init_residual
+    model = _seeded_model(seed, arch, len(dls.vocab), pool, **model_kw)
+    callbacks = [LabelSmoothing(label_smoothing), CosineAnnealing(epochs, eta_min, warmup), History(),
+                 NonFiniteGuard(fold)]
+    if out is not None:
+        callbacks.append(FoldCheckpoint(out, _fold_of(dls, fold), monitor))
+    if seed is not None:
+        callbacks.append(Reproducible(seed))
+    if logit_adjust:
+        callbacks.append(LogitAdjustment(logit_adjust))
+    callbacks += _gpu_callbacks(dls, precision, channels_last)
+    if grad_accum > 1:
+        callbacks.append(GradientAccumulation(grad_accum * dls.train.bs))
+    if mixup:
+        callbacks.append(MixUp(mixup))
+    if cutmix:
+        callbacks.append(CutMix(cutmix))
+    if ema is not None:
+        callbacks.append(EMA(ema))
+    learn = ArtistLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=torch_optimizer(optimizer, wd),
+                          lr=lr, wd=wd, metrics=[accuracy, f1_macro()], cbs=callbacks + list(L(cbs)))
+    if not progress:
+        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+        learn.logger = noop
+    return learn

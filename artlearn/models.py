@@ -1,0 +1,194 @@
+"""Networks trained from scratch: torchvision's ResNets (and ConvNeXts) with a choice of pooling.
+
+Every model built here has a JSON-able `config` such that `build_model(**model.config)` rebuilds the same
+architecture, which is how a checkpoint folder is turned back into a model (see `artlearn.checkpoint`).
+"""
+import numbers
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+__all__ = ["GeM", "ArtistResNet", "ArtistConvNeXt", "ARCHITECTURES", "build_model", "POOLS", "RESNET_DEPTHS"]
+
+RESNET_DEPTHS = (18, 34, 50, 101)
+POOLS = ("avg", "gem")
+_RESNET_BUILDERS = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50, 101: tvm.resnet101}
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al. 2018): mean(clamp(x, eps) ** p) ** (1 / p) over H and W.
+
+    `p=1` is average pooling and `p -> inf` approaches max pooling. With `learnable=True`, `p` is one trainable
+    parameter; otherwise it is a fixed buffer (kept in the state dict, not trained). Computed in float32.
+    """
+
+    def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6):
+        super().__init__()
+        if not p > 0:
+            raise ValueError(f"GeM p={p!r}: need p > 0")
+        p = torch.ones(1) * float(p)
+        if learnable:
+            self.p = nn.Parameter(p)
+        else:
+            self.register_buffer("p", p)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, 1, 1)."""
+        p = self.p.float()
+        return x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / p)
+
+    def extra_repr(self) -> str:
+        """p, learnable and eps in the module's repr."""
+        p = "?" if self.p.is_meta else f"{self.p.item():.4f}"
+        return f"p={p}, learnable={isinstance(self.p, nn.Parameter)}, eps={self.eps}"
+
+
+def _check_choice(name: str, value, choices) -> None:
+    """ValueError naming `value` and the valid `choices` unless `value` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
+
+
+def _make_pool(pool: str, gem_p: float, gem_learnable: bool) -> nn.Module:
+    """The pooling module named by `pool`."""
+    _check_choice("pool", pool, POOLS)
+    return GeM(gem_p, gem_learnable) if pool == "gem" else nn.AdaptiveAvgPool2d(1)
+
+
+class _SplitModel(nn.Module):
+    """Shared parts of the models here: `config`, and `forward = forward_head(forward_features(x))`."""
+
+    @property
+    def config(self) -> dict:
+        """JSON-able settings: `build_model(**model.config)` rebuilds this architecture."""
+        return dict(self._config)
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the feature map (input size of the classifier)."""
+        return self.fc.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, n_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+
+class ArtistResNet(_SplitModel):
+    """ResNet-18/34/50/101 from scratch (torchvision's builders, `weights=None`) with avg or GeM pooling.
+
+    The layers keep torchvision's names (`conv1` ... `layer4`, `fc`), so with `pool='avg'` the state dict is
+    torchvision's own; GeM adds `pool.p`. `forward(x) == forward_head(forward_features(x))`.
+    """
+
+    def __init__(self, depth: int, n_classes: int, pool: str = "avg", zero_init_residual: bool = False,
+                 gem_p: float = 3.0, gem_learnable: bool = True, drop_rate: float = 0.0):
+        super().__init__()
+        _check_choice("depth", depth, RESNET_DEPTHS)
+        _check_choice("pool", pool, POOLS)
+        _check_n_classes(n_classes)
+        depth, n_classes = int(depth), int(n_classes)
+        net = _RESNET_BUILDERS[depth](weights=None, num_classes=n_classes, zero_init_residual=zero_init_residual)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.pool = _make_pool(pool, gem_p, gem_learnable)
+        self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
+        self.fc = net.fc
+        self._config = dict(arch=f"resnet{depth}", depth=depth, n_classes=n_classes, pool=pool,
+                            zero_init_residual=bool(zero_init_residual), drop_rate=float(drop_rate))
+        if pool == "gem":
+            self._config.update(gem_p=float(gem_p), gem_learnable=bool(gem_learnable))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""
+        x = self.drop(torch.flatten(self.pool(feats), 1))
+        return x if pre_logits else self.fc(x)
+
+
+def _check_n_classes(n_classes) -> None:
+    """ValueError unless `n_classes` is a positive integer."""
+    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 1:
+        raise ValueError(f"n_classes={n_classes!r}: need a positive integer (the number of artists)")
+
+
+def _convnext_nano(num_classes: int, stochastic_depth_prob: float):
+    """A ConvNeXt with timm's 'nano' widths/depths (dims 80-640, depths 2-2-8-2), from torchvision's blocks."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    setting = [CNBlockConfig(80, 160, 2), CNBlockConfig(160, 320, 2), CNBlockConfig(320, 640, 8),
+               CNBlockConfig(640, None, 2)]
+    return ConvNeXt(setting, stochastic_depth_prob=stochastic_depth_prob, num_classes=num_classes)
+
+
+_CONVNEXT_BUILDERS = {"convnext_nano": _convnext_nano,
+                      "convnext_tiny": lambda num_classes, stochastic_depth_prob: tvm.convnext_tiny(
+                          weights=None, num_classes=num_classes, stochastic_depth_prob=stochastic_depth_prob)}
+
+
+class ArtistConvNeXt(_SplitModel):
+    """A torchvision ConvNeXt from scratch with avg or GeM pooling and the same features/head split.
+
+    Head as torchvision's: pool, LayerNorm2d, flatten, Linear (`classifier`).
+    """
+
+    def __init__(self, arch: str, n_classes: int, pool: str = "avg",
+                 stochastic_depth_prob: float = 0.1, gem_p: float = 3.0, gem_learnable: bool = True,
+                 drop_rate: float = 0.0):
+        super().__init__()
+        _check_choice("arch", arch, tuple(_CONVNEXT_BUILDERS))
+        _check_choice("pool", pool, POOLS)
+        _check_n_classes(n_classes)
+        n_classes = int(n_classes)
+        net = _CONVNEXT_BUILDERS[arch](num_classes=n_classes, stochastic_depth_prob=stochastic_depth_prob)
+        self.features, self.pool = net.features, _make_pool(pool, gem_p, gem_learnable)
+        self.norm, self.fc = net.classifier[0], net.classifier[2]
+        self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
+        self._config = dict(arch=arch, depth=None, n_classes=n_classes, pool=pool,
+                            stochastic_depth_prob=float(stochastic_depth_prob), drop_rate=float(drop_rate))
+        if pool == "gem":
+            self._config.update(gem_p=float(gem_p), gem_learnable=bool(gem_learnable))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
+        return self.features(x)
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, normalise, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""
+        x = self.drop(torch.flatten(self.norm(self.pool(feats).to(feats.dtype)), 1))
+        return x if pre_logits else self.fc(x)
+
+
+def _resnet_builder(depth: int):
+    """Registry entry for `resnet{depth}`: checks a `depth=` passed along (as in a config)."""
+    def build(n_classes, pool="avg", depth=depth, **kw):
+        if depth != build.depth:
+            raise ValueError(f"arch 'resnet{build.depth}' does not match depth={depth!r}")
+        return ArtistResNet(build.depth, n_classes, pool, **kw)
+    build.depth = depth
+    return build
+
+
+def _convnext_builder(name: str):
+    """Registry entry for a ConvNeXt variant (`depth` must be None: ConvNeXts are named, not numbered)."""
+    def build(n_classes, pool="avg", depth=None, **kw):
+        if depth is not None:
+            raise ValueError(f"arch {name!r} has no depth (got depth={depth!r})")
+        return ArtistConvNeXt(name, n_classes, pool, **kw)
+    return build
+
+
+# name -> builder(n_classes, pool='avg', **kw). Register a new architecture by adding an entry.
+ARCHITECTURES = {**{f"resnet{d}": _resnet_builder(d) for d in RESNET_DEPTHS},
+                 **{name: _convnext_builder(name) for name in _CONVNEXT_BUILDERS}}
+
+
+def build_model(arch: str = "resnet50", n_classes: int | None = None, pool: str = "avg", **kw) -> nn.Module:
+    """Build a from-scratch model by registry name; `build_model(**model.config)` round-trips."""
+    _check_choice("arch", arch, tuple(ARCHITECTURES))
+    _check_n_classes(n_classes)
+    return ARCHITECTURES[arch](n_classes, pool=pool, **kw)

@@ -1,0 +1,216 @@
+"""artist_learner: torch optimizer semantics, the reference's defaults, reproducibility, a real ResNet-18 fit, and
+the whole fold path on the built-in synthetic dataset (ResNet-18 at 32 px, a few dozen images)."""
+import copy
+import inspect
+import json
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.mixup import CutMix, MixUp
+from fastai.callback.training import GradientAccumulation
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner, Recorder
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import TensorCategory, TensorImage
+
+from artlearn.callbacks import (
+    EMA,
+    HISTORY_COLUMNS,
+    CosineAnnealing,
+    FoldCheckpoint,
+    History,
+    LabelSmoothing,
+    LogitAdjustment,
+    NonFiniteGuard,
+    Reproducible,
+    cosine_lr,
+)
+from artlearn.checkpoint import load_fold
+from artlearn.learner import ArtistLearner, artist_learner
+
+VOCAB = ["Ana", "Bo", "Cy"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two shared cores: one intra-op thread avoids oversubscription; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def image_dls(n_train=24, n_valid=12, bs=8, size=32):
+    """3 artists, images whose mean depends on the artist: learnable in a few steps."""
+    def items(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % 3
+        x = torch.randn(n, 3, size, size, generator=g) + 0.5 * y[:, None, None, None].float()
+        return [(TensorImage(x[i]), TensorCategory(y[i])) for i in range(n)]
+    dls = DataLoaders.from_dsets(items(n_train, 0), items(n_valid, 1), bs=bs, device="cpu", num_workers=0)
+    dls.vocab = list(VOCAB)
+    dls.artlearn_meta = dict(size=size, mean=[0.5] * 3, std=[0.25] * 3, vocab=list(VOCAB), fold=0)
+    return dls
+
+
+def plain(t):
+    return t.detach().as_subclass(torch.Tensor).clone()
+
+
+class OneStep(Callback):
+    """Keeps the first training batch and stops the fit right after its optimizer step."""
+    order = 95
+
+    def before_batch(self):
+        if self.training:
+            self.batch = plain(self.xb[0]), plain(self.yb[0])
+
+    def after_step(self):
+        raise CancelFitException()
+
+
+@pytest.mark.parametrize("optimizer,wd,torch_opt", [("adam", 0.0, torch.optim.Adam), ("adam", 0.1, torch.optim.Adam),
+                                                    ("adamw", 0.1, torch.optim.AdamW)])
+def test_one_step_equals_plain_torch_optimizer_step(optimizer, wd, torch_opt):
+    step = OneStep()
+    learn = artist_learner(image_dls(), arch="resnet18", pool="gem", optimizer=optimizer, wd=wd, lr=2e-3,
+                           seed=0, progress=False, cbs=step)
+    ref = copy.deepcopy(learn.model)
+    learn.fit(3)
+    x, y = step.batch
+    ref.train()
+    opt = torch_opt(ref.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    F.cross_entropy(ref(x), y, label_smoothing=0.05).backward()
+    opt.step()
+    ours = learn.model.state_dict()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert type(learn.opt.opt) is torch_opt
+
+
+def test_defaults_reproduce_the_reference_recipe():
+    params = inspect.signature(artist_learner).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    assert defaults | dict(cbs=None) == dict(
+        arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e-3, optimizer="adam", wd=0.0, epochs=None,
+        eta_min=0.0, warmup=0, seed=None, out=None, fold=None, monitor="valid_loss", progress=True,
+        precision="auto", channels_last=None, grad_accum=1, mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0,
+        zero_init_residual=False, cbs=None)
+    learn = artist_learner(image_dls(), arch="resnet18", progress=False)
+    assert isinstance(learn, Learner) and isinstance(learn, ArtistLearner)
+    learn.create_opt()
+    group = learn.opt.opt.param_groups[0]
+    assert type(learn.opt.opt) is torch.optim.Adam
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
+    assert isinstance(learn.loss_func, CrossEntropyLossFlat)
+    types = {type(cb) for cb in learn.cbs}
+    assert {LabelSmoothing, CosineAnnealing, History, NonFiniteGuard, Recorder} <= types
+    assert not types & {FoldCheckpoint, Reproducible, MixedPrecision, ChannelsLast, GradientAccumulation, MixUp, EMA}
+    assert learn.label_smoothing.eps == 0.05 and learn.cosine_annealing.t_max is None
+    assert [m.name for m in learn.metrics] == ["accuracy", "f1_macro"]
+    assert learn.model.config["pool"] == "avg" and learn.lr == 1e-3
+
+
+def test_progress_false_is_quiet_and_metric_names(capsys):
+    learn = artist_learner(image_dls(), arch="resnet18", progress=False)
+    learn.fit(1)
+    assert capsys.readouterr().out == ""
+    assert list(learn.recorder.metric_names) == ["epoch", "train_loss", "valid_loss", "accuracy", "f1_macro", "time"]
+    loud = artist_learner(image_dls(), arch="resnet18")
+    loud.fit(1)
+    assert "f1_macro" in capsys.readouterr().out
+
+
+def test_same_seed_same_initialisation_and_first_epoch():
+    before = torch.get_rng_state()
+    a, b = (artist_learner(image_dls(), arch="resnet18", pool="gem", seed=7, progress=False) for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), before)  # seeding the init did not reseed the process
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    a.fit(1)
+    b.fit(1)
+    cols = ["train_loss", "valid_loss", "train_acc", "valid_acc"]
+    pd.testing.assert_frame_equal(a.history.frame()[cols], b.history.frame()[cols], check_exact=True)
+    c = artist_learner(image_dls(), arch="resnet18", pool="gem", seed=8, progress=False)
+    assert not torch.equal(c.model.conv1.weight, a.model.conv1.weight)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(arch="vgg16"), r"arch='vgg16'.*resnet50"), (dict(pool="max"), r"pool='max'.*'gem'"),
+    (dict(optimizer="sgd"), r"optimizer='sgd'.*'adamw'"), (dict(precision="fp8"), r"precision='fp8'.*'bf16'"),
+    (dict(lr=0), "lr=0"), (dict(lr=-1e-3), "lr=-0.001"), (dict(label_smoothing=1.0), r"label_smoothing=1.0.*\[0, 1\)"),
+    (dict(label_smoothing=-0.1), "label_smoothing"), (dict(grad_accum=0), "grad_accum=0"),
+    (dict(mixup=0.4, cutmix=1.0), "not both"), (dict(ema=1.5), "ema=1.5"), (dict(monitor="top5"), "monitor='top5'"),
+    (dict(epochs=0), "epochs=0"), (dict(seed=-1), "seed=-1"), (dict(wd=-1.0), "wd=-1.0")])
+def test_bad_arguments_name_the_value(kw, match):
+    with pytest.raises(ValueError, match=match):
+        artist_learner(image_dls(), **kw)
+
+
+def test_extras_on_cpu_compose_and_train():
+    dls = image_dls()
+    learn = artist_learner(dls, arch="resnet18", pool="gem", precision="bf16", channels_last=True, grad_accum=2,
+                           mixup=0.4, ema=0.99, logit_adjust=1.0, progress=False, seed=0)
+    types = {type(cb): cb for cb in learn.cbs}
+    assert MixedPrecision not in types  # no autocast on CPU: results unchanged
+    assert {ChannelsLast, GradientAccumulation, MixUp, EMA, LogitAdjustment} <= set(types)
+    assert types[GradientAccumulation].n_acc == 2 * dls.train.bs
+    learn.fit(1)
+    hist = learn.history.frame()
+    assert hist[["train_loss", "valid_loss"]].notna().all().all() and learn.ema.n_updates == 1
+    assert CutMix in {type(cb) for cb in artist_learner(dls, arch="resnet18", cutmix=1.0, progress=False).cbs}
+
+
+# ---------------------------------------------------------------- the built-in synthetic dataset
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A tiny synthetic collection (about 80 training works) and its fold-0 loaders at 32 px."""
+    from artlearn.data import artist_dls, read_artworks
+    from artlearn.synthetic import make_synthetic_artworks
+    root = make_synthetic_artworks(tmp_path_factory.mktemp("synthetic"), n_train=80, n_test=8)
+    with pytest.warns(UserWarning, match="fewer works than n_folds"):
+        df = read_artworks(root / "train.csv")
+        dls = artist_dls(df, fold=0, size=32, bs=16, workers=0)
+    return df, dls
+
+
+def test_resnet18_gem_three_epochs_training_loss_falls(synthetic):
+    _, dls = synthetic
+    learn = artist_learner(dls, arch="resnet18", pool="gem", seed=0, progress=False)
+    learn.fit(3)
+    hist = learn.history.frame()
+    print("\n" + hist.to_string())
+    assert hist["train_loss"].is_monotonic_decreasing and hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert hist["lr"].tolist() == [cosine_lr(e, 1e-3, 3) for e in range(3)]
+
+
+def test_fold_training_end_to_end_on_synthetic_data(synthetic, tmp_path):
+    _, dls = synthetic
+    learn = artist_learner(dls, arch="resnet18", pool="gem", out=tmp_path, fold=0, epochs=2, progress=False, seed=1)
+    learn.fit(2)
+    folder = tmp_path / "fold0"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.safetensors", "history.csv", "meta.json"]
+    hist = pd.read_csv(folder / "history.csv")
+    assert list(hist.columns) == list(HISTORY_COLUMNS) and hist["epoch"].tolist() == [0, 1]
+    torch_lrs = []
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2)
+    for _ in range(2):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert hist["lr"].tolist() == torch_lrs
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["complete"] is True and meta["vocab"] == list(dls.vocab) and meta["size"] == 32
+    assert meta["mean"] == dls.artlearn_meta["mean"] and meta["model"]["pool"] == "gem"
+    assert meta["score"] == pytest.approx(hist["valid_loss"].min(), rel=1e-12)
+    model, _ = load_fold(folder)
+    fresh = artist_learner(dls, arch="resnet18", pool="gem", progress=False)
+    fresh.model = model
+    assert fresh.validate()[0] == pytest.approx(meta["score"], rel=1e-5)

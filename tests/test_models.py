@@ -1,0 +1,162 @@
+"""ArtistResNet / GeM / build_model against torchvision and first principles (cheap: meta tensors for big nets)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from artlearn.models import (
+    ARCHITECTURES,
+    ArtistConvNeXt,
+    ArtistResNet,
+    GeM,
+    build_model,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two shared cores: one intra-op thread avoids oversubscription; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_param_count_equals_torchvision(depth):
+    with torch.device("meta"):  # no real initialisation: counts and shapes only
+        ours_avg = ArtistResNet(depth, 7)
+        ours_gem = ArtistResNet(depth, 7, pool="gem")
+        ours_fixed = ArtistResNet(depth, 7, pool="gem", gem_learnable=False)
+        ref = getattr(torchvision.models, f"resnet{depth}")(num_classes=7)
+    assert n_params(ours_avg) == n_params(ref)
+    assert n_params(ours_gem) == n_params(ref) + 1
+    assert n_params(ours_fixed) == n_params(ref)
+    # same layer names and shapes as torchvision: a torchvision state dict loads as is
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours_avg.state_dict().items()} == ref_shapes
+    assert set(ours_gem.state_dict()) - set(ref_shapes) == {"pool.p"}
+    assert set(ours_fixed.state_dict()) - set(ref_shapes) == {"pool.p"}  # fixed p is a buffer
+
+
+@pytest.mark.parametrize("depth,channels", [(18, 512), (34, 512), (50, 2048), (101, 2048)])
+def test_feature_and_logit_shapes_all_depths(depth, channels):
+    with torch.device("meta"):
+        m = ArtistResNet(depth, 5, pool="gem")
+        x = torch.empty(2, 3, 64, 96)
+        feats = m.forward_features(x)
+        assert tuple(feats.shape) == (2, channels, 2, 3)
+        assert tuple(m.forward_head(feats).shape) == (2, 5)
+        assert tuple(m.forward_head(feats, pre_logits=True).shape) == (2, channels)
+    assert m.num_features == channels
+
+
+@pytest.mark.parametrize("pool", ["avg", "gem"])
+@pytest.mark.parametrize("hw", [(32, 32), (48, 48), (64, 64), (40, 72)])
+def test_resnet18_forward_shapes_and_split(pool, hw):
+    torch.manual_seed(0)
+    m = ArtistResNet(18, 4, pool=pool).eval()
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        out = m(x)
+        feats = m.forward_features(x)
+        split = m.forward_head(feats)
+    assert out.shape == (2, 4)
+    assert feats.shape == (2, 512, -(-hw[0] // 32), -(-hw[1] // 32))
+    torch.testing.assert_close(out, split, rtol=0, atol=0)
+
+
+def test_gem_p1_is_average_pooling_and_formula():
+    x = torch.rand(3, 8, 5, 7) + 0.01
+    torch.testing.assert_close(GeM(p=1.0)(x), F.adaptive_avg_pool2d(x, 1))
+    expected = (x ** 3).mean(dim=(2, 3), keepdim=True) ** (1 / 3)
+    torch.testing.assert_close(GeM(p=3.0)(x), expected)
+    # large p tends to max pooling; eps clamps zeros and negatives
+    torch.testing.assert_close(GeM(p=200.0)(x), F.adaptive_max_pool2d(x, 1), rtol=0.03, atol=0)
+    assert torch.allclose(GeM(eps=1e-6)(torch.full((1, 1, 2, 2), -5.0)), torch.tensor(1e-6))
+
+
+def test_gem_learnable_p_gets_a_gradient_fixed_p_does_not():
+    g, f = GeM(3.0, learnable=True), GeM(3.0, learnable=False)
+    x = torch.rand(2, 4, 3, 3) + 0.1
+    g(x).sum().backward()
+    assert isinstance(g.p, torch.nn.Parameter) and g.p.grad is not None and g.p.grad.abs().item() > 0
+    assert list(f.parameters()) == [] and "p" in f.state_dict()
+    with pytest.raises(ValueError, match="p > 0"):
+        GeM(p=0)
+
+
+def test_bad_depth_and_pool_list_valid_choices():
+    with pytest.raises(ValueError, match=r"depth=152.*\[18, 34, 50, 101\]"):
+        ArtistResNet(152, 10)
+    with pytest.raises(ValueError, match=r"pool='max'.*\['avg', 'gem'\]"):
+        ArtistResNet(18, 10, pool="max")
+    with pytest.raises(ValueError, match="n_classes"):
+        ArtistResNet(18, 0)
+    with pytest.raises(ValueError, match=r"arch='vgg16'.*resnet50"):
+        build_model("vgg16", n_classes=3)
+    with pytest.raises(ValueError, match="does not match depth=34"):
+        build_model("resnet18", n_classes=3, depth=34)
+
+
+def test_positional_and_keyword_construction_agree():
+    with torch.device("meta"):
+        a = ArtistResNet(50, 10)
+        b = ArtistResNet(depth=50, n_classes=10, pool="avg")
+        c = ArtistResNet(50, 10, "gem")
+    assert a.config == b.config == dict(arch="resnet50", depth=50, n_classes=10, pool="avg",
+                                        zero_init_residual=False, drop_rate=0.0)
+    assert c.config["pool"] == "gem" and c.config["gem_p"] == 3.0
+
+
+@pytest.mark.parametrize("kw", [dict(arch="resnet18", pool="avg"), dict(arch="resnet34", pool="gem", gem_p=4.0),
+                                dict(arch="resnet50", pool="gem", gem_learnable=False, zero_init_residual=True),
+                                dict(arch="resnet101", pool="avg", drop_rate=0.2),
+                                dict(arch="convnext_nano", pool="gem"), dict(arch="convnext_tiny", pool="avg")])
+def test_build_model_config_round_trip(kw):
+    with torch.device("meta"):
+        m = build_model(n_classes=6, **kw)
+        config = json.loads(json.dumps(m.config))  # JSON-able, as stored in meta.json
+        again = build_model(**config)
+    assert again.config == m.config
+    assert type(again) is type(m)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    assert str(again) == str(m)
+
+
+def test_registry_names_every_architecture():
+    assert {"resnet18", "resnet34", "resnet50", "resnet101", "convnext_nano", "convnext_tiny"} <= set(ARCHITECTURES)
+
+
+def test_gem_weights_and_p_init():
+    torch.manual_seed(0)
+    m = build_model("resnet18", n_classes=3, pool="gem", gem_p=2.5)
+    assert m.pool.p.item() == 2.5
+
+
+def test_zero_init_residual_is_passed_to_torchvision():
+    torch.manual_seed(0)
+    m = ArtistResNet(18, 3, zero_init_residual=True)
+    assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for layer in (m.layer1, m.layer4) for b in layer)
+    assert float(ArtistResNet(18, 3).layer1[0].bn2.weight.detach().sum()) > 0
+
+
+def test_convnext_matches_torchvision_and_splits():
+    with torch.device("meta"):
+        ours = ArtistConvNeXt("convnext_tiny", 9)
+        ref = torchvision.models.convnext_tiny(num_classes=9)
+        ours_gem = build_model("convnext_tiny", n_classes=9, pool="gem")
+    assert n_params(ours) == n_params(ref)
+    assert n_params(ours_gem) == n_params(ref) + 1
+    torch.manual_seed(0)
+    nano = build_model("convnext_nano", n_classes=3, pool="gem", stochastic_depth_prob=0.0).eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(nano(x), nano.forward_head(nano.forward_features(x)), rtol=0, atol=0)
+    assert nano(x).shape == (2, 3)
