@@ -11,7 +11,7 @@ REFERENCE = dict(
 BEST = dict(
     REFERENCE,
     optimizer="adamw", wd=0.05, warmup=2, label_smoothing=0.1,
-    min_scale=0.25, sampler="sqrt", mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0,
+    min_scale=0.25, sampler=None, mixup=0.0, cutmix=0.0, ema=None, logit_adjust=1.0,
 )
 
 PRESETS = {"reference": REFERENCE, "best": BEST}
