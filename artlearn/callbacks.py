@@ -443,7 +443,8 @@ class FoldCheckpoint(TrackerCallback):
                     mean=data.get("mean"), std=data.get("std"), fold=self.fold_index, epoch=self.best_epoch,
                     monitor=self.monitor_name, score=None if self.best_epoch is None else float(self.best),
                     complete=bool(complete), artlearn_version=__version__, n_folds=data.get("n_folds"),
-                    split_seed=data.get("seed"), ema=getattr(ema, "decay", None), **extra)
+                    split_seed=data.get("seed"), class_counts=data.get("class_counts"),
+                    ema=getattr(ema, "decay", None), **extra)
         if self.stop_reason:
             meta["stopped"] = self.stop_reason
         return meta

@@ -1,5 +1,6 @@
 """Reading artwork tables, checking images, stratified folds, the presize cache and fastai DataLoaders."""
 
+import contextlib
 import hashlib
 import math
 import os
@@ -612,6 +613,20 @@ def _seeded_weighted_dl_class():
     return SeededWeightedDL
 
 
+@contextlib.contextmanager
+def _keep_global_rng():
+    """Restore Python's, numpy's and torch's global RNG states on exit (fastai draws from them building loaders)."""
+    import torch
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def default_workers() -> int:
     """Loader workers: none on CPU (the model needs both cores), up to 8 with a GPU."""
     import torch
@@ -686,13 +701,22 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = 288, bs: int = 32, n
         batch_tfms=[*augment, Normalize.from_stats(mean, std, cuda=device.type == "cuda")])
     workers = default_workers() if workers is None else workers
     kwargs = dict(bs=bs, num_workers=workers, device=device, pin_memory=device.type == "cuda")
-    if sampler is not None:
-        weights = _sample_weights(df["artist"], sampler)
-        dls = block.dataloaders(df, dl_type=_seeded_weighted_dl_class(), dl_kwargs=[{"wgts": weights[train_idx]}, {}], **kwargs)
-    else:
-        dls = block.dataloaders(df, **kwargs)
+    train_kw = {}
+    if len(train_idx) < bs:  # fastai drops the incomplete last training batch: nothing would be trained
+        warnings.warn(f"fold {fold}: the training split has {len(train_idx)} rows, fewer than bs={bs}; each epoch "
+                      "trains on one partial batch (lower bs, or use fewer folds)", stacklevel=2)
+        train_kw["drop_last"] = False
+    with _keep_global_rng():  # building loaders runs transforms and seeds fastai's RNGs from the global ones
+        if sampler is not None:
+            weights = _sample_weights(df["artist"], sampler)
+            dls = block.dataloaders(df, dl_type=_seeded_weighted_dl_class(),
+                                    dl_kwargs=[{"wgts": weights[train_idx], **train_kw}, {}], **kwargs)
+        else:
+            dls = block.dataloaders(df, dl_kwargs=[train_kw, {}], **kwargs)
     dls.train.rng = random.Random(seed)
+    counts = df["artist"].iloc[train_idx].value_counts().reindex(vocab, fill_value=0)
     dls.artlearn_meta = dict(size=int(size), mean=mean, std=std, vocab=list(vocab), fold=int(fold),
+                             class_counts=[int(c) for c in counts],
                              n_folds=int(n_folds), seed=int(seed), min_scale=min_scale, max_rotate=max_rotate)
     dls.cache = cache
     return dls

@@ -8,7 +8,7 @@ from PIL import Image
 from .checkpoint import atomic_write_csv, load_fold
 from .data import PresizeCache, presize_for, read_artworks, valid_crop
 
-TTA_CHOICES = (None, "none", "flip")
+TTA_CHOICES = (None, "none", "flip", "multicrop")
 AVERAGE_CHOICES = ("prob", "logit")
 
 
@@ -39,6 +39,9 @@ def _check_compatible(metas: list, dirs: list) -> None:
         if len(values) > 1:
             detail = "; ".join(f"{d}: {m.get(key) if key == 'size' else len(m.get(key) or [])}"
                                for d, m in zip(dirs, metas))
+            if key == "vocab":
+                sets = [set(m.get(key) or []) for m in metas]
+                detail += f"; artists not in every fold: {sorted(set.union(*sets) - set.intersection(*sets))}"
             raise ValueError(f"the folds were trained with different {key}s ({detail}); ensemble only folds of one "
                              "run")
 
@@ -62,29 +65,63 @@ def _resolve_device(device):
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def crop_batch(cache: PresizeCache, paths, size: int):
-    """uint8 tensor (n, 3, size, size) of the evaluation view (centre square) of cached images."""
+def _native_crops(arr: np.ndarray, size: int) -> list:
+    """Five size x size windows (centre and four corners) of a cached image, without resizing."""
+    img = Image.fromarray(arr)
+    if min(img.size) < size:
+        img = img.resize((max(size, round(img.width * size / min(img.size))),
+                          max(size, round(img.height * size / min(img.size)))), Image.Resampling.BILINEAR)
+    w, h = img.size
+    boxes = [((w - size) // 2, (h - size) // 2), (0, 0), (w - size, 0), (0, h - size), (w - size, h - size)]
+    return [np.asarray(img.crop((x, y, x + size, y + size))) for x, y in boxes]
+
+
+def _item_views(arr: np.ndarray, size: int, tta) -> list:
+    """One image's evaluation crops: the centre square resized to size, plus five native crops with 'multicrop'."""
+    views = [np.asarray(valid_crop(Image.fromarray(arr), size))]
+    return views + _native_crops(arr, size) if tta == "multicrop" else views
+
+
+def crop_batch(cache: PresizeCache, paths, size: int, tta=None, pool=None):
+    """uint8 tensor (n_views, n, 3, size, size) of the evaluation crops of cached images (threads when `pool`)."""
     import torch
-    arrays = [np.asarray(valid_crop(Image.fromarray(cache.get(p)), size)) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    mapper = pool.map if pool is not None else map
+    per_item = list(mapper(lambda p: _item_views(cache.get(p), size, tta), paths))
+    views = np.stack([np.stack(v) for v in zip(*per_item)])
+    return torch.from_numpy(views).permute(0, 1, 4, 2, 3).contiguous()
 
 
 def _views(x, tta):
-    """The test-time views of a batch: the image, and its horizontal flip with tta='flip'."""
-    return [x, x.flip(3)] if tta == "flip" else [x]
+    """The test-time views of one crop batch: the crop, and its horizontal flip unless TTA is off."""
+    return [x, x.flip(3)] if tta in ("flip", "multicrop") else [x]
+
+
+def _log_prior(meta: dict, device):
+    """log of the fold's training class frequencies (add-one smoothed), for post-hoc logit adjustment."""
+    import torch
+    counts = meta.get("class_counts")
+    if counts is None:
+        raise ValueError("prior_adjust needs the class counts in meta.json (folds trained by artlearn >= 0.1 with "
+                         "artist_dls record them); retrain the fold or pass prior_adjust=0")
+    counts = torch.tensor(counts, dtype=torch.float32, device=device) + 1.0
+    return (counts / counts.sum()).log()
 
 
 def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", average: str = "prob", bs: int = 64,
              device=None, cache: PresizeCache | None = None, workers: int | None = None,
-             precision: str = "auto"):
+             precision: str = "auto", prior_adjust: float = 0.0):
     """Average each fold's softmax (or logits) over the image and its flip; returns (probs[n, n_artists], vocab).
 
-    Every image is decoded and cropped once for all folds and both flips; each fold is loaded from its folder alone
-    and normalised with its own training statistics.
+    Every image is decoded and cropped once for all folds and views; each fold is loaded from its folder alone and
+    normalised with its own training statistics. tta: 'flip' (image + horizontal flip), None, or 'multicrop' (the
+    flip views plus five native-resolution crops of the cached image and their flips). `prior_adjust=tau`
+    subtracts tau * log(training class frequency) from each fold's logits (post-hoc logit adjustment, which
+    trades a little accuracy on frequent artists for recall on rare ones).
     """
     import torch
+    from concurrent.futures import ThreadPoolExecutor
     if tta not in TTA_CHOICES:
-        raise ValueError(f"tta={tta!r}: use 'flip' or None")
+        raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop' or None")
     if average not in AVERAGE_CHOICES:
         raise ValueError(f"average={average!r}: use 'prob' (mean of softmax) or 'logit' (softmax of mean logits)")
     dirs = _fold_dirs(run_or_fold_dirs, folds)
@@ -100,19 +137,21 @@ def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", aver
     cache.fill(table["img_path"], source="items")
     stats = [(torch.tensor(m["mean"], device=device).view(1, 3, 1, 1),
               torch.tensor(m["std"], device=device).view(1, 3, 1, 1)) for m in metas]
+    shifts = [prior_adjust * _log_prior(m, device) if prior_adjust else 0.0 for m in metas]
     autocast = _autocast(device, precision)
     out = np.zeros((len(table), len(vocab)), dtype=np.float32)
-    n_views = len(dirs) * (2 if tta == "flip" else 1)
-    with torch.inference_mode(), autocast:
+    pool = ThreadPoolExecutor(max_workers=cache.workers)
+    with pool, torch.inference_mode(), autocast:
         for start in range(0, len(table), bs):
-            x = crop_batch(cache, table["img_path"].iloc[start:start + bs], size).to(device).float().div_(255)
-            acc = 0
-            for (model, _), (mean, std) in zip(loaded, stats):
-                for view in _views((x - mean) / std, tta):
-                    logits = model(_memory_format(view, device)).float()
-                    acc = acc + (logits.softmax(1) if average == "prob" else logits)
+            crops = crop_batch(cache, table["img_path"].iloc[start:start + bs], size, tta, pool).to(device)
+            acc, n_views = 0, 0
+            for (model, _), (mean, std), shift in zip(loaded, stats, shifts):
+                for x in crops:
+                    for view in _views((x.float().div_(255) - mean) / std, tta):
+                        logits = model(_memory_format(view, device)).float() - shift
+                        acc, n_views = acc + (logits.softmax(1) if average == "prob" else logits), n_views + 1
             acc = acc / n_views
-            out[start:start + len(x)] = (acc if average == "prob" else acc.softmax(1)).cpu().numpy()
+            out[start:start + crops.shape[1]] = (acc if average == "prob" else acc.softmax(1)).cpu().numpy()
     return out, vocab
 
 

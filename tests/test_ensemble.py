@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import artlearn as al
 from artlearn.checkpoint import load_fold
@@ -70,7 +71,7 @@ def test_ensemble_view_equals_the_validation_loader(tiny_run):
     valid_paths = dls.valid.items["img_path"]
     mean = torch.tensor(dls.artlearn_meta["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(dls.artlearn_meta["std"]).view(1, 3, 1, 1)
-    ours = (crop_batch(dls.cache, valid_paths, 32).float() / 255 - mean) / std
+    ours = (crop_batch(dls.cache, valid_paths, 32)[0].float() / 255 - mean) / std
     np.testing.assert_allclose(np.asarray(x_fastai), ours.numpy(), atol=1e-5)
 
 
@@ -143,3 +144,53 @@ def test_write_submission_refuses_bad_input(tmp_path, ids, probs, message):
     with pytest.raises(ValueError, match=message):
         al.write_submission(ids, probs, ["A", "B"], tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()
+
+
+def _normalised(arrays, meta):
+    """(n, 3, s, s) float tensor from uint8 HxWx3 arrays, normalised with a fold's statistics."""
+    mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    return (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def test_multicrop_tta_equals_hand_written_views(tiny_run):
+    run, _, test = tiny_run
+    paths = test["img_path"].iloc[:6]
+    cache = PresizeCache(presize_for(32))
+    probs, _ = al.ensemble(run, test.iloc[:6], folds=[0], tta="multicrop", cache=cache)
+    model, meta = load_fold(run.fold_dir(0))
+    s = meta["size"]
+    total, n = 0, 0
+    for arr_views in zip(*[[np.asarray(valid_crop(Image.fromarray(cache.get(p)), s))]
+                           + [cache.get(p)[y:y + s, x:x + s] for y, x in _windows(cache.get(p).shape, s)]
+                           for p in paths]):
+        x = _normalised(arr_views, meta)
+        with torch.no_grad():
+            total = total + model(x).softmax(1) + model(x.flip(3)).softmax(1)
+        n += 2
+    np.testing.assert_allclose(probs, (total / n).numpy(), atol=1e-5)
+    assert n == 12
+
+
+def _windows(shape, s):
+    """Top-left corners of the centre and the four corner windows."""
+    h, w = shape[:2]
+    return [((h - s) // 2, (w - s) // 2), (0, 0), (0, w - s), (h - s, 0), (h - s, w - s)]
+
+
+def test_prior_adjust_is_post_hoc_logit_adjustment(tiny_run):
+    run, _, test = tiny_run
+    tau = 1.0
+    probs, _ = al.ensemble(run, test, folds=[0], tta=None, prior_adjust=tau)
+    model, meta = load_fold(run.fold_dir(0))
+    counts = torch.tensor(meta["class_counts"], dtype=torch.float32) + 1
+    imgs = [np.asarray(valid_crop(_shrink(load_rgb(p, max_side=presize_for(32)), presize_for(32)), 32))
+            for p in test["img_path"]]
+    with torch.no_grad():
+        logits = model(_normalised(imgs, meta))
+    expected = (logits - tau * (counts / counts.sum()).log()).softmax(1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert sum(meta["class_counts"]) == len(pd.read_csv(run.path / "folds.csv").query("fold != 0"))
+    plain, _ = al.ensemble(run, test, folds=[0], tta=None)
+    rarest = int(np.argmin(meta["class_counts"]))
+    assert probs[:, rarest].mean() > plain[:, rarest].mean()
