@@ -213,7 +213,9 @@ class History(Callback):
             return
         self._trained = False
         rec = dict(zip(self.recorder.metric_names[1:], self.recorder.values[-1]))
-        pick = lambda *names: next((float(rec[n]) for n in names if rec.get(n) is not None), math.nan)
+
+        def pick(*names):
+            return next((float(rec[n]) for n in names if rec.get(n) is not None), math.nan)
         self.rows.append(dict(
             epoch=int(self.epoch),
             train_loss=float(self._loss_sum) / self._n_batches if self._n_batches else math.nan,
@@ -425,7 +427,8 @@ class FoldCheckpoint(TrackerCallback):
         """Write best.safetensors, then meta.json (incomplete)."""
         state = self._weights()
         if not _all_finite(state):
-            warnings.warn(f"fold {self.fold_index}, epoch {self.epoch}: the weights hold NaN/inf; not saved")
+            warnings.warn(f"fold {self.fold_index}, epoch {self.epoch}: the weights hold NaN/inf; not saved",
+                          stacklevel=2)
             return
         save_weights(self.weights_path, state)
         self.best_epoch = int(self.epoch)

@@ -690,11 +690,14 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = 288, bs: int = 32, n
     mean, std = cache.channel_stats(df["img_path"].iloc[train_idx])
     vocab = sorted(df["artist"].unique())
     import torch
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     augment = aug_transforms(do_flip=flip, max_rotate=max_rotate, min_zoom=1.0, max_zoom=1.0, max_lighting=0.0,
                              max_warp=0.0, p_affine=0.75)
     block = DataBlock(
-        blocks=(TransformBlock(type_tfms=_cache_reader_class()(cache), batch_tfms=IntToFloatTensor), CategoryBlock(vocab=vocab)),
+        blocks=(TransformBlock(type_tfms=_cache_reader_class()(cache), batch_tfms=IntToFloatTensor),
+                CategoryBlock(vocab=vocab)),
         get_x=ColReader("img_path"), get_y=ColReader("artist"),
         splitter=StratifiedFoldSplitter(fold, n_folds, seed),
         item_tfms=[_artist_crop_class()(size, min_scale, ratio)],

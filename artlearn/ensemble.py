@@ -181,7 +181,8 @@ def write_submission(ids, probs, vocab, path) -> Path:
         raise ValueError(f"probs has {probs.shape[1]} columns but the vocabulary has {len(vocab)} artists")
     dup = pd.Series(ids)[pd.Series(ids).duplicated()].unique()
     if len(dup):
-        raise ValueError(f"{len(dup)} duplicated id(s) in the submission ids: {list(dup[:5])}; each id must appear once")
+        raise ValueError(f"{len(dup)} duplicated id(s) in the submission ids: {list(dup[:5])}; "
+                         "each id must appear once")
     if not np.isfinite(probs).all():
         raise ValueError("probs has NaN or inf values; refusing to write a submission from them")
     sub = pd.DataFrame({"id": ids, "artist": [vocab[i] for i in probs.argmax(1)]})

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -262,8 +261,9 @@ def main(argv=None):
     df, full, items = load_table(args)
     vocab = sorted(df["artist"].unique())
     n_classes = len(vocab)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
-          f", precision {dtype or 'fp32'}, channels_last {channels_last}; {args.arch} at {args.size} px, batch {args.bs}, "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), precision {dtype or 'fp32'}, channels_last {channels_last}; "
+          f"{args.arch} at {args.size} px, batch {args.bs}, "
           f"{len(df)} training images, {n_classes} artists; medians of {args.reps} reps x {args.batches} batches")
     cache = PresizeCache(presize_for(args.size))
     start = time.perf_counter()
@@ -290,8 +290,8 @@ def main(argv=None):
         print(f"cache        : whole table {len(full)} images at presize {whole.presize} px -> "
               f"{whole.nbytes / 2 ** 30:.2f} GiB in {whole.mode if whole.mode != 'auto' else 'memory/auto'} "
               f"({time.perf_counter() - start:.1f} s)")
-    print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB"
-          + (f", GPU max allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""))
+    gpu = f", GPU max allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""
+    print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB{gpu}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,16 @@ from PIL import Image
 REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "artworks"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models on 2 cores: one intra-op thread avoids oversubscription (much faster); restored afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_image(path, size=(24, 20), color=None, seed=0, mode="RGB", fmt=None) -> Path:
     """Write a small noisy image of one colour; returns its path."""
     path = Path(path)

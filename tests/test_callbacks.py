@@ -47,15 +47,6 @@ from artlearn.learner import artist_learner
 VOCAB = ["Ana", "Bo", "Cy"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyNet(nn.Module):
     """A registered stand-in architecture: conv-bn-relu, pool, fc, with a `config` like the real models."""
 

@@ -36,15 +36,6 @@ from artlearn.learner import ArtistLearner, artist_learner
 VOCAB = ["Ana", "Bo", "Cy"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def image_dls(n_train=24, n_valid=12, bs=8, size=32):
     """3 artists, images whose mean depends on the artist: learnable in a few steps."""
     def items(n, seed):
