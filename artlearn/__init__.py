@@ -23,6 +23,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = ("data", "synthetic", "models", "callbacks", "checkpoint", "learner", "kfold", "ensemble", "plots",
+               "distributed",
                "presets")
 
 __all__ = ["__version__", *_EXPORTS]

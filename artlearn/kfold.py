@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import __version__
 from .checkpoint import atomic_write_csv, atomic_write_json
-from .data import PresizeCache, assign_folds, presize_for
+from .data import PresizeCache, _check_files_exist, _check_ids, _check_labels, assign_folds, presize_for
 from .presets import resolve_preset
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds"]
@@ -251,11 +251,15 @@ def _write_oof(run_dir: Path, fold: int, df: pd.DataFrame, cache: PresizeCache, 
 
 
 def _prepare_folds(df: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
-    """The training table with a validated fold column."""
+    """The training table (labels, ids and files checked) with a validated fold column."""
     for col in ("img_path", "artist"):
         if col not in df.columns:
             raise ValueError(f"train_kfold needs columns 'img_path' and 'artist' (missing {col!r}); "
                              "use read_artworks(train.csv)")
+    _check_labels(df, "training table")
+    if "id" in df.columns:
+        _check_ids(df, "training table")
+    _check_files_exist(df, "training table")
     if "fold" in df.columns:
         bad = sorted(set(df["fold"]) - set(range(n_folds)))
         if bad:
@@ -273,19 +277,80 @@ def _folds_to_train(folds, n_folds: int) -> list:
     return chosen
 
 
+@dataclass
+class _FoldJob:
+    """Everything needed to train, resume and score one fold of a run (shared by every fold of `train_kfold`)."""
+    df: pd.DataFrame
+    out: Path
+    settings: dict
+    cache: PresizeCache
+    n_folds: int
+    seed: int
+    tta: str | None
+    workers: int | None
+    progress: bool
+    log: object = print
+
+
+def _write_run_dir(out: Path, config: dict, df: pd.DataFrame) -> None:
+    """Create the run directory: config.json (unless there) and folds.csv (a config.json there is checked first)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.json").is_file():
+        atomic_write_json(out / "config.json", config)
+    fold_cols = [c for c in ("id", "img_path", "artist", "fold") if c in df.columns]
+    atomic_write_csv(out / "folds.csv", df[fold_cols])
+
+
+def _train_fold(job: _FoldJob, k: int, **learner_kw) -> None:
+    """Build fold k's DataLoaders and Learner and fit it (`learner_kw` overrides artist_learner's arguments)."""
+    from .data import artist_dls
+    from .learner import artist_learner
+    data_kw, learn_kw = _split_settings(job.settings)
+    start = time.time()
+    dls = artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
+                     **data_kw)
+    kw = dict(seed=job.seed + k, out=job.out, fold=k, progress=job.progress, **learn_kw)
+    kw.update(learner_kw)
+    learn = artist_learner(dls, **kw)
+    _fit_fold(learn, job.settings, k, job.log)
+    job.log(f"fold {k}: trained in {time.time() - start:.0f} s")
+
+
+def _run_fold(job: _FoldJob, k: int) -> None:
+    """Fold k, resumably: skip it when its checkpoint is complete, else train it afresh; then write its OOF."""
+    fold_dir = job.out / f"fold{k}"
+    if _fold_is_complete(fold_dir):
+        job.log(f"fold {k}: complete checkpoint found in {fold_dir}, not retrained")
+    else:
+        _clear_fold(fold_dir)
+        _train_fold(job, k)
+    _write_missing_oof(job, k)
+
+
+def _write_missing_oof(job: _FoldJob, k: int) -> None:
+    """Write fold<k>/oof.csv when the fold is complete and its OOF is not there yet."""
+    fold_dir = job.out / f"fold{k}"
+    if not (fold_dir / "oof.csv").is_file() and _fold_is_complete(fold_dir):
+        _write_oof(job.out, k, job.df, job.cache, job.tta, job.settings["bs"], job.workers)
+
+
 def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str | None = "reference",
                 arch: str | None = None, pool: str | None = None, size: int | None = None, epochs: int | None = None,
                 bs: int | None = None, lr: float | None = None, seed: int = 42, tta: str | None = "flip",
                 workers: int | None = None, progress: bool = True, cache: PresizeCache | None = None,
-                log=print, **options) -> KFoldRun:
+                log=print, ddp: bool = False, sync_bn: bool | None = None, **options) -> KFoldRun:
     """Train the folds one after another into `out` (resumable), then write OOF scores and summary.json.
 
     `preset` ('reference' or 'best') supplies every default; explicit arguments override it. A fold whose checkpoint
     is complete is not retrained; an interrupted fold restarts from scratch. A run directory made with another
     configuration or other data is refused.
+
+    Launched by torchrun (WORLD_SIZE > 1), the processes share the work (see `artlearn.distributed`): by default
+    each process trains its own folds (fold-parallel); with `ddp=True` every fold is trained by all processes
+    together (DistributedDataParallel, `bs` is the global batch; `sync_bn`: SyncBatchNorm, default on CUDA).
+    Rank 0 writes config.json, folds.csv and summary.json; every rank returns the finished run.
     """
-    from .learner import artist_learner
-    from .data import artist_dls
+    from .distributed import init_distributed
 
     settings = resolve_preset(preset, dict(arch=arch, pool=pool, size=size, epochs=epochs, bs=bs, lr=lr, **options))
     out = Path(out)
@@ -293,29 +358,19 @@ def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str
     todo = _folds_to_train(folds, n_folds)
     config = dict(preset=preset, n_folds=n_folds, seed=seed, tta=tta, **settings, n_images=len(df),
                   n_artists=int(df["artist"].nunique()), data=data_fingerprint(df), library_version=__version__)
-    out.mkdir(parents=True, exist_ok=True)
+    job = _FoldJob(df=df, out=out, settings=settings, cache=cache, n_folds=n_folds, seed=seed, tta=tta,
+                  workers=workers, progress=progress, log=log)
+    dist = init_distributed()
+    if dist.enabled:
+        from .distributed import train_kfold_distributed
+        return train_kfold_distributed(dist, job, config, todo, ddp=ddp, sync_bn=sync_bn)
     if (out / "config.json").is_file():
         _check_config(out, config)
-    else:
-        atomic_write_json(out / "config.json", config)
-    fold_cols = [c for c in ("id", "img_path", "artist", "fold") if c in df.columns]
-    atomic_write_csv(out / "folds.csv", df[fold_cols])
-    data_kw, learn_kw = _split_settings(settings)
-    cache = cache if cache is not None else PresizeCache(presize_for(settings["size"]))
-    cache.fill(df["img_path"], source="training table")
+    job.cache = cache if cache is not None else PresizeCache(presize_for(settings["size"]))
+    job.cache.fill(df["img_path"], source="training table")  # unreadable images are refused before anything is written
+    _write_run_dir(out, config, df)
     for k in todo:
-        fold_dir = out / f"fold{k}"
-        if _fold_is_complete(fold_dir):
-            log(f"fold {k}: complete checkpoint found in {fold_dir}, not retrained")
-        else:
-            _clear_fold(fold_dir)
-            start = time.time()
-            dls = artist_dls(df, fold=k, n_folds=n_folds, seed=seed, cache=cache, workers=workers, **data_kw)
-            learn = artist_learner(dls, seed=seed + k, out=out, fold=k, progress=progress, **learn_kw)
-            _fit_fold(learn, settings, k, log)
-            log(f"fold {k}: trained in {time.time() - start:.0f} s")
-        if not (fold_dir / "oof.csv").is_file() and _fold_is_complete(fold_dir):
-            _write_oof(out, k, df, cache, tta, settings["bs"], workers)
+        _run_fold(job, k)
     return finish_run(out, df)
 
 
@@ -325,7 +380,7 @@ def _fit_fold(learn, settings: dict, fold: int, log) -> None:
     try:
         learn.fit(settings["epochs"], settings["lr"])
     except NonFiniteLossError as e:
-        log(f"fold {fold}: {e}")
+        log(str(e) if str(e).startswith(f"fold {fold}:") else f"fold {fold}: {e}")  # the guard names the fold
 
 
 DATA_KEYS = ("size", "bs", "min_scale", "max_rotate", "sampler", "flip")

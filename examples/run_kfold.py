@@ -5,6 +5,11 @@
     python examples/run_kfold.py --data DIR --preset best --epochs 40 --out runs/best
 
 Rerunning the same command resumes: folds whose checkpoint is complete are not retrained.
+
+More than one GPU or machine (torchrun starts one process per GPU; see docs/distributed.md):
+
+    torchrun --nproc_per_node 4 examples/run_kfold.py --data DIR          # fold-parallel: each process its own folds
+    torchrun --nproc_per_node 4 examples/run_kfold.py --data DIR --ddp    # data-parallel: each fold on all 4 GPUs
 """
 import argparse
 import shutil
@@ -13,6 +18,7 @@ import time
 from pathlib import Path
 
 import artlearn
+import artlearn.distributed
 
 DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32, lr=2e-3)  # CPU-sized demo on the synthetic data
 SYNTHETIC_DIR = Path("data") / "synthetic"
@@ -41,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="require an existing run directory and continue it")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ddp", action="store_true", help="under torchrun: train each fold with every process "
+                   "(DistributedDataParallel; --bs is the global batch); default under torchrun: each process "
+                   "trains its own folds")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --ddp: SyncBatchNorm, statistics over the global batch (default: on with CUDA, "
+                   "off on CPU)")
     return p.parse_args(argv)
 
 
@@ -49,11 +61,11 @@ def _csv_list(text):
     return None if text in (None, "auto") else [int(t) for t in text.split(",") if t.strip()]
 
 
-def load_data(args):
+def load_data(args, say=print):
     """(train table, test table or None, test solution or None, data name)."""
     if args.data is None:
         root = artlearn.make_synthetic_artworks(SYNTHETIC_DIR)
-        print(f"data: built-in synthetic artworks in {root}")
+        say(f"data: built-in synthetic artworks in {root}")
     else:
         root = args.data
     if root.is_dir() and not (root / "train.csv").is_file():
@@ -103,26 +115,43 @@ def score_submission(sub_path, solution_path) -> None:
 
 
 def main(argv=None) -> int:
-    """Run the whole workflow and print where every output went."""
+    """Run the whole workflow and print where every output went (under torchrun: on every process)."""
     args = parse_args(argv)
+    dist = artlearn.distributed.init_distributed()  # torchrun: joins the other processes; one process: nothing
+    try:
+        return _main(args, dist)
+    finally:
+        artlearn.distributed.shutdown()
+
+
+def _main(args, dist) -> int:
+    """The workflow; rank 0 prints, prepares the run directory and does everything after training."""
     started = time.time()
-    train, test, solution, data_name = load_data(args)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    train, test, solution, data_name = dist.main_first(lambda: load_data(args, say))  # rank 0 builds the data once
     if args.limit:
         train = artlearn.stratified_subset(train, args.limit, seed=args.seed)
-        print(f"--limit {args.limit}: stratified subset of {len(train)} images, {train['artist'].nunique()} artists")
+        say(f"--limit {args.limit}: stratified subset of {len(train)} images, {train['artist'].nunique()} artists")
     chosen = settings_from(args)
     settings = artlearn.presets.resolve_preset(args.preset, chosen)
     out = args.out or Path("runs") / f"{data_name}-{args.preset}-{settings['arch']}-{settings['size']}"
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
+    if args.overwrite:
+        dist.on_main(lambda: shutil.rmtree(out) if out.exists() else None)
     if args.resume and not (out / "config.json").is_file():
         print(f"--resume: {out} has no run to resume", file=sys.stderr)
         return 2
-    print(f"run directory: {out}\nrecipe: preset={args.preset} " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    say(f"run directory: {out}\nrecipe: preset={args.preset} " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    if dist.enabled:
+        mode = "data-parallel (--ddp)" if args.ddp else "fold-parallel"
+        say(f"torchrun: {dist.world_size} processes, {mode}")
+    elif args.ddp:
+        say("--ddp: not launched by torchrun (WORLD_SIZE unset), so one process trains every fold")
     tta = None if args.tta == "none" else "flip"
     run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds), preset=args.preset,
                                seed=args.seed, tta=tta, workers=args.workers, progress=not args.no_progress,
-                               **chosen)
+                               ddp=args.ddp, sync_bn=args.sync_bn, **chosen)
+    if not dist.is_main:
+        return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
     selection = artlearn.select_folds(run, folds=_csv_list(args.select))
     run = artlearn.kfold.finish_run(out, select=selection.folds)
     print_table(run, selection, run.summary["majority_baseline"])
