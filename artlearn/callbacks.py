@@ -32,6 +32,7 @@ from .checkpoint import (
     load_weights,
     save_weights,
 )
+from .rng import fork_global_rng
 
 __all__ = ["LabelSmoothing", "CosineAnnealing", "cosine_lr", "History", "HISTORY_COLUMNS", "FoldCheckpoint",
            "MONITORS", "NonFiniteGuard", "NonFiniteLossError", "Reproducible", "EMA", "LogitAdjustment",
@@ -490,8 +491,7 @@ class Reproducible(Callback):
         if not _training_fit(self.learn):
             return
         self.release()
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        fork = torch.random.fork_rng(devices=devices, device_type="cuda")
+        fork = fork_global_rng()
         fork.__enter__()
         train_dl = getattr(self.dls, "train", None)
         self._saved = (random.getstate(), np.random.get_state(), fork, train_dl, getattr(train_dl, "rng", None))

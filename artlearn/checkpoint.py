@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from .rng import fork_global_rng
 
 __all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "atomic_write_bytes", "atomic_write_text",
            "atomic_write_json", "atomic_write_csv", "save_weights", "load_weights", "read_meta", "load_fold"]
@@ -148,9 +149,8 @@ def _rebuild(meta: dict, meta_path: Path):
     if arch not in ARCHITECTURES:
         raise ValueError(f"{meta_path}: unknown architecture {arch!r} in 'model'; this artlearn knows "
                          f"{list(ARCHITECTURES)} (was the fold trained with a newer version?)")
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):  # the random init is overwritten anyway
+        with fork_global_rng():  # the random init is overwritten anyway
             return build_model(**meta["model"])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{meta_path}: cannot rebuild the model from its 'model' entry: {e}") from None

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
+from .rng import fork_global_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ON_BAD_CHOICES = ("raise", "drop")
@@ -616,10 +617,8 @@ def _seeded_weighted_dl_class():
 @contextlib.contextmanager
 def _keep_global_rng():
     """Restore Python's, numpy's and torch's global RNG states on exit (fastai draws from them building loaders)."""
-    import torch
     py_state, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+    with fork_global_rng():
         try:
             yield
         finally:

@@ -30,6 +30,7 @@ from .callbacks import (
     Reproducible,
 )
 from .models import ARCHITECTURES, POOLS, build_model
+from .rng import fork_global_rng
 
 __all__ = ["artist_learner", "ArtistLearner", "f1_macro", "torch_optimizer", "OPTIMIZERS", "PRECISIONS"]
 
@@ -130,8 +131,7 @@ def _seeded_model(seed, arch, n_classes, pool, **kw):
     """Build the model; with a seed, initialise it under a forked, seeded torch RNG (global state untouched)."""
     if seed is None:
         return build_model(arch, n_classes=n_classes, pool=pool, **kw)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+    with fork_global_rng():
         torch.manual_seed(seed)
         return build_model(arch, n_classes=n_classes, pool=pool, **kw)
 

@@ -74,6 +74,13 @@ class _SplitModel(nn.Module):
         """Logits (N, n_classes)."""
         return self.forward_head(self.forward_features(x))
 
+    def _stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one stage; with `grad_checkpoint` while training, keep no activations (recomputed on backward)."""
+        if self._config.get("grad_checkpoint") and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
 
 class ArtistResNet(_SplitModel):
     """ResNet-18/34/50/101 from scratch (torchvision's builders, `weights=None`) with avg or GeM pooling.
@@ -83,7 +90,8 @@ class ArtistResNet(_SplitModel):
     """
 
     def __init__(self, depth: int, n_classes: int, pool: str = "avg", zero_init_residual: bool = False,
-                 gem_p: float = 3.0, gem_learnable: bool = True, drop_rate: float = 0.0):
+                 gem_p: float = 3.0, gem_learnable: bool = True, drop_rate: float = 0.0,
+                 grad_checkpoint: bool = False):
         super().__init__()
         _check_choice("depth", depth, RESNET_DEPTHS)
         _check_choice("pool", pool, POOLS)
@@ -96,14 +104,17 @@ class ArtistResNet(_SplitModel):
         self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
         self.fc = net.fc
         self._config = dict(arch=f"resnet{depth}", depth=depth, n_classes=n_classes, pool=pool,
-                            zero_init_residual=bool(zero_init_residual), drop_rate=float(drop_rate))
+                            zero_init_residual=bool(zero_init_residual), drop_rate=float(drop_rate),
+                            grad_checkpoint=bool(grad_checkpoint))
         if pool == "gem":
             self._config.update(gem_p=float(gem_p), gem_learnable=bool(gem_learnable))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self._stage(stage, x)
+        return x
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""
@@ -138,7 +149,7 @@ class ArtistConvNeXt(_SplitModel):
 
     def __init__(self, arch: str, n_classes: int, pool: str = "avg",
                  stochastic_depth_prob: float = 0.1, gem_p: float = 3.0, gem_learnable: bool = True,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, grad_checkpoint: bool = False):
         super().__init__()
         _check_choice("arch", arch, tuple(_CONVNEXT_BUILDERS))
         _check_choice("pool", pool, POOLS)
@@ -149,13 +160,16 @@ class ArtistConvNeXt(_SplitModel):
         self.norm, self.fc = net.classifier[0], net.classifier[2]
         self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
         self._config = dict(arch=arch, depth=None, n_classes=n_classes, pool=pool,
-                            stochastic_depth_prob=float(stochastic_depth_prob), drop_rate=float(drop_rate))
+                            stochastic_depth_prob=float(stochastic_depth_prob), drop_rate=float(drop_rate),
+                            grad_checkpoint=bool(grad_checkpoint))
         if pool == "gem":
             self._config.update(gem_p=float(gem_p), gem_learnable=bool(gem_learnable))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
-        return self.features(x)
+        for stage in self.features:
+            x = self._stage(stage, x)
+        return x
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool, normalise, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""

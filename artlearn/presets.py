@@ -4,7 +4,7 @@ REFERENCE = dict(
     arch="resnet50", pool="avg", size=288, epochs=30, bs=32, lr=1e-3,
     optimizer="adam", wd=0.0, label_smoothing=0.05, eta_min=0.0, warmup=0, monitor="valid_loss",
     min_scale=0.08, max_rotate=15.0, flip=True, sampler=None,
-    mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0, precision="auto", grad_accum=1,
+    mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0, precision="auto", grad_accum=1, grad_checkpoint=False,
 )
 
 # Each change from REFERENCE is an option tested on its own in examples/compare_recipes.py.

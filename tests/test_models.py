@@ -102,7 +102,7 @@ def test_positional_and_keyword_construction_agree():
         b = ArtistResNet(depth=50, n_classes=10, pool="avg")
         c = ArtistResNet(50, 10, "gem")
     assert a.config == b.config == dict(arch="resnet50", depth=50, n_classes=10, pool="avg",
-                                        zero_init_residual=False, drop_rate=0.0)
+                                        zero_init_residual=False, drop_rate=0.0, grad_checkpoint=False)
     assert c.config["pool"] == "gem" and c.config["gem_p"] == 3.0
 
 
@@ -151,3 +151,37 @@ def test_convnext_matches_torchvision_and_splits():
     with torch.no_grad():
         torch.testing.assert_close(nano(x), nano.forward_head(nano.forward_features(x)), rtol=0, atol=0)
     assert nano(x).shape == (2, 3)
+
+
+def _saved_activation_bytes(model, x) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one forward."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return total
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnext_nano"])
+def test_gradient_checkpointing_same_result_less_memory(arch):
+    torch.manual_seed(0)
+    plain = build_model(arch, n_classes=5)
+    ckpt = build_model(**{**plain.config, "grad_checkpoint": True})
+    ckpt.load_state_dict(plain.state_dict())
+    plain.train(), ckpt.train()
+    if arch.startswith("convnext"):  # layers in eval mode (no random stochastic-depth masks), root still training
+        plain.eval(), ckpt.eval()
+        plain.training = ckpt.training = True
+    x = torch.randn(2, 3, 64, 64)
+    for m in (plain, ckpt):
+        m.zero_grad()
+        m(x).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert ckpt.config["grad_checkpoint"] is True
+    assert _saved_activation_bytes(ckpt, x) < 0.5 * _saved_activation_bytes(plain, x)
