@@ -519,6 +519,32 @@ class Reproducible(Callback):
             train_dl.rng = rng
 
 
+class ProgressiveResize(Callback):
+    """Progressive resizing: the first `epochs` epochs of each fit train on `small_train` (e.g. half the size).
+
+    Only the training loader is swapped (validation, checkpoint metadata and the cosine schedule keep the full
+    size); the original training loader is put back for the remaining epochs and after the fit.
+    """
+    order = 0
+
+    def __init__(self, small_train, epochs: int):
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+            raise ValueError(f"ProgressiveResize epochs={epochs!r}: need a whole number of epochs >= 0")
+        self.small_train, self.epochs, self.full_train = small_train, int(epochs), None
+
+    def before_fit(self):
+        self.full_train = self.dls.loaders[0]
+
+    def before_epoch(self):
+        self.dls.loaders[0] = self.small_train if self.epoch < self.epochs else self.full_train
+
+    def after_fit(self):
+        if self.full_train is not None:
+            self.dls.loaders[0] = self.full_train
+
+    release = after_fit
+
+
 class EMA(Callback):
     """Exponential moving average of the weights (and BatchNorm statistics), used for validation.
 

@@ -306,14 +306,28 @@ def _train_fold(job: _FoldJob, k: int, **learner_kw) -> None:
     from .data import artist_dls
     from .learner import artist_learner
     data_kw, learn_kw = _split_settings(job.settings)
+    progressive = learn_kw.pop("progressive", 0.0)
     start = time.time()
     dls = artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
                      **data_kw)
     kw = dict(seed=job.seed + k, out=job.out, fold=k, progress=job.progress, **learn_kw)
     kw.update(learner_kw)
+    if progressive:
+        kw["cbs"] = [*(kw.get("cbs") or []), _progressive_callback(job, k, data_kw, progressive)]
     learn = artist_learner(dls, **kw)
     _fit_fold(learn, job.settings, k, job.log)
     job.log(f"fold {k}: trained in {time.time() - start:.0f} s")
+
+
+def _progressive_callback(job: _FoldJob, k: int, data_kw: dict, fraction: float):
+    """ProgressiveResize training the first `fraction` of the epochs at half the size (same cache and folds)."""
+    from .callbacks import ProgressiveResize
+    from .data import artist_dls
+    if not 0 < fraction < 1:
+        raise ValueError(f"progressive={fraction!r}: the fraction of epochs at half size must be in (0, 1)")
+    small = artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
+                       **{**data_kw, "size": max(8, data_kw["size"] // 2)})
+    return ProgressiveResize(small.train, round(fraction * job.settings["epochs"]))
 
 
 def _run_fold(job: _FoldJob, k: int) -> None:

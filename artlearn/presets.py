@@ -5,6 +5,7 @@ REFERENCE = dict(
     optimizer="adam", wd=0.0, label_smoothing=0.05, eta_min=0.0, warmup=0, monitor="valid_loss",
     min_scale=0.08, max_rotate=15.0, flip=True, sampler=None,
     mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0, precision="auto", grad_accum=1, grad_checkpoint=False,
+    progressive=0.0,
 )
 
 # Each change from REFERENCE is an option tested on its own in examples/compare_recipes.py.
@@ -25,4 +26,8 @@ def resolve_preset(preset: str | None, overrides: dict) -> dict:
     unknown = sorted(set(overrides) - set(PRESETS[name]))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; valid ones: {sorted(PRESETS[name])}")
-    return {k: (overrides[k] if overrides.get(k) is not None else v) for k, v in PRESETS[name].items()}
+    settings = {k: (overrides[k] if overrides.get(k) is not None else v) for k, v in PRESETS[name].items()}
+    if not 0 <= settings["progressive"] < 1:
+        raise ValueError(f"progressive={settings['progressive']!r}: the fraction of epochs trained at half size "
+                         "must be in [0, 1)")
+    return settings

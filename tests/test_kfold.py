@@ -194,3 +194,16 @@ def test_select_folds_excludes_stopped_folds_and_honours_hand_choice(tmp_path):
     assert select_folds(run, folds=[0]).rule == "folds named by hand"
     with pytest.raises(ValueError, match="no complete checkpoint"):
         select_folds(run, folds=[1])
+
+
+def test_best_preset_options_train_through_train_kfold(table, tmp_path):
+    run, _ = _train(table, tmp_path / "best", preset="best", epochs=3, progressive=0.34, sampler="sqrt",
+                    grad_checkpoint=True)
+    config = json.loads((run.path / "config.json").read_text())
+    assert config["preset"] == "best" and config["optimizer"] == "adamw" and config["logit_adjust"] == 1.0
+    assert config["progressive"] == 0.34 and config["sampler"] == "sqrt"
+    assert run.folds == [0, 1] and all(len(h) == 3 for h in run.histories.values())
+    assert all(m["size"] == 32 and m["model"]["grad_checkpoint"] for m in run.metas.values())
+    with pytest.raises(ValueError, match="progressive"):
+        _train(table, tmp_path / "bad", progressive=1.5)
+    assert not (tmp_path / "bad").exists()

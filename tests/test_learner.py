@@ -205,3 +205,28 @@ def test_fold_training_end_to_end_on_synthetic_data(synthetic, tmp_path):
     fresh = artist_learner(dls, arch="resnet18", pool="gem", progress=False)
     fresh.model = model
     assert fresh.validate()[0] == pytest.approx(meta["score"], rel=1e-5)
+
+
+def test_progressive_resize_trains_small_then_full_size(synthetic, tmp_path):
+    from fastai.callback.core import Callback
+
+    from artlearn.callbacks import ProgressiveResize
+    from artlearn.data import artist_dls
+    df, dls = synthetic
+    small = artist_dls(df, fold=0, size=16, bs=16, workers=0, cache=dls.cache)
+    sizes = []
+
+    class TrainShapes(Callback):
+        def before_batch(self):
+            if self.training and self.iter == 0:
+                sizes.append(tuple(self.xb[0].shape[-2:]))
+
+    full_train = dls.train
+    learn = artist_learner(dls, arch="resnet18", out=tmp_path, fold=0, epochs=3, progress=False, seed=0,
+                           cbs=[ProgressiveResize(small.train, 2), TrainShapes()])
+    learn.fit(3)
+    assert sizes == [(16, 16), (16, 16), (32, 32)]
+    assert learn.dls.train is full_train
+    assert json.loads((tmp_path / "fold0" / "meta.json").read_text())["size"] == 32
+    with pytest.raises(ValueError, match="epochs"):
+        ProgressiveResize(small.train, -1)
