@@ -41,7 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", help="comma-separated folds to train (default: all)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--select", default="auto", help="'auto' (stability rule) or comma-separated folds to ensemble")
-    p.add_argument("--tta", default="flip", choices=["flip", "none"])
+    p.add_argument("--tta", default="flip", choices=["flip", "multicrop", "none"],
+                   help="test-time views: image + flip, + five native-resolution crops (multicrop), or none")
+    p.add_argument("--prior-adjust", type=float, default=0.0,
+                   help="post-hoc logit adjustment tau at prediction (0: off)")
     p.add_argument("--workers", type=int, help="data-loader workers (default: 0 on CPU, up to 8 on GPU)")
     p.add_argument("--limit", type=int, help="train on a stratified subset of N images (smoke runs)")
     p.add_argument("--resume", action="store_true", help="require an existing run directory and continue it")
@@ -89,9 +92,10 @@ def print_table(run, selection, baseline) -> None:
     """Per-fold best scores, OOF scores, the selection and why."""
     best = run.best
     print("\nfold  best_epoch  valid_loss  valid_acc  f1_macro  status")
+    nan = float("nan")
     for k, r in best.iterrows():
-        print(f"{k:>4}  {r['epoch']:>10}  {r.get('valid_loss', float('nan')):>10.4f}  {r.get('valid_acc', float('nan')):>9.4f}"
-              f"  {r.get('f1_macro', float('nan')):>8.4f}  {r['status']}")
+        print(f"{k:>4}  {r['epoch']:>10}  {r.get('valid_loss', nan):>10.4f}  {r.get('valid_acc', nan):>9.4f}"
+              f"  {r.get('f1_macro', nan):>8.4f}  {r['status']}")
     oof = run.oof_scores
     if oof:
         print(f"out-of-fold ({oof['n']} images, folds {oof['folds']}): accuracy {oof['accuracy']:.4f}, "
@@ -146,17 +150,19 @@ def _main(args, dist) -> int:
         say(f"torchrun: {dist.world_size} processes, {mode}")
     elif args.ddp:
         say("--ddp: not launched by torchrun (WORLD_SIZE unset), so one process trains every fold")
-    tta = None if args.tta == "none" else "flip"
+    tta = None if args.tta == "none" else args.tta
     run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds), preset=args.preset,
                                seed=args.seed, tta=tta, workers=args.workers, progress=not args.no_progress,
                                ddp=args.ddp, sync_bn=args.sync_bn, **chosen)
     if not dist.is_main:
         return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
-    selection = artlearn.select_folds(run, folds=_csv_list(args.select))
-    run = artlearn.kfold.finish_run(out, select=selection.folds)
+    hand_picked = _csv_list(args.select)
+    run = artlearn.kfold.finish_run(out, select=hand_picked)  # summary.json records the rule (or the hand choice)
+    selection = artlearn.select_folds(run, folds=hand_picked)
     print_table(run, selection, run.summary["majority_baseline"])
     if test is not None:
-        probs, vocab = artlearn.ensemble(run, test, folds=selection.folds, tta=tta, workers=args.workers)
+        probs, vocab = artlearn.ensemble(run, test, folds=selection.folds, tta=tta, workers=args.workers,
+                                         prior_adjust=args.prior_adjust)
         sub = artlearn.write_submission(test["id"], probs, vocab, out / "submission.csv")
         print(f"submission: {sub} ({len(test)} ids, folds {selection.folds}, tta={args.tta})")
         if solution is not None:
