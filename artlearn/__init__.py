@@ -21,6 +21,7 @@ _EXPORTS = {
     "ensemble": "ensemble", "write_submission": "ensemble",
     "plot_history": "plots", "compare_runs": "plots", "plot_artist_counts": "plots",
     "describe_artworks": "plots", "plot_confusion": "plots", "plot_artist_recall": "plots",
+    "save_run_figures": "plots", "save_figure": "plots",
 }
 
 _SUBMODULES = ("data", "synthetic", "models", "callbacks", "checkpoint", "learner", "kfold", "ensemble", "plots",
