@@ -10,6 +10,24 @@ from PIL import Image
 REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "artworks"
 
 
+@pytest.fixture(scope="session")
+def poison_batch():
+    """Factory of a fastai callback that makes one training batch (epoch, batch) produce a NaN loss."""
+    from fastai.callback.core import Callback
+
+    class PoisonBatch(Callback):
+        """Multiplies the inputs of one training batch by NaN."""
+
+        def __init__(self, epoch, batch):
+            self.at = (epoch, batch)
+
+        def before_batch(self):
+            if self.training and (self.epoch, self.iter) == self.at:
+                self.learn.xb = (self.xb[0] * float("nan"),)
+
+    return PoisonBatch
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models on 2 cores: one intra-op thread avoids oversubscription (much faster); restored afterwards."""

@@ -314,19 +314,8 @@ def test_interrupted_fit_keeps_best_epoch_and_stays_incomplete(tmp_path):
     assert read_meta(folder)["complete"] is True and len(pd.read_csv(folder / "history.csv")) == 1
 
 
-class PoisonBatch(Callback):
-    """Makes one training batch produce a NaN loss."""
-
-    def __init__(self, epoch, batch):
-        self.at = (epoch, batch)
-
-    def before_batch(self):
-        if self.training and (self.epoch, self.iter) == self.at:
-            self.learn.xb = (self.xb[0] * float("nan"),)
-
-
-def test_non_finite_loss_stops_with_message_and_keeps_best(tmp_path):
-    learn = tiny_learner(out=tmp_path, fold=0, cbs=PoisonBatch(1, 2))
+def test_non_finite_loss_stops_with_message_and_keeps_best(tmp_path, poison_batch):
+    learn = tiny_learner(out=tmp_path, fold=0, cbs=poison_batch(1, 2))
     with pytest.raises(NonFiniteLossError, match=r"^fold 0: .*epoch 1, batch 2 .*Lower the learning rate"):
         learn.fit(3)
     meta = read_meta(tmp_path / "fold0")
@@ -337,8 +326,8 @@ def test_non_finite_loss_stops_with_message_and_keeps_best(tmp_path):
     assert len(pd.read_csv(tmp_path / "fold0" / "history.csv")) == 1
 
 
-def test_non_finite_loss_in_first_batch_saves_no_weights(tmp_path):
-    learn = tiny_learner(out=tmp_path, fold=0, cbs=PoisonBatch(0, 0))
+def test_non_finite_loss_in_first_batch_saves_no_weights(tmp_path, poison_batch):
+    learn = tiny_learner(out=tmp_path, fold=0, cbs=poison_batch(0, 0))
     with pytest.raises(NonFiniteLossError, match="epoch 0, batch 0"):
         learn.fit(2)
     meta = read_meta(tmp_path / "fold0")

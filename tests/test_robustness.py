@@ -539,22 +539,11 @@ def test_summary_and_submission_are_replaced_atomically(base_run, tmp_path, monk
 # ---------------------------------------------------------------- 5. numerical faults
 
 
-class PoisonBatch(Callback):
-    """Makes one training batch produce a NaN loss."""
-
-    def __init__(self, epoch, batch):
-        self.at = (epoch, batch)
-
-    def before_batch(self):
-        if self.training and (self.epoch, self.iter) == self.at:
-            self.learn.xb = (self.xb[0] * float("nan"),)
-
-
 @pytest.fixture(scope="module")
-def nan_run(data, tmp_path_factory):
+def nan_run(data, tmp_path_factory, poison_batch):
     """A 2-fold x 2-epoch run whose fold 0 gets a NaN loss in its second epoch (epoch 1); fold 1 trains after it."""
     with pytest.MonkeyPatch.context() as mp:
-        trained = record_fits(mp, {0: [PoisonBatch(epoch=1, batch=0)]})
+        trained = record_fits(mp, {0: [poison_batch(epoch=1, batch=0)]})
         run, lines, _ = train(data.train, tmp_path_factory.mktemp("nan") / "run", epochs=2)
     return run, lines, trained
 
@@ -562,7 +551,8 @@ def nan_run(data, tmp_path_factory):
 def test_nan_loss_stops_the_fold_keeps_its_best_epoch_and_the_run_goes_on(nan_run):
     run, lines, trained = nan_run
     assert trained == [0, 1]
-    message = note("numeric: NaN loss (log line)", next(line for line in lines if "non-finite" in line or "nan" in line))
+    nan_line = next(line for line in lines if "non-finite" in line or "nan" in line)
+    message = note("numeric: NaN loss (log line)", nan_line)
     for part in ("fold 0", "epoch 1, batch 0", "Lower the learning rate", "best checkpoint so far is kept"):
         assert part in message, part
     assert not message.startswith("fold 0: fold 0:")
