@@ -82,7 +82,8 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged — delete the fold folder to retrain") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged — delete the fold folder to "
+                         "retrain") from None
 
 
 def load_run(path) -> KFoldRun:
