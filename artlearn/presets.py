@@ -8,7 +8,8 @@ REFERENCE = dict(
     progressive=0.0,
 )
 
-# Each change from REFERENCE is an option tested on its own in examples/compare_recipes.py.
+# Each change from REFERENCE is an option tested on its own in examples/compare_recipes.py. Measured on the CPU
+# protocol (1,003 real paintings, ResNet-18 at 128 px, 10 epochs, folds 0-1): OOF macro-F1 0.1808 vs 0.1139.
 BEST = dict(
     REFERENCE,
     optimizer="adamw", wd=0.05, warmup=2, label_smoothing=0.1,
