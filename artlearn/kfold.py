@@ -409,8 +409,10 @@ def _split_settings(settings: dict) -> tuple[dict, dict]:
 
 
 def finish_run(out, df: pd.DataFrame | None = None, select: list | None = None) -> KFoldRun:
-    """Score the out-of-fold predictions, select the folds and write summary.json atomically."""
+    """Score the out-of-fold predictions, write them all to oof.csv, select the folds, write summary.json."""
     run = load_run(out)
+    if run.oof is not None:
+        atomic_write_csv(run.path / "oof.csv", run.oof)
     if df is None and (run.path / "folds.csv").is_file():
         df = pd.read_csv(run.path / "folds.csv")
     selection = select_folds(run, folds=select) if run.folds else None

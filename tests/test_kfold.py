@@ -66,7 +66,7 @@ def finished(table, tmp_path_factory):
 
 def test_run_directory_has_every_file(finished):
     run, _ = finished
-    for name in ("config.json", "folds.csv", "summary.json"):
+    for name in ("config.json", "folds.csv", "summary.json", "oof.csv"):
         assert (run.path / name).is_file(), name
     for k in (0, 1):
         for name in ("best.safetensors", "meta.json", "history.csv", "oof.csv"):
@@ -88,6 +88,7 @@ def test_run_object(finished, table):
 def test_oof_covers_every_row_once_and_scores_match_sklearn(finished, table):
     run, _ = finished
     oof, folds = run.oof, pd.read_csv(run.path / "folds.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(run.path / "oof.csv"), oof)
     assert sorted(oof["img_path"]) == sorted(table["img_path"])
     merged = oof.merge(folds, on="img_path", suffixes=("", "_assigned"))
     assert (merged["fold"] == merged["fold_assigned"]).all()
