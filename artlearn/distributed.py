@@ -92,13 +92,8 @@ class DistContext:
 
     def on_main(self, fn):
         """Run `fn` on rank 0 only, the others waiting; if it fails, every rank raises. Rank 0 gets its result."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except Exception as e:  # noqa: BLE001 - re-raised here and, described, on the other ranks
-                error = e
-        status = self.broadcast(None if error is None else (type(error).__name__, str(error)))
+        result, error = _attempt(fn) if self.is_main else (None, None)
+        status = self.broadcast(_describe(error))
         if error is not None:
             raise error
         if status is not None:
@@ -112,18 +107,27 @@ class DistContext:
 
     def everywhere(self, fn):
         """Run `fn` on every rank; if it fails on any rank, every rank raises (naming the first that failed)."""
-        result, error = None, None
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised here and, described, on the other ranks
-            error = e
-        errors = self.gather(None if error is None else (type(error).__name__, str(error)))
+        result, error = _attempt(fn)
+        errors = self.gather(_describe(error))
         if error is not None:
             raise error
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             raise _remote_error(failed[0][1], f"rank {failed[0][0]}")
         return result
+
+
+def _attempt(fn) -> tuple:
+    """(result, None) or (None, the exception `fn` raised): collected so that every rank can hear of it."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - re-raised by the caller and, described, on the other ranks
+        return None, e
+
+
+def _describe(error):
+    """None, or (exception type name, message) to send to the other ranks."""
+    return None if error is None else (type(error).__name__, str(error))
 
 
 def _remote_error(status: tuple, where: str) -> Exception:
