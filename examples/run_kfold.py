@@ -157,7 +157,8 @@ def _main(args, dist) -> int:
     if not dist.is_main:
         return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
     hand_picked = _csv_list(args.select)
-    run = artlearn.kfold.finish_run(out, select=hand_picked)  # summary.json records the rule (or the hand choice)
+    if hand_picked is not None:  # train_kfold's summary.json holds the automatic rule; record the hand choice
+        run = artlearn.kfold.finish_run(out, select=hand_picked)
     selection = artlearn.select_folds(run, folds=hand_picked)
     print_table(run, selection, run.summary["majority_baseline"])
     if test is not None:
