@@ -6,27 +6,29 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "read_artworks": "data", "check_images": "data", "assign_folds": "data",
-    "StratifiedFoldSplitter": "data", "artist_dls": "data", "PresizeCache": "data",
-    "load_rgb": "data", "stratified_subset": "data", "FoldSelection": "kfold",
+    "read_artworks": "tables", "check_images": "tables", "load_rgb": "tables", "validate_table": "tables",
+    "assign_folds": "folds", "StratifiedFoldSplitter": "folds", "stratified_subset": "folds",
+    "PresizeCache": "store", "artist_dls": "dls",
+    "Recipe": "recipe",
     "make_synthetic_artworks": "synthetic",
-    "ArtistResNet": "models", "GeM": "models", "build_model": "models",
+    "ArtistResNet": "models", "GeM": "models", "build_model": "models", "ARCHITECTURES": "models",
     "LabelSmoothing": "callbacks", "CosineAnnealing": "callbacks", "FoldCheckpoint": "callbacks",
-    "load_fold": "checkpoint", "save_weights": "checkpoint", "read_meta": "checkpoint",
     "Reproducible": "callbacks", "EMA": "callbacks", "History": "callbacks", "NonFiniteLossError": "callbacks",
-    "LogitAdjustment": "callbacks", "ProgressiveResize": "callbacks", "ArtistLearner": "learner",
-    "ARCHITECTURES": "models",
-    "artist_learner": "learner",
-    "train_kfold": "kfold", "select_folds": "kfold", "load_run": "kfold", "KFoldRun": "kfold",
-    "ensemble": "ensemble", "write_submission": "ensemble",
+    "LogitAdjustment": "callbacks", "ProgressiveResize": "callbacks",
+    "load_fold": "checkpoint", "save_weights": "checkpoint", "read_meta": "checkpoint",
+    "ArtistLearner": "learner", "artist_learner": "learner", "fold_learner": "learner",
+    "load_run": "run", "KFoldRun": "run",
+    "train_kfold": "kfold", "select_folds": "kfold", "FoldSelection": "kfold",
+    "ensemble": "ensemble", "write_submission": "ensemble", "predict": "ensemble",
+    "explain": "explain",
     "plot_history": "plots", "compare_runs": "plots", "plot_artist_counts": "plots",
     "describe_artworks": "plots", "plot_confusion": "plots", "plot_artist_recall": "plots",
     "save_run_figures": "plots", "save_figure": "plots",
 }
 
-_SUBMODULES = ("data", "synthetic", "models", "callbacks", "checkpoint", "learner", "kfold", "ensemble", "plots",
-               "distributed",
-               "presets")
+_SUBMODULES = ("checks", "files", "rng", "device", "tables", "folds", "store", "augment", "dls", "recipe",
+               "synthetic", "models", "checkpoint", "callbacks", "learner", "run", "distributed", "kfold",
+               "ensemble", "explain", "plots", "data")
 
 __all__ = ["__version__", *_EXPORTS]
 

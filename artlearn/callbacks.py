@@ -7,6 +7,7 @@ also around `Learner.validate`, `get_preds`, `tta` and inside `lr_find`. The sta
 only reset their state once a fit actually trains (`before_train`), so validating never rewrites a history or
 a checkpoint, restarts an EMA or reseeds the process.
 """
+import logging
 import math
 import numbers
 import random
@@ -18,81 +19,83 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.schedule import ParamScheduler
 from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Recorder
 from fastai.losses import CrossEntropyLossFlat
 
-from .checkpoint import (
-    HISTORY_NAME,
-    META_NAME,
-    WEIGHTS_NAME,
-    atomic_write_csv,
-    atomic_write_json,
-    load_fold,
-    load_weights,
-    save_weights,
-)
+from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, fold_meta, load_weights, save_weights
+from .checks import check_fraction
+from .files import atomic_write_csv, atomic_write_json
+from .recipe import MONITORS as MONITOR_NAMES
 from .rng import fork_global_rng
+from .run import HISTORY_COLUMNS
+
+logger = logging.getLogger("artlearn")
 
 __all__ = ["LabelSmoothing", "CosineAnnealing", "cosine_lr", "History", "HISTORY_COLUMNS", "FoldCheckpoint",
            "MONITORS", "NonFiniteGuard", "NonFiniteLossError", "Reproducible", "EMA", "LogitAdjustment",
-           "data_meta", "load_fold"]
+           "ProgressiveResize", "TrainingOnly", "data_meta", "is_training_fit"]
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds")
 # monitor name -> the Recorder names it may have (plain metrics, or `valid_*` with Recorder(train_metrics=True))
 MONITORS = {"valid_loss": ("valid_loss",), "valid_acc": ("accuracy", "valid_accuracy"),
             "f1_macro": ("f1_macro", "valid_f1_macro")}
+assert tuple(MONITORS) == MONITOR_NAMES  # the recipe owns the names, this module their Recorder spellings
 
 
-def _check_fraction(name: str, value, low_inclusive: bool = True) -> float:
-    """`value` as a float in [0, 1) (or (0, 1)), else ValueError naming it."""
-    ok = isinstance(value, numbers.Real) and (value >= 0 if low_inclusive else value > 0) and value < 1
-    if not ok:
-        bounds = "[0, 1)" if low_inclusive else "(0, 1)"
-        raise ValueError(f"{name}={value!r}: need a number in {bounds}")
-    return float(value)
-
-
-def _training_fit(learn) -> bool:
+def is_training_fit(learn) -> bool:
     """False inside `validate`/`get_preds` (they hold `learn.lock`) and `lr_find`: events that are not training."""
     lock = getattr(learn, "lock", None)
     return not hasattr(learn, "lr_finder") and not (lock is not None and lock.locked())
 
 
-class LabelSmoothing(Callback):
-    """The loss is `F.cross_entropy(logits, y, label_smoothing=eps)`, in training AND validation.
+class TrainingOnly(Callback):
+    """A callback that switches itself off outside a training fit, the way fastai's trackers do (`self.run`).
 
-    While a fit (or `validate`/`get_preds`) runs, the learner's `loss_func` is a `CrossEntropyLossFlat(
-    label_smoothing=eps)`; the original is put back at `after_fit`. So `valid_loss` is the same smoothed
-    cross-entropy as `train_loss` and the two curves are comparable, as with the reference's
-    `nn.CrossEntropyLoss(label_smoothing=0.05)` criterion. Its minimum is not 0 but the entropy of the smoothed
-    target. Composes with fastai's MixUp/CutMix (they mix this loss) and with `LogitAdjustment`.
+    `before_fit` sets `self.run = is_training_fit(learn)` (fastai resets `run` after every fit), then calls
+    `before_training_fit`; so `validate`, `get_preds` and `lr_find` never reach the other events.
+    """
+
+    def before_fit(self):
+        """Run only in a training fit."""
+        self.run = is_training_fit(self.learn)
+        if self.run:
+            self.before_training_fit()
+
+    def before_training_fit(self):
+        """What the callback does at the start of a training fit."""
+
+
+class LabelSmoothing(Callback):
+    """The learner's loss is `CrossEntropyLossFlat(label_smoothing=eps)`, in training AND validation.
+
+    Installed when the callback joins a learner (`after_create`, or the first fit when added later) and kept: it
+    is fastai's own flattened loss, so it honours fastai's reduction protocol (`loss_not_reduced`, hence
+    `get_preds(with_loss=True)`, `ClassificationInterpretation`, `plot_top_losses`) and MixUp/CutMix mix it.
+    `valid_loss` is then the same smoothed cross-entropy as `train_loss`, as with the reference's
+    `nn.CrossEntropyLoss(label_smoothing=0.05)` criterion; its minimum is the entropy of the smoothed target.
     """
     order = -5
 
     def __init__(self, eps: float = 0.05):
-        self.eps = _check_fraction("label_smoothing", eps)
-        self.smoothed_loss = CrossEntropyLossFlat(label_smoothing=self.eps)
-        self._saved, self._owner, self._depth = None, None, 0
+        self.eps = check_fraction("label_smoothing", eps)
+
+    def after_create(self):
+        """Install the smoothed loss on a new learner."""
+        self._install()
 
     def before_fit(self):
-        """Install the smoothed loss (once, also when fastai nests a validate inside a fit)."""
-        if self.learn.loss_func is not self.smoothed_loss:
-            self._saved, self._owner, self._depth = self.learn.loss_func, self.learn, 0
-            self.learn.loss_func = self.smoothed_loss
-        self._depth += 1
+        """Install the smoothed loss unless the learner already has it (keeping its current reduction)."""
+        self._install()
 
-    def after_fit(self):
-        """Put the learner's own loss back when the outermost fit ends."""
-        self._depth -= 1
-        if self._depth <= 0:
-            self.release()
-
-    def release(self):
-        """Undo the loss swap (idempotent; also called by `ArtistLearner.fit` when an error escapes)."""
-        if self._owner is not None and self._owner.loss_func is self.smoothed_loss:
-            self._owner.loss_func = self._saved
-        self._saved, self._owner, self._depth = None, None, 0
+    def _install(self):
+        """Set `learn.loss_func` to the smoothed cross-entropy (idempotent)."""
+        current = self.learn.loss_func
+        func = getattr(current, "func", None)
+        if isinstance(current, CrossEntropyLossFlat) and getattr(func, "label_smoothing", None) == self.eps:
+            return
+        reduction = getattr(current, "reduction", "mean")
+        self.learn.loss_func = CrossEntropyLossFlat(label_smoothing=self.eps, reduction=reduction)
 
 
 def cosine_lr(epoch: int, base_lr: float, t_max: int, eta_min: float = 0.0) -> float:
@@ -111,12 +114,13 @@ def cosine_lr(epoch: int, base_lr: float, t_max: int, eta_min: float = 0.0) -> f
     return lr
 
 
-class CosineAnnealing(Callback):
+class CosineAnnealing(TrainingOnly):
     """Per-epoch LR exactly as `CosineAnnealingLR(T_max=t_max, eta_min)` stepped once per epoch.
 
     The base LR is the one the fit starts with (`learn.fit(n, lr)` or the learner's `lr`), per parameter group;
     `t_max` defaults to the fit's number of epochs. Epoch `e` (0-based) trains with `cosine_lr(e, base, t_max,
-    eta_min)`; the LR is set at `before_epoch` and constant within the epoch.
+    eta_min)`; the LR is set at `before_epoch` and constant within the epoch. It stands aside when another
+    fastai `ParamScheduler` drives the LR (`fit_one_cycle`, `fit_flat_cos`, ...).
 
     With `warmup=w > 0`: epochs `e < w` use `base * (e + 1) / (w + 1)` (linear), then epoch `e >= w` uses
     `cosine_lr(e - w, base, t_max - w, eta_min)`, i.e. torch's `SequentialLR([LinearLR(start_factor=1/(w+1),
@@ -134,9 +138,11 @@ class CosineAnnealing(Callback):
         self.t_max, self.eta_min, self.warmup = t_max, float(eta_min), int(warmup)
         self.base_lrs, self.t_total = None, None
 
-    def before_fit(self):
-        """Read the base LR of each parameter group and the schedule length."""
-        if not _training_fit(self.learn):
+    def before_training_fit(self):
+        """Read the base LR of each parameter group and the schedule length; stand aside for a ParamScheduler."""
+        if any(isinstance(cb, ParamScheduler) for cb in self.learn.cbs):
+            logger.info("CosineAnnealing stands aside: another ParamScheduler drives the learning rate in this fit")
+            self.run = False
             return
         self.base_lrs = None if self.opt is None else [h["lr"] for h in self.opt.hypers]
         self.t_total = int(self.t_max or self.n_epoch)
@@ -152,44 +158,41 @@ class CosineAnnealing(Callback):
 
     def before_epoch(self):
         """Set this epoch's LR on every parameter group."""
-        if self.base_lrs is not None and _training_fit(self.learn):
+        if self.base_lrs is not None:
             self.opt.set_hyper("lr", [self.lr_at(self.epoch, b) for b in self.base_lrs])
 
 
-class History(Callback):
+class History(TrainingOnly):
     """One row per epoch: `epoch, train_loss, valid_loss, train_acc, valid_acc, f1_macro, lr, seconds`.
 
     `train_loss` is the plain mean of the epoch's training-batch losses (not fastai's exponentially smoothed
     `train_loss` in the Recorder), `train_acc` the accuracy on the training batches as they were trained
-    (augmented, in train mode, on the raw logits), `lr` the LR the epoch trained with (last parameter group),
-    `seconds` the wall time of training plus validation. Validation columns come from the Recorder
-    (`valid_loss`, `accuracy`, `f1_macro`). `learn.history.frame()` is the table as a DataFrame.
+    (augmented, in train mode, on the raw logits), `lr` the LR the epoch's first training batch used (last
+    parameter group: `learn.recorder.lrs` at that batch, whatever schedule set it), `seconds` the wall time of
+    training plus validation. Validation columns come from the Recorder (`valid_loss`, `accuracy`, `f1_macro`).
+    `learn.history.frame()` is the table as a DataFrame; with `csv_path`, it is written there (atomically) after
+    every epoch.
     """
     order, run_valid = Recorder.order + 1, False
 
-    def __init__(self):
+    def __init__(self, csv_path=None):
+        self.csv_path = Path(csv_path) if csv_path is not None else None
         self.rows, self._new_fit, self._trained = [], False, False
 
-    def before_fit(self):
-        """Mark a possible new fit (rows are reset once it actually trains)."""
-        if _training_fit(self.learn):
-            self._new_fit = True
+    def before_training_fit(self):
+        """Mark a new fit (rows are reset once it actually trains)."""
+        self._new_fit = True
 
     def before_epoch(self):
         """Start the epoch's clock and counters."""
-        if not _training_fit(self.learn):
-            return
-        self._t0, self._trained = time.perf_counter(), False
+        self._t0, self._trained, self._lr = time.perf_counter(), False, math.nan
         self._loss_sum, self._n_batches, self._correct, self._seen = 0.0, 0, 0, 0
 
     def before_train(self):
-        """Reset the table at the first epoch of a fit; note the epoch's LR."""
-        if not _training_fit(self.learn):
-            return
+        """Reset the table at the first epoch of a fit."""
         if self._new_fit:
             self.rows, self._new_fit = [], False
         self._trained = True
-        self._lr = float(self.opt.hypers[-1]["lr"])
 
     def after_pred(self):
         """Count correct training predictions (before any logit adjustment)."""
@@ -202,15 +205,27 @@ class History(Callback):
         self._seen += y.shape[0]
 
     def after_batch(self):
-        """Add the batch's mean loss."""
+        """Add the batch's mean loss; note the LR of the epoch's first batch."""
         if not self._trained:
             return
+        if self._n_batches == 0:
+            self._lr = float(self.opt.hypers[-1]["lr"])
         self._loss_sum = self._loss_sum + self.learn.loss.detach().float().mean()
         self._n_batches += 1
 
+    def epoch_totals(self) -> list | None:
+        """[loss sum, correct, seen] of the training epoch so far (None outside training), e.g. to reduce them."""
+        if not self._trained:
+            return None
+        return [float(self._loss_sum), float(self._correct), float(self._seen)]
+
+    def set_epoch_totals(self, loss_sum: float, correct: float, seen: int) -> None:
+        """Replace the epoch's totals (the data-parallel trainer sets the values reduced over the processes)."""
+        self._loss_sum, self._correct, self._seen = loss_sum, correct, seen
+
     def after_epoch(self):
-        """Append the epoch's row (training epochs only, not `learn.validate()`)."""
-        if not self._trained or not _training_fit(self.learn):
+        """Append the epoch's row (training epochs only) and write the table when it has a path."""
+        if not self._trained:
             return
         self._trained = False
         rec = dict(zip(self.recorder.metric_names[1:], self.recorder.values[-1]))
@@ -223,6 +238,8 @@ class History(Callback):
             valid_loss=pick("valid_loss"), train_acc=float(self._correct) / self._seen if self._seen else math.nan,
             valid_acc=pick(*MONITORS["valid_acc"]), f1_macro=pick(*MONITORS["f1_macro"]),
             lr=self._lr, seconds=time.perf_counter() - self._t0))
+        if self.csv_path is not None:
+            atomic_write_csv(self.csv_path, self.frame())
 
     def frame(self) -> pd.DataFrame:
         """The history as a DataFrame with exactly `HISTORY_COLUMNS`."""
@@ -237,7 +254,7 @@ class NonFiniteLossError(RuntimeError):
         self.message = message
 
 
-class NonFiniteGuard(Callback):
+class NonFiniteGuard(TrainingOnly):
     """Stops the fit when a training loss is NaN/inf, before that batch's update (so no weights are poisoned).
 
     Raises `CancelFitException` so that every callback still gets `after_fit` (the fold checkpoint keeps its
@@ -249,10 +266,9 @@ class NonFiniteGuard(Callback):
     def __init__(self, fold: int | None = None):
         self.fold_id, self.reason, self._message = fold, None, None
 
-    def before_fit(self):
+    def before_training_fit(self):
         """Forget a previous stop (inactive in `lr_find`, which diverges on purpose, and in `validate`)."""
-        if _training_fit(self.learn):
-            self.reason, self._message = None, None
+        self.reason, self._message = None, None
 
     def _fold_label(self) -> str:
         """'fold k: ' when the fold is known."""
@@ -261,8 +277,6 @@ class NonFiniteGuard(Callback):
 
     def after_loss(self):
         """Cancel the fit on a non-finite training loss."""
-        if hasattr(self.learn, "lr_finder"):
-            return
         loss = self.learn.loss.detach()
         if bool(torch.isfinite(loss).all()):
             return
@@ -330,19 +344,16 @@ def _all_finite(state: dict) -> bool:
 
 
 class FoldCheckpoint(TrackerCallback):
-    """Keeps one fold's best epoch on disk, in `out/fold{k}/`, and its history.
+    """Keeps one fold's best epoch on disk, in `out/fold{k}/`, shaped like fastai's `SaveModelCallback`.
 
-    After every training epoch `history.csv` (see `History`) is rewritten atomically. When the monitored value
-    improves (`monitor` in 'valid_loss' (lower is better), 'valid_acc', 'f1_macro' (higher is better)),
-    `best.safetensors` is written atomically, then `meta.json` with `complete: false`. At `after_fit` the best
-    weights are loaded back into the model and meta.json is rewritten with `complete: true` and `epochs_run`.
-    An interrupted fit (Ctrl-C, an exception) leaves the best epoch's files valid and `complete: false`; a fit
-    stopped by `NonFiniteGuard` also records `stopped: 'non-finite loss at epoch N'`. With `EMA` on, the EMA
-    weights are the ones saved. Starting a new training fit removes the folder's previous files first.
-
-    meta.json: `model` (the model config, for `build_model(**meta['model'])`), arch, depth, pool, n_classes,
-    vocab, size, mean, std, fold, epoch, monitor, score, complete, artlearn_version, the data's n_folds and
-    split_seed when known, ema (decay or None), then the entries of `meta=` (which cannot override these).
+    When the monitored value improves (`monitor` in 'valid_loss' (lower is better), 'valid_acc', 'f1_macro'
+    (higher is better)), `best.safetensors` is written atomically, then `meta.json` with `complete: false`
+    (`artlearn.checkpoint.fold_meta`). At `after_fit` the best weights are loaded back into the model and
+    meta.json is rewritten with `complete: true` and `epochs_run`. The learner's `History` writes `history.csv`
+    beside them after every epoch (one is added when missing). An interrupted fit (Ctrl-C, an exception) leaves
+    the best epoch's files valid and `complete: false`; a fit stopped by `NonFiniteGuard` also records `stopped`.
+    With `EMA` on, the EMA weights are the ones saved. Starting a new training fit removes the folder's previous
+    files first. Off outside training fits (`validate`, `get_preds`, `lr_find`), as fastai's trackers.
     """
     order = TrackerCallback.order + 1
 
@@ -355,7 +366,7 @@ class FoldCheckpoint(TrackerCallback):
         self.monitor_name, self.fold_index = monitor, int(fold)
         self.fold_dir = Path(out) / f"fold{int(fold)}"
         self.extra_meta = dict(meta or {})
-        self.best_epoch, self.stop_reason, self._pending, self._fitting = None, None, False, False
+        self.best_epoch, self.stop_reason = None, None
 
     @property
     def weights_path(self) -> Path:
@@ -373,15 +384,17 @@ class FoldCheckpoint(TrackerCallback):
         return self.fold_dir / HISTORY_NAME
 
     def before_fit(self):
-        """Resolve the monitor's Recorder name; make sure a `History` runs; arm a reset for the training."""
-        if not _training_fit(self.learn):
+        """Resolve the monitor's Recorder name, check the model, clear the folder and point History at it."""
+        if not is_training_fit(self.learn):
+            self.run = False
             return
         names = list(self.recorder.metric_names[1:])
         found = [n for n in MONITORS[self.monitor_name] if n in names]
         if not found:
             raise ValueError(f"FoldCheckpoint monitor {self.monitor_name!r}: the Recorder has no "
                              f"{' or '.join(MONITORS[self.monitor_name])} (it records {names}); add the metric")
-        self.monitor, self.idx = found[0], names.index(found[0])
+        self.monitor = found[0]
+        super().before_fit()
         config = getattr(self.model, "config", None)
         if config is None:
             raise ValueError("FoldCheckpoint needs a model with a `config` (build it with artlearn's build_model)")
@@ -391,27 +404,14 @@ class FoldCheckpoint(TrackerCallback):
         if not hasattr(self.learn, "history"):
             self.learn.add_cb(History())
             self.learn.history.before_fit()
-        self._pending, self._fitting = True, False
-
-    def before_train(self):
-        """At the first training epoch of a fit: reset the best score and clear the folder's old files."""
-        if not _training_fit(self.learn):
-            return
-        self._fitting = True
-        if not self._pending:
-            return
-        self._pending = False
-        self.best = math.inf if self.comp == np.less else -math.inf
+        self.learn.history.csv_path = self.history_path
         self.best_epoch, self.stop_reason = None, None
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         for path in (self.meta_path, self.weights_path, self.history_path):
             path.unlink(missing_ok=True)
 
     def after_epoch(self):
-        """Rewrite history.csv; save weights and meta on a new best."""
-        if not self._fitting or not _training_fit(self.learn):
-            return
-        atomic_write_csv(self.history_path, self.learn.history.frame())
+        """Save weights and meta on a new best."""
         if len(self.recorder.values[-1]) <= self.idx:
             return
         super().after_epoch()
@@ -436,29 +436,15 @@ class FoldCheckpoint(TrackerCallback):
         atomic_write_json(self.meta_path, self._meta(complete=False))
 
     def _meta(self, complete: bool, **extra) -> dict:
-        """The meta.json content."""
-        from . import __version__
-        config = self.model.config
-        data = data_meta(self.dls)
+        """The meta.json content (see `artlearn.checkpoint.fold_meta`)."""
         ema = getattr(self.learn, "ema", None)
-        meta = dict(self.extra_meta)
-        meta.update(model=config, arch=config["arch"], depth=config.get("depth"), pool=config.get("pool"),
-                    n_classes=config["n_classes"], vocab=data["vocab"], size=data.get("size"),
-                    mean=data.get("mean"), std=data.get("std"), fold=self.fold_index, epoch=self.best_epoch,
-                    monitor=self.monitor_name, score=None if self.best_epoch is None else float(self.best),
-                    complete=bool(complete), artlearn_version=__version__, n_folds=data.get("n_folds"),
-                    split_seed=data.get("seed"), class_counts=data.get("class_counts"),
-                    ema=getattr(ema, "decay", None), **extra)
-        if self.stop_reason:
-            meta["stopped"] = self.stop_reason
-        return meta
+        return fold_meta(self.model.config, data_meta(self.dls), fold=self.fold_index, epoch=self.best_epoch,
+                         monitor=self.monitor_name, score=None if self.best_epoch is None else float(self.best),
+                         complete=complete, ema=getattr(ema, "decay", None), stopped=self.stop_reason,
+                         extra={**self.extra_meta, **extra})
 
     def after_fit(self):
         """Load the best weights back; mark the checkpoint complete (unless the fit was stopped)."""
-        super().after_fit()
-        if not self._fitting or not _training_fit(self.learn):
-            return
-        self._fitting = False
         guard = getattr(self.learn, "non_finite_guard", None)
         self.stop_reason = getattr(guard, "reason", None)
         epochs_run = len(self.learn.history.rows)
@@ -470,7 +456,7 @@ class FoldCheckpoint(TrackerCallback):
         atomic_write_json(self.meta_path, self._meta(complete=self.stop_reason is None, epochs_run=epochs_run))
 
 
-class Reproducible(Callback):
+class Reproducible(TrainingOnly):
     """Seeds a fit without leaving the process reseeded.
 
     At `before_fit`: saves Python's `random` and numpy's global states, forks torch's RNG
@@ -486,10 +472,8 @@ class Reproducible(Callback):
             raise ValueError(f"seed={seed!r}: need an integer >= 0")
         self.seed, self._saved = int(seed), None
 
-    def before_fit(self):
+    def before_training_fit(self):
         """Save the global RNG states and seed them (not for `validate`/`get_preds`/`lr_find`)."""
-        if not _training_fit(self.learn):
-            return
         self.release()
         fork = fork_global_rng()
         fork.__enter__()
@@ -503,8 +487,7 @@ class Reproducible(Callback):
 
     def after_fit(self):
         """Restore the global RNG states."""
-        if _training_fit(self.learn):
-            self.release()
+        self.release()
 
     def release(self):
         """Restore the saved states (idempotent)."""
@@ -545,7 +528,7 @@ class ProgressiveResize(Callback):
     release = after_fit
 
 
-class EMA(Callback):
+class EMA(TrainingOnly):
     """Exponential moving average of the weights (and BatchNorm statistics), used for validation.
 
     After every optimizer step: `shadow = d * shadow + (1 - d) * weights` with `d = min(decay, (1 + n) / (10 + n))`
@@ -557,23 +540,22 @@ class EMA(Callback):
     order = 20
 
     def __init__(self, decay: float = 0.999, warmup: bool = True):
-        self.decay, self.warmup = _check_fraction("ema decay", decay, low_inclusive=False), bool(warmup)
+        self.decay, self.warmup = check_fraction("ema decay", decay, low_inclusive=False), bool(warmup)
         self.shadow, self.n_updates, self._pending, self._backup = None, 0, False, None
 
-    def before_fit(self):
+    def before_training_fit(self):
         """Arm a fresh average for a new training fit."""
-        if _training_fit(self.learn):
-            self._pending = True
+        self._pending = True
 
     def before_train(self):
         """Start the average from the current weights at the first epoch of a fit."""
-        if self._pending and _training_fit(self.learn):
+        if self._pending:
             self.shadow = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.n_updates, self._pending = 0, False
 
     def after_step(self):
         """Update the average."""
-        if self.shadow is None or self._pending or hasattr(self.learn, "lr_finder"):
+        if self.shadow is None or self._pending:
             return
         n, self.n_updates = self.n_updates, self.n_updates + 1
         d = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
@@ -587,7 +569,7 @@ class EMA(Callback):
 
     def before_validate(self):
         """Swap the averaged weights in (during a training fit)."""
-        if self.shadow is None or self._pending or self._backup is not None or not _training_fit(self.learn):
+        if self.shadow is None or self._pending or self._backup is not None:
             return
         self._backup = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._model = self.model
@@ -599,8 +581,6 @@ class EMA(Callback):
 
     def after_fit(self):
         """Leave the averaged weights in the model."""
-        if not _training_fit(self.learn):
-            return
         self.release()
         if self.shadow is not None and not self._pending:
             self.model.load_state_dict(self.shadow)

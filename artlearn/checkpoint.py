@@ -5,74 +5,37 @@ is the model's `config`, plus vocab, image size and normalisation stats) and `hi
 only ever read with safetensors, which parses tensors and runs no code: pickled formats are refused.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
+from .files import atomic_write_bytes, atomic_write_csv  # noqa: F401 (atomic_write_csv: old import path)
 from .rng import fork_global_rng
 
-__all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "atomic_write_bytes", "atomic_write_text",
-           "atomic_write_json", "atomic_write_csv", "save_weights", "load_weights", "read_meta", "load_fold"]
+__all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "save_weights", "load_weights", "read_meta", "load_fold"]
 
 WEIGHTS_NAME, META_NAME, HISTORY_NAME = "best.safetensors", "meta.json", "history.csv"
+META_FORMAT, META_FORMAT_VERSION = "artlearn-fold", 2
 _PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a directory entry (the rename) to disk where the OS allows it."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def fold_meta(model_config: dict, data: dict, fold: int, epoch, monitor: str, score, complete: bool, ema=None,
+              stopped=None, extra: dict | None = None) -> dict:
+    """The content of a fold's meta.json: how to rebuild the model, the data it expects, where training stands.
 
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path, text: str) -> Path:
-    """Atomically write UTF-8 `text` to `path` (readers see the old file or the new one, never half)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(o):
-    """JSON for numpy scalars/arrays, tensors and paths."""
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-
-def atomic_write_json(path, obj) -> Path:
-    """Atomically write `obj` as indented JSON (numpy values and paths converted)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def atomic_write_csv(path, df) -> Path:
-    """Atomically write a DataFrame as CSV without its index."""
-    return atomic_write_text(path, df.to_csv(index=False))
+    `model` (the config for `build_model(**meta['model'])`), arch, depth, pool, n_classes, vocab, size, mean, std
+    (0-1 scale), fold, epoch, monitor, score, complete, the data's n_folds, split_seed and class_counts, ema,
+    the format version; `stopped` when a fit was stopped; then the entries of `extra` (which cannot override these).
+    """
+    from . import __version__
+    meta = dict(extra or {})
+    meta.update(format=META_FORMAT, format_version=META_FORMAT_VERSION, model=model_config,
+                arch=model_config["arch"], depth=model_config.get("depth"), pool=model_config.get("pool"),
+                n_classes=model_config["n_classes"], vocab=data["vocab"], size=data.get("size"),
+                mean=data.get("mean"), std=data.get("std"), fold=int(fold), epoch=epoch, monitor=monitor, score=score,
+                complete=bool(complete), artlearn_version=__version__, n_folds=data.get("n_folds"),
+                split_seed=data.get("seed"), class_counts=data.get("class_counts"), ema=ema)
+    if stopped:
+        meta["stopped"] = stopped
+    return meta
 
 
 def _state_dict(model_or_state) -> dict:
@@ -171,7 +134,7 @@ def _check_state(state: dict, model, weights_path: Path) -> None:
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{weights_path}: tensor {k!r} has shape {tuple(state[k].shape)} but the model "
                              f"in meta.json expects {tuple(v.shape)}")
-        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()):
+        if state[k].is_floating_point() and not bool(state[k].isfinite().all()):
             raise ValueError(f"{weights_path}: tensor {k!r} holds NaN/inf values: retrain this fold")
 
 

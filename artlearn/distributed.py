@@ -9,15 +9,16 @@ Built on plain `torch.distributed` (not Hugging Face Accelerate, see docs/distri
   group (NCCL on CUDA, gloo on CPU), selects the GPU `LOCAL_RANK`, and returns a `DistContext`: rank, world size and a
   gloo group with a long timeout used for every wait between ranks (a rank that finished its folds may wait for
   hours for the others, far beyond the 10-30 min default timeouts of NCCL/gloo collectives).
-* `train_kfold_distributed` (called by `train_kfold` under torchrun): rank 0 writes config.json and folds.csv, every
-  rank checks the run directory like a resume, the folds are shared out (fold-parallel) or trained together (DDP),
-  and once every rank is done rank 0 writes summary.json.
+* `train_kfold` (artlearn.kfold) runs the same sequence on one process and under torchrun, through this context:
+  rank 0 writes config.json and folds.csv, every rank checks the run directory like a resume, the folds are
+  shared out (`DistContext.share`, fold-parallel) or trained together (DDP), and rank 0 writes summary.json.
 * `DDPTrainer`: a fastai callback that wraps the model in `DistributedDataParallel` and gives each rank its share of
   every global batch (`ShardedDL`), so `bs` stays the global batch and a run sees the same sequence of batches, the
   same number of steps and the same learning-rate schedule as one process; metrics are gathered across ranks and
   only rank 0 writes checkpoints and history.
 """
 import builtins
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -30,15 +31,18 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.training import GradientAccumulation
 from fastai.data.core import TfmdDL
-from fastai.data.load import _FakeLoader
 from fastai.torch_core import apply, to_cpu, to_detach
 from fastcore.basics import chunked, noop
 from torch.nn.parallel import DistributedDataParallel
 
 from .callbacks import FoldCheckpoint, Reproducible
+from .checkpoint import META_NAME
+from .run import OOF_NAME, fold_dir, fold_is_complete
+
+logger = logging.getLogger("artlearn")
 
 __all__ = ["DistContext", "init_distributed", "shutdown", "single_process_view", "shard_batches", "ShardedDL",
-           "DDPTrainer", "check_global_batch", "train_kfold_distributed", "WAIT"]
+           "DDPTrainer", "check_global_batch", "WAIT"]
 
 WAIT = timedelta(hours=72)  # how long a rank may wait for the others (a whole fold, at least)
 RANK_SEED_STRIDE = 1_000_003  # rank r > 0 seeds its augmentations with seed + r * stride (rank 0 keeps `seed`)
@@ -105,6 +109,43 @@ class DistContext:
         result = self.on_main(fn)
         return result if self.is_main else fn()
 
+    def share(self, order: list) -> list:
+        """This rank's share of `order`: items r, r + world, ... (everything with one process)."""
+        return list(order)[self.rank::self.world_size]
+
+    def check_ddp(self, bs: int, sync_bn) -> None:
+        """ValueError unless the global batch divides over the ranks and SyncBatchNorm has CUDA."""
+        check_global_batch(bs, self.world_size)
+        _check_sync_bn(sync_bn, torch.cuda.is_available())
+
+    @contextmanager
+    def tagged_logs(self, logger):
+        """Prefix `logger`'s messages with '[rank r/world]' under torchrun (nothing changes with one process)."""
+        if not self.enabled:
+            yield
+            return
+        tag = _RankTag(self.rank, self.world_size)
+        logger.addFilter(tag)
+        try:
+            yield
+        finally:
+            logger.removeFilter(tag)
+
+    def await_files(self, out, folds, timeout: float = 120.0, poll: float = 2.0) -> None:
+        """Wait until every fold's files are visible here (a shared filesystem such as NFS may show another
+        machine's files a little late); log the ones still missing after `timeout` seconds (no-op alone)."""
+        if not self.enabled:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [k for k in folds if not _fold_visible(fold_dir(out, k))]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(poll)
+        if missing:
+            logger.warning(f"folds {missing}: their files are not visible in {out} after {timeout:.0f} s (is the run "
+                           "directory on a filesystem every machine shares?); the summary leaves them out")
+
     def everywhere(self, fn):
         """Run `fn` on every rank; if it fails on any rank, every rank raises (naming the first that failed)."""
         result, error = _attempt(fn)
@@ -115,6 +156,24 @@ class DistContext:
         if failed:
             raise _remote_error(failed[0][1], f"rank {failed[0][0]}")
         return result
+
+
+class _RankTag(logging.Filter):
+    """Prefixes a log record with the process's rank."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}/{world}] "
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _fold_visible(folder) -> bool:
+    """The rank that owned the fold is done with it: meta.json is there, and oof.csv too once it is complete."""
+    return (folder / META_NAME).is_file() and (not fold_is_complete(folder) or (folder / OOF_NAME).is_file())
 
 
 def _attempt(fn) -> tuple:
@@ -183,13 +242,16 @@ def shutdown() -> None:
 
 
 @contextmanager
-def single_process_view():
+def single_process_view(enabled: bool = True):
     """Let fastai see one process while this rank trains a fold on its own (fold-parallel mode).
 
     fastai decides from the environment (`num_distrib()` reads WORLD_SIZE) whether to all-gather every loss and metric
     across processes; in fold-parallel mode the ranks train different folds, so that would mix folds or hang. WORLD_SIZE
     and RANK read 1 and 0 inside the block and are restored after it.
     """
+    if not enabled:
+        yield
+        return
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
     os.environ.update(WORLD_SIZE="1", RANK="0")
     try:
@@ -263,9 +325,9 @@ class ShardedDL(TfmdDL):
         self.drop_last, self.dataset, self.n = dl.drop_last, dl.dataset, dl.n
         self.num_workers, self.offs, self.pin_memory = dl.num_workers, dl.offs, dl.pin_memory
         self.device = dl.device
-        fake = dl.fake_l
-        self.fake_l = _FakeLoader(self, fake.pin_memory, fake.num_workers, fake.timeout,
-                                  persistent_workers=fake.persistent_workers, pin_memory_device=fake.pin_memory_device)
+        fake = dl.fake_l  # fastai's loader proxy, rebuilt around this loader through its public attribute
+        self.fake_l = type(fake)(self, fake.pin_memory, fake.num_workers, fake.timeout,
+                                 persistent_workers=fake.persistent_workers, pin_memory_device=fake.pin_memory_device)
         self.sizes, self._next, self._current = [], 0, 0
 
     @property
@@ -453,12 +515,12 @@ class DDPTrainer(Callback):
     def after_train(self):
         """Average History's training loss and pool its training accuracy over the ranks."""
         h = getattr(self.learn, "history", None)
-        if h is None or not getattr(h, "_trained", False):
+        totals = h.epoch_totals() if h is not None else None
+        if totals is None:
             return
-        t = torch.tensor([float(h._loss_sum), float(h._correct), float(h._seen)], dtype=torch.float64,
-                         device=_collective_device())
+        t = torch.tensor(totals, dtype=torch.float64, device=_collective_device())
         dist.all_reduce(t)
-        h._loss_sum, h._correct, h._seen = float(t[0]) / self.world, float(t[1]), int(t[2])
+        h.set_epoch_totals(float(t[0]) / self.world, float(t[1]), int(t[2]))
 
     def after_fit(self):
         """Unwrap the model and put the loaders back (before FoldCheckpoint reloads the best weights)."""
@@ -483,97 +545,3 @@ class DDPTrainer(Callback):
         if reenable:  # after a normal fit fastai itself resets `run` once each callback's after_fit was skipped
             for cb in saved["disabled"]:
                 cb.run = True
-
-
-# ---------------------------------------------------------------- train_kfold under torchrun
-
-
-def _default_cache(job, ctx: DistContext):
-    """A PresizeCache whose memory budget is shared by the processes of this machine."""
-    from .data import PresizeCache, _default_memory_budget, presize_for
-    return PresizeCache(presize_for(job.settings["size"]),
-                        max_memory=_default_memory_budget() // max(1, ctx.local_world_size))
-
-
-def _fold_visible(fold_dir) -> bool:
-    """The rank that owned the fold is done with it: meta.json is there, and oof.csv too once it is complete."""
-    from .kfold import _fold_is_complete
-    return (fold_dir / "meta.json").is_file() and (not _fold_is_complete(fold_dir) or (fold_dir / "oof.csv").is_file())
-
-
-def _await_folds(job, folds, timeout: float = 120.0, poll: float = 2.0) -> None:
-    """Wait until every fold's files are visible here (a shared filesystem such as NFS may show another machine's
-    files a little late); log the ones still missing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        missing = [k for k in folds if not _fold_visible(job.out / f"fold{k}")]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(poll)
-    if missing:
-        job.log(f"folds {missing}: their files are not visible in {job.out} after {timeout:.0f} s (is the run "
-                "directory on a filesystem every machine shares?); the summary leaves them out")
-
-
-def _fold_parallel(ctx: DistContext, job, todo: list, pending: list) -> None:
-    """Rank r handles folds `order[r::world]` (folds left to train first, so a resume shares them out evenly)."""
-    from .kfold import _run_fold
-    order = pending + [k for k in todo if k not in pending]
-    mine = order[ctx.rank::ctx.world_size]
-    job.log(f"fold-parallel: this process handles folds {sorted(mine)} of {todo}" if mine else
-            f"fold-parallel: nothing to do here ({len(order)} folds for {ctx.world_size} processes)")
-    with single_process_view():
-        for k in mine:
-            _run_fold(job, k)
-
-
-def _data_parallel(ctx: DistContext, job, todo: list, pending: list, sync_bn) -> None:
-    """Every fold trained by all ranks together (DDPTrainer); rank 0 writes its checkpoint, history and OOF."""
-    from .kfold import _clear_fold, _train_fold, _write_missing_oof
-    job.log(f"data-parallel: folds {todo} one after another, each on {ctx.world_size} processes "
-            f"(global batch {job.settings['bs']}, {job.settings['bs'] // ctx.world_size} per process)")
-    for k in todo:
-        fold_dir = job.out / f"fold{k}"
-        if k in pending:
-            if ctx.is_main:
-                _clear_fold(fold_dir)
-            _train_fold(job, k, out=job.out if ctx.is_main else None, cbs=[DDPTrainer(sync_bn=sync_bn)])
-        elif ctx.is_main:
-            job.log(f"fold {k}: complete checkpoint found in {fold_dir}, not retrained")
-        ctx.on_main(lambda k=k: _write_missing_oof(job, k))  # the others wait (long timeout) while rank 0 predicts
-
-
-def train_kfold_distributed(ctx: DistContext, job, config: dict, todo: list, ddp: bool = False,
-                            sync_bn: bool | None = None):
-    """`train_kfold` on every process of a torchrun launch (see the module docstring); returns the finished run.
-
-    1. Every rank checks an existing config.json (a different configuration or other data is refused everywhere)
-       and decodes the images into its cache; rank 0 then writes config.json and folds.csv, and every rank checks
-       the config.json rank 0 wrote, as a resume does (ranks given other data or settings are refused).
-    2. Rank 0 lists the folds left to train (complete ones are skipped, as on one process) and tells the others.
-    3. Fold-parallel: each rank trains and scores (OOF) its own folds. Data-parallel (`ddp=True`): every fold is
-       trained by all ranks, rank 0 writes the checkpoint, history and OOF.
-    4. Every rank waits for the others (gloo, timeout `WAIT`); rank 0 writes summary.json; every rank returns the run.
-    """
-    from .kfold import _check_config, _fold_is_complete, _write_run_dir, finish_run, load_run
-    log = job.log
-    job.log = lambda msg: log(f"[rank {ctx.rank}/{ctx.world_size}] {msg}")
-    job.progress = bool(job.progress and ctx.is_main)
-    out = job.out
-    if ddp:
-        check_global_batch(job.settings["bs"], ctx.world_size)
-        _check_sync_bn(sync_bn, torch.cuda.is_available())
-    ctx.everywhere(lambda: _check_config(out, config) if (out / "config.json").is_file() else None)
-    if job.cache is None:
-        job.cache = _default_cache(job, ctx)
-    ctx.everywhere(lambda: job.cache.fill(job.df["img_path"], source="training table"))
-    ctx.on_main(lambda: _write_run_dir(out, config, job.df))
-    ctx.everywhere(lambda: _check_config(out, config))
-    pending = ctx.broadcast([k for k in todo if not _fold_is_complete(out / f"fold{k}")] if ctx.is_main else None)
-    if ddp:
-        _data_parallel(ctx, job, todo, pending, sync_bn)
-    else:
-        _fold_parallel(ctx, job, todo, pending)
-    ctx.barrier()
-    run = ctx.on_main(lambda: (_await_folds(job, todo), finish_run(out, job.df))[1])
-    return run if ctx.is_main else load_run(out)

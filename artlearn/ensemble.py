@@ -1,24 +1,45 @@
-"""Fold ensembles with horizontal-flip test-time augmentation, and the submission file."""
+"""Fold ensembles with horizontal-flip test-time augmentation, top-k predictions, and the submission file."""
+import contextlib
+import logging
+import numbers
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .checkpoint import atomic_write_csv, load_fold
-from .data import PresizeCache, presize_for, read_artworks, valid_crop
+from .checkpoint import META_NAME, atomic_write_csv, load_fold
+from .augment import valid_crop
+from .store import PresizeCache, presize_for
+from .tables import read_artworks
+# and, inside _fold_dirs: from .run import KFoldRun, load_run
 
 TTA_CHOICES = (None, "none", "flip", "multicrop")
 AVERAGE_CHOICES = ("prob", "logit")
+PREDICT_COLUMNS = ["image", "rank", "artist", "probability"]
+logger = logging.getLogger("artlearn")
+
+
+def _is_fold_dir(path) -> bool:
+    """A folder holding a fold checkpoint's meta.json (and no run config.json)."""
+    path = Path(path)
+    return (path / META_NAME).is_file() and not (path / "config.json").is_file()
 
 
 def _fold_dirs(source, folds) -> list:
-    """Fold folders from a run (object or directory) or an explicit list of fold folders."""
-    from .kfold import KFoldRun, load_run
+    """Fold folders from a run (object or directory), one fold folder, or an explicit list of fold folders."""
+    from .run import KFoldRun, load_run
+    if isinstance(source, (str, Path)) and _is_fold_dir(source):
+        source = [source]
     if isinstance(source, (list, tuple)):
         if folds is not None:
-            raise ValueError("pass `folds` only with a run; with a list of fold folders, list the ones you want")
+            raise ValueError(f"folds={folds!r}: pass `folds` only with a run; with fold folders, list the ones "
+                             "you want")
         return [Path(p) for p in source]
+    if isinstance(source, (str, Path)) and Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise ValueError(f"{source}: neither a run directory (no config.json) nor a fold folder (no {META_NAME}); "
+                         "pass the folder train_kfold wrote, or one of its fold<k> folders")
     run = source if isinstance(source, KFoldRun) else load_run(source)
     if folds is None:
         selected = (run.summary.get("selection") or {}).get("folds")
@@ -54,9 +75,84 @@ def _items_table(items) -> pd.DataFrame:
         return items.reset_index(drop=True)
     if isinstance(items, (str, Path)) and str(items).lower().endswith(".csv"):
         return read_artworks(items, kind="test")
+    if isinstance(items, (str, Path)) and Path(items).is_dir():
+        raise ValueError(f"items={str(items)!r} is a folder: pass a test CSV, a DataFrame with img_path, or image "
+                         "paths (e.g. sorted(Path(folder).glob('*.jpg')))")
     if isinstance(items, (str, Path)):
-        raise ValueError(f"items={str(items)!r}: pass a test CSV, a DataFrame with img_path, or a list of image paths")
+        return pd.DataFrame({"img_path": [str(items)]})
     return pd.DataFrame({"img_path": [str(p) for p in items]})
+
+
+def _image_list(images) -> list | None:
+    """The images as a list when they are paths and/or PIL images; None for a table (DataFrame or CSV)."""
+    if isinstance(images, pd.DataFrame) or (isinstance(images, (str, Path))
+                                            and str(images).lower().endswith(".csv")):
+        return None
+    items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+    bad = [type(x).__name__ for x in items if not isinstance(x, (str, Path, Image.Image))]
+    if bad:
+        raise ValueError(f"images holds {bad[0]} values: pass image paths, PIL images, a test CSV or a DataFrame "
+                         "with img_path")
+    return items
+
+
+def _stage(images, folder: Path) -> tuple[list, pd.DataFrame]:
+    """(labels, table with img_path): PIL images saved losslessly (TIFF keeps every mode) into `folder`."""
+    items = _image_list(images)
+    if items is None:
+        table = _items_table(images)
+        return table["img_path"].astype(str).tolist(), table
+    labels, paths = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, Image.Image):
+            path = folder / f"image{i}.tiff"
+            item.save(path, format="TIFF")
+            labels.append(f"<PIL image {i}>")
+            paths.append(str(path))
+        else:
+            labels.append(str(item))
+            paths.append(str(item))
+    return labels, _items_table(paths)
+
+
+class _ReadThrough:
+    """Cache for new images: reads what `base` already holds and decodes the rest into a short-lived cache."""
+
+    def __init__(self, base, presize: int, cache_dir: Path, workers: int | None = None):
+        self.base = base if base is not None and getattr(base, "presize", None) == presize else None
+        self.own = PresizeCache(presize, cache_dir=cache_dir, workers=workers)
+        self.workers = self.own.workers
+
+    def _held(self, path) -> bool:
+        """Whether `base` holds the current version of the file."""
+        return self.base is not None and str(path) in self.base
+
+    def fill(self, paths, source="images") -> None:
+        """Decode every path `base` does not hold into the short-lived cache."""
+        self.own.fill([p for p in map(str, paths) if not self._held(p)], source=source)
+
+    def get(self, path) -> np.ndarray:
+        """The cached array, from `base` when it holds the image."""
+        return self.base.get(path) if self._held(str(path)) else self.own.get(path)
+
+
+@contextlib.contextmanager
+def _inputs(images, size: int, cache=None, workers=None, keep_new: bool = False):
+    """(labels, table, cache) for images: PIL images live in a temporary folder and a short-lived cache only.
+
+    keep_new=True (ensemble's contract) decodes image files into `cache` (or a new PresizeCache); otherwise the
+    passed cache is only read, and images it does not hold go to a short-lived cache in the temporary folder.
+    """
+    items = _image_list(images)
+    has_pil = items is not None and any(isinstance(x, Image.Image) for x in items)
+    if keep_new and not has_pil:
+        table = _items_table(images)
+        yield table["img_path"].astype(str).tolist(), table, cache if cache is not None else PresizeCache(
+            presize_for(size), workers=workers)
+        return
+    with tempfile.TemporaryDirectory(prefix="artlearn-predict-") as tmp:
+        labels, table = _stage(images, Path(tmp))
+        yield labels, table, _ReadThrough(cache, presize_for(size), Path(tmp) / "cache", workers)
 
 
 def _resolve_device(device):
@@ -107,23 +203,17 @@ def _log_prior(meta: dict, device):
     return (counts / counts.sum()).log()
 
 
-def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", average: str = "prob", bs: int = 64,
-             device=None, cache: PresizeCache | None = None, workers: int | None = None,
-             precision: str = "auto", prior_adjust: float = 0.0):
-    """Average each fold's softmax (or logits) over the image and its flip; returns (probs[n, n_artists], vocab).
-
-    Every image is decoded and cropped once for all folds and views; each fold is loaded from its folder alone and
-    normalised with its own training statistics. tta: 'flip' (image + horizontal flip), None, or 'multicrop' (the
-    flip views plus five native-resolution crops of the cached image and their flips). `prior_adjust=tau`
-    subtracts tau * log(training class frequency) from each fold's logits (post-hoc logit adjustment, which
-    trades a little accuracy on frequent artists for recall on rare ones).
-    """
-    import torch
-    from concurrent.futures import ThreadPoolExecutor
+def _check_choices(tta, average) -> None:
+    """ValueError for an unknown TTA or averaging mode."""
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop' or None")
     if average not in AVERAGE_CHOICES:
         raise ValueError(f"average={average!r}: use 'prob' (mean of softmax) or 'logit' (softmax of mean logits)")
+
+
+def _load_folds(run_or_fold_dirs, folds, device) -> tuple[list, list, object]:
+    """(models, metas, device) of the selected folds, checked to share vocabulary and size."""
+    import torch
     dirs = _fold_dirs(run_or_fold_dirs, folds)
     device = _resolve_device(device)
     loaded = [load_fold(d, device=device) for d in dirs]
@@ -131,33 +221,123 @@ def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", aver
         loaded = [(m.to(memory_format=torch.channels_last), meta) for m, meta in loaded]
     metas = [m for _, m in loaded]
     _check_compatible(metas, dirs)
-    size, vocab = int(metas[0]["size"]), list(metas[0]["vocab"])
-    table = _items_table(items)
-    cache = cache if cache is not None else PresizeCache(presize_for(size), workers=workers)
+    return [m for m, _ in loaded], metas, device
+
+
+def fold_stats(meta: dict, device="cpu") -> tuple:
+    """(mean, std) tensors of shape (1, 3, 1, 1): a fold's normalisation statistics from meta.json."""
+    import torch
+    return (torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1),
+            torch.tensor(meta["std"], device=device).view(1, 3, 1, 1))
+
+
+def normalise(crops, mean, std):
+    """uint8 crops (n, 3, s, s) as the float input of a fold: (x / 255 - mean) / std."""
+    return (crops.float().div_(255) - mean) / std
+
+
+def _progress(starts, progress: bool):
+    """The batch starts, under a fastprogress bar when `progress`."""
+    if not progress:
+        return starts
+    from fastprogress.fastprogress import progress_bar
+    return progress_bar(starts, leave=False)
+
+
+def _probs(models, metas, table, cache, device, tta=None, average="prob", bs=64, precision="auto",
+           prior_adjust=0.0, progress=False) -> np.ndarray:
+    """Ensembled probabilities (n, n_artists) of the table's images, read through `cache`."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+    size, n_classes = int(metas[0]["size"]), len(metas[0]["vocab"])
     cache.fill(table["img_path"], source="items")
-    stats = [(torch.tensor(m["mean"], device=device).view(1, 3, 1, 1),
-              torch.tensor(m["std"], device=device).view(1, 3, 1, 1)) for m in metas]
+    stats = [fold_stats(m, device) for m in metas]
     shifts = [prior_adjust * _log_prior(m, device) if prior_adjust else 0.0 for m in metas]
-    autocast = _autocast(device, precision)
-    out = np.zeros((len(table), len(vocab)), dtype=np.float32)
+    out = np.zeros((len(table), n_classes), dtype=np.float32)
     pool = ThreadPoolExecutor(max_workers=cache.workers)
-    with pool, torch.inference_mode(), autocast:
-        for start in range(0, len(table), bs):
+    with pool, torch.inference_mode(), _autocast(device, precision):
+        for start in _progress(range(0, len(table), bs), progress):
             crops = crop_batch(cache, table["img_path"].iloc[start:start + bs], size, tta, pool).to(device)
             acc, n_views = 0, 0
-            for (model, _), (mean, std), shift in zip(loaded, stats, shifts):
+            for model, (mean, std), shift in zip(models, stats, shifts):
                 for x in crops:
-                    for view in _views((x.float().div_(255) - mean) / std, tta):
+                    for view in _views(normalise(x, mean, std), tta):
                         logits = model(_memory_format(view, device)).float() - shift
                         acc, n_views = acc + (logits.softmax(1) if average == "prob" else logits), n_views + 1
             acc = acc / n_views
             out[start:start + crops.shape[1]] = (acc if average == "prob" else acc.softmax(1)).cpu().numpy()
-    return out, vocab
+    return out
+
+
+def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", average: str = "prob", bs: int = 64,
+             device=None, cache: PresizeCache | None = None, workers: int | None = None,
+             precision: str = "auto", prior_adjust: float = 0.0, progress: bool = False):
+    """Average each fold's softmax (or logits) over the image and its flip; returns (probs[n, n_artists], vocab).
+
+    `run_or_fold_dirs`: a run (KFoldRun or its folder: summary.json's selected folds, else every complete fold),
+    one fold folder, or a list of fold folders. `items`: a test CSV, a DataFrame with img_path, image paths (or
+    one path), or PIL images (kept in a temporary folder, never in `cache`). Every image is decoded and cropped
+    once for all folds and views (into `cache` when given); each fold is loaded from its folder alone and
+    normalised with its own training statistics. tta: 'flip' (image + horizontal flip), None, or 'multicrop'
+    (the flip views plus five native-resolution crops of the cached image and their flips). `prior_adjust=tau`
+    subtracts tau * log(training class frequency) from each fold's logits (post-hoc logit adjustment, which
+    trades a little accuracy on frequent artists for recall on rare ones). `progress`: a bar over the batches.
+    """
+    _check_choices(tta, average)
+    models, metas, device = _load_folds(run_or_fold_dirs, folds, device)
+    with _inputs(items, int(metas[0]["size"]), cache, workers, keep_new=True) as (_, table, source):
+        probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
+    return probs, list(metas[0]["vocab"])
+
+
+def _check_k(k) -> None:
+    """ValueError unless k is a whole number of at least 1."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k={k!r}: need a whole number of at least 1 (how many artists to list per image)")
+
+
+def top_k(labels, probs, vocab, k: int = 5) -> pd.DataFrame:
+    """Rows (image, rank, artist, probability) of each image's k most probable artists (rank 1 = argmax)."""
+    _check_k(k)
+    probs = np.asarray(probs)
+    k = min(int(k), len(vocab))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # stable: ties keep argmax's first index
+    return pd.DataFrame({"image": np.repeat(np.asarray(labels, dtype=object), k),
+                         "rank": np.tile(np.arange(1, k + 1), len(labels)),
+                         "artist": np.asarray(vocab, dtype=object)[order].ravel(),
+                         "probability": np.take_along_axis(probs, order, 1).ravel().astype(float)},
+                        columns=PREDICT_COLUMNS)
+
+
+def predict(run_or_fold_dirs, images, k: int = 5, tta: str | None = "flip", folds=None, average: str = "prob",
+            bs: int = 64, device=None, cache: PresizeCache | None = None, workers: int | None = None,
+            precision: str = "auto", prior_adjust: float = 0.0, progress: bool = False) -> pd.DataFrame:
+    """The k most probable artists per image from the fold ensemble: columns image, rank, artist, probability.
+
+    Same folds, views and averaging as `ensemble` (rank 1 is its argmax); `images`: one path, a list of paths,
+    a PIL image or a list of them, a test CSV or a DataFrame with img_path. k above the number of artists lists
+    them all. A `cache` (e.g. the training one) is only read: new images are decoded into a short-lived cache
+    in a temporary folder, removed on return, as are the PIL images.
+    """
+    _check_k(k)
+    _check_choices(tta, average)
+    models, metas, device = _load_folds(run_or_fold_dirs, folds, device)
+    with _inputs(images, int(metas[0]["size"]), cache, workers, keep_new=False) as (labels, table, source):
+        probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
+    logger.debug("predict: %d image(s), %d fold(s), tta=%s", len(labels), len(models), tta)
+    return top_k(labels, probs, list(metas[0]["vocab"]), k)
+
+
+def eval_crops(images, size: int) -> tuple[list, object]:
+    """(labels, uint8 tensor (n, 3, size, size)): ensemble's plain evaluation view, no cache kept."""
+    with _inputs(images, size) as (labels, table, source):
+        source.fill(table["img_path"], source="images")
+        crops = crop_batch(source, table["img_path"], size)[0] if len(table) else None
+    return labels, crops
 
 
 def _autocast(device, precision: str):
     """bf16/fp16 autocast on CUDA per `precision`; a no-op context on CPU or with 'fp32'."""
-    import contextlib
     import torch
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()

@@ -1,128 +1,43 @@
-"""Stratified K-fold training into a resumable run directory, out-of-fold scores and fold selection."""
-import hashlib
+"""`train_kfold`: stratified K-fold training into a resumable run directory, then OOF scores and fold selection.
+
+One orchestration path serves one process and torchrun alike: with one process the distributed context is a
+no-op; under torchrun the folds are shared out (fold-parallel) or each fold is trained by every process (`ddp`).
+"""
+import copy
 import json
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .checkpoint import atomic_write_csv, atomic_write_json
-from .data import PresizeCache, _check_files_exist, _check_ids, _check_labels, assign_folds, presize_for
-from .presets import resolve_preset
+from .distributed import DistContext, init_distributed, single_process_view
+from .ensemble import ensemble
+from .files import atomic_write_csv, atomic_write_json
+from .folds import assign_folds
+from .recipe import Recipe
+from .run import (
+    FOLDS_NAME,
+    OOF_NAME,
+    SUMMARY_NAME,
+    KFoldRun,
+    best_row,
+    check_config,
+    clear_fold,
+    fold_dir,
+    fold_is_complete,
+    load_run,
+    majority_baseline,
+    run_config,
+    write_run_dir,
+)
+from .store import PresizeCache, default_memory_budget, presize_for
+from .tables import validate_table
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds"]
-RUNTIME_KEYS = ("folds", "workers", "progress", "device", "library_version", "created")
-
-
-# ---------------------------------------------------------------- the run object
-
-
-@dataclass
-class KFoldRun:
-    """A run directory read back: config, per-fold histories and metadata, out-of-fold predictions, summary."""
-    path: Path
-    config: dict
-    histories: dict = field(default_factory=dict)
-    metas: dict = field(default_factory=dict)
-    oof: pd.DataFrame | None = None
-    summary: dict = field(default_factory=dict)
-
-    def fold_dir(self, fold: int) -> Path:
-        """The folder of one fold."""
-        return self.path / f"fold{fold}"
-
-    @property
-    def folds(self) -> list:
-        """Folds whose checkpoint is complete."""
-        return sorted(k for k, m in self.metas.items() if m.get("complete"))
-
-    @property
-    def vocab(self) -> list:
-        """The artist vocabulary shared by the folds."""
-        return next(iter(self.metas.values()))["vocab"] if self.metas else []
-
-    @property
-    def best(self) -> pd.DataFrame:
-        """One row per fold: best epoch and its scores, status."""
-        rows = [_best_row(k, self.histories.get(k), m) for k, m in sorted(self.metas.items())]
-        return pd.DataFrame(rows).set_index("fold") if rows else pd.DataFrame()
-
-    @property
-    def oof_scores(self) -> dict:
-        """Out-of-fold accuracy and macro-F1 over every trained fold."""
-        return oof_scores(self.oof) if self.oof is not None and len(self.oof) else {}
-
-    def __repr__(self) -> str:
-        return f"KFoldRun({str(self.path)!r}, folds={self.folds}, oof={self.oof_scores})"
-
-
-def _best_row(fold: int, history: pd.DataFrame | None, meta: dict) -> dict:
-    """Scores of a fold's best (checkpointed) epoch."""
-    row = dict(fold=fold, epoch=meta.get("epoch"), monitor=meta.get("monitor"), score=meta.get("score"),
-               status=fold_status(meta))
-    if history is not None and len(history) and meta.get("epoch") is not None:
-        at = history[history["epoch"] == meta["epoch"]]
-        if len(at):
-            row.update({c: float(at.iloc[0][c]) for c in ("valid_loss", "valid_acc", "f1_macro")})
-    return row
-
-
-def fold_status(meta: dict) -> str:
-    """'complete', 'stopped: ...' or 'incomplete'."""
-    if meta.get("stopped"):
-        return f"stopped: {meta['stopped']}"
-    return "complete" if meta.get("complete") else "incomplete"
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON file, with an error naming it when unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged — delete the fold folder to "
-                         "retrain") from None
-
-
-def load_run(path) -> KFoldRun:
-    """Read a run directory written by train_kfold."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not an artlearn run directory (no config.json); train one with train_kfold")
-    run = KFoldRun(path=path, config=_read_json(path / "config.json"))
-    for fold_dir in sorted(path.glob("fold*")):
-        if not fold_dir.name[4:].isdigit() or not (fold_dir / "meta.json").is_file():
-            continue
-        k = int(fold_dir.name[4:])
-        run.metas[k] = _read_json(fold_dir / "meta.json")
-        if (fold_dir / "history.csv").is_file():
-            run.histories[k] = pd.read_csv(fold_dir / "history.csv")
-    oofs = [pd.read_csv(run.fold_dir(k) / "oof.csv") for k in run.folds if (run.fold_dir(k) / "oof.csv").is_file()]
-    run.oof = pd.concat(oofs, ignore_index=True) if oofs else None
-    if (path / "summary.json").is_file():
-        run.summary = _read_json(path / "summary.json")
-    return run
-
-
-# ---------------------------------------------------------------- scores
-
-
-def oof_scores(oof: pd.DataFrame) -> dict:
-    """Accuracy and macro-F1 of out-of-fold predictions."""
-    from sklearn.metrics import accuracy_score, f1_score
-    return dict(accuracy=float(accuracy_score(oof["artist"], oof["pred"])),
-                f1_macro=float(f1_score(oof["artist"], oof["pred"], average="macro", zero_division=0)),
-                n=int(len(oof)), folds=sorted(int(f) for f in oof["fold"].unique()))
-
-
-def majority_baseline(df: pd.DataFrame) -> dict:
-    """Scores of always predicting the most frequent artist."""
-    from sklearn.metrics import f1_score
-    top = df["artist"].value_counts().index[0]
-    return dict(artist=str(top), accuracy=float((df["artist"] == top).mean()),
-                f1_macro=float(f1_score(df["artist"], [top] * len(df), average="macro", zero_division=0)))
+logger = logging.getLogger("artlearn")
+TTA_CHOICES = (None, "none", "flip", "multicrop")
 
 
 # ---------------------------------------------------------------- fold selection
@@ -170,19 +85,20 @@ def select_folds(run, folds=None, max_volatility_ratio: float = 2.0, min_volatil
     rows = {}
     for k in sorted(run.metas):
         h = run.histories.get(k)
-        best = _best_row(k, h, run.metas[k])
+        best = best_row(k, h, run.metas[k])
         rows[k] = dict(status=best["status"], best=best.get(score, np.nan),
                        volatility=_volatility(h) if h is not None and len(h) else float("nan"))
     table = pd.DataFrame.from_dict(rows, orient="index")
     if folds is not None:
         chosen = [int(f) for f in folds]
         unknown = [f for f in chosen if f not in run.folds]
-        if unknown:
-            raise ValueError(f"folds {unknown} have no complete checkpoint in {run.path}; complete folds: {run.folds}")
+        if unknown or not chosen:
+            raise ValueError(f"folds {unknown or chosen} have no complete checkpoint in {run.path}; "
+                             f"complete folds: {run.folds}")
         excluded = {k: "not named by hand" for k in run.metas if k not in chosen}
         return FoldSelection(chosen, excluded, "folds named by hand", table)
     excluded = {k: f"fold is {r['status']}" for k, r in rows.items() if r["status"] != "complete"}
-    ok = table[table["status"] == "complete"]
+    ok = table[table["status"] == "complete"] if len(table) else table
     if ok.empty:
         raise ValueError(f"{run.path}: no fold has a complete checkpoint; train the run first (train_kfold)")
     med_vol, med_best = float(np.nanmedian(ok["volatility"])), float(np.nanmedian(ok["best"]))
@@ -202,80 +118,58 @@ def select_folds(run, folds=None, max_volatility_ratio: float = 2.0, min_volatil
     return FoldSelection(chosen, dict(sorted(excluded.items())), rule, table)
 
 
-# ---------------------------------------------------------------- training
-
-
-def data_fingerprint(df: pd.DataFrame) -> str:
-    """Hash of the (img_path, artist, fold) assignment, to refuse mixing runs over different data."""
-    cols = [c for c in ("img_path", "artist", "fold") if c in df.columns]
-    text = df[cols].astype(str).sort_values(cols).to_csv(index=False)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def _check_config(out: Path, config: dict) -> None:
-    """Refuse a run directory made with different settings or data."""
-    old = _read_json(out / "config.json")
-    diffs = [f"{k}: {old.get(k)!r} in the run dir, {config.get(k)!r} now" for k in sorted(set(old) | set(config))
-             if k not in RUNTIME_KEYS and old.get(k) != config.get(k)]
-    if diffs:
-        raise ValueError(f"{out} was made with a different configuration ({'; '.join(diffs)}); use another --out "
-                         "folder, or delete this one to start over")
-
-
-def _fold_is_complete(fold_dir: Path) -> bool:
-    """A fold is done when meta.json says complete and its weights file exists."""
-    meta_path = fold_dir / "meta.json"
-    if not meta_path.is_file() or not (fold_dir / "best.safetensors").is_file():
-        return False
-    meta = _read_json(meta_path)
-    return bool(meta.get("complete") or meta.get("stopped"))
-
-
-def _clear_fold(fold_dir: Path) -> None:
-    """Remove the files of an interrupted fold so it restarts cleanly."""
-    if fold_dir.is_dir():
-        for f in fold_dir.iterdir():
-            if f.is_file():
-                f.unlink()
-
-
-def _write_oof(run_dir: Path, fold: int, df: pd.DataFrame, cache: PresizeCache, tta, bs: int, workers) -> None:
-    """Predict a fold's validation rows with its best checkpoint and write fold<k>/oof.csv."""
-    from .ensemble import ensemble
-    valid = df[df["fold"] == fold]
-    probs, vocab = ensemble([run_dir / f"fold{fold}"], valid, tta=tta, bs=bs, cache=cache, workers=workers)
-    cols = [c for c in ("id", "img_path", "fold", "artist") if c in valid.columns]
-    oof = valid[cols].reset_index(drop=True)
-    oof["pred"] = [vocab[i] for i in probs.argmax(1)]
-    oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{a}" for a in vocab])], axis=1)
-    atomic_write_csv(run_dir / f"fold{fold}" / "oof.csv", oof)
+# ---------------------------------------------------------------- the run's inputs, checked before anything is written
 
 
 def _prepare_folds(df: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
     """The training table (labels, ids and files checked) with a validated fold column."""
-    for col in ("img_path", "artist"):
-        if col not in df.columns:
-            raise ValueError(f"train_kfold needs columns 'img_path' and 'artist' (missing {col!r}); "
-                             "use read_artworks(train.csv)")
-    _check_labels(df, "training table")
-    if "id" in df.columns:
-        _check_ids(df, "training table")
-    _check_files_exist(df, "training table")
+    df = validate_table(df, "training table", kind="train")
     if "fold" in df.columns:
-        bad = sorted(set(df["fold"]) - set(range(n_folds)))
+        folds = pd.to_numeric(df["fold"], errors="coerce")
+        bad = sorted({str(v) for v, f in zip(df["fold"], folds) if pd.isna(f) or f != int(f)
+                      or not 0 <= int(f) < n_folds})
         if bad:
             raise ValueError(f"column 'fold' has values {bad[:5]} outside 0..{n_folds - 1} (n_folds={n_folds})")
-        return df.reset_index(drop=True)
+        return df.assign(fold=folds.astype(int)).reset_index(drop=True)
     return assign_folds(df, n_folds, seed).reset_index(drop=True)
 
 
 def _folds_to_train(folds, n_folds: int) -> list:
     """Validated list of folds asked for."""
-    chosen = list(range(n_folds)) if folds is None else sorted({int(f) for f in folds})
+    try:
+        chosen = list(range(n_folds)) if folds is None else sorted({int(f) for f in folds})
+    except (TypeError, ValueError):
+        raise ValueError(f"folds={folds!r}: need fold numbers such as [0, 2]") from None
     bad = [f for f in chosen if not 0 <= f < n_folds]
-    if bad:
-        raise ValueError(f"folds {bad} out of range: with n_folds={n_folds} use 0..{n_folds - 1}")
+    if bad or not chosen:
+        raise ValueError(f"folds {bad or folds} out of range: with n_folds={n_folds} use 0..{n_folds - 1}")
     return chosen
+
+
+def _check_run_args(n_folds, seed, tta) -> None:
+    """ValueError for a bad fold count, seed or TTA choice (before anything is written)."""
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise ValueError(f"n_folds={n_folds!r}: need an integer of at least 2")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}: need an integer >= 0")
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop' or None")
+
+
+def _callback_factories(cbs) -> list:
+    """Per-fold callback makers: a class or zero-argument factory is called per fold, an instance copied."""
+    makers = []
+    for cb in list(cbs or []):
+        if isinstance(cb, type) or (callable(cb) and not hasattr(cb, "order")):
+            makers.append(cb)
+        elif hasattr(cb, "order"):
+            makers.append(lambda cb=cb: copy.deepcopy(cb))
+        else:
+            raise ValueError(f"cbs: {cb!r} is neither a fastai Callback nor a factory returning one")
+    return makers
+
+
+# ---------------------------------------------------------------- one fold
 
 
 @dataclass
@@ -283,138 +177,208 @@ class _FoldJob:
     """Everything needed to train, resume and score one fold of a run (shared by every fold of `train_kfold`)."""
     df: pd.DataFrame
     out: Path
-    settings: dict
+    recipe: Recipe
     cache: PresizeCache
     n_folds: int
     seed: int
     tta: str | None
     workers: int | None
     progress: bool
-    log: object = print
-
-
-def _write_run_dir(out: Path, config: dict, df: pd.DataFrame) -> None:
-    """Create the run directory: config.json (unless there) and folds.csv (a config.json there is checked first)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.json").is_file():
-        atomic_write_json(out / "config.json", config)
-    fold_cols = [c for c in ("id", "img_path", "artist", "fold") if c in df.columns]
-    atomic_write_csv(out / "folds.csv", df[fold_cols])
+    cbs: list
 
 
 def _train_fold(job: _FoldJob, k: int, **learner_kw) -> None:
     """Build fold k's DataLoaders and Learner and fit it (`learner_kw` overrides artist_learner's arguments)."""
-    from .data import artist_dls
+    from .dls import artist_dls
     from .learner import artist_learner
-    data_kw, learn_kw = _split_settings(job.settings)
-    progressive = learn_kw.pop("progressive", 0.0)
+    data_kw = job.recipe.kwargs_for("dls")
     start = time.time()
     dls = artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
                      **data_kw)
-    kw = dict(seed=job.seed + k, out=job.out, fold=k, progress=job.progress, **learn_kw)
+    kw = dict(seed=job.seed + k, out=job.out, fold=k, progress=job.progress, **job.recipe.kwargs_for("learner"))
     kw.update(learner_kw)
-    if progressive:
-        kw["cbs"] = [*(kw.get("cbs") or []), _progressive_callback(job, k, data_kw, progressive)]
+    kw["cbs"] = [*(kw.get("cbs") or []), *(make() for make in job.cbs)]
+    if job.recipe.progressive:
+        kw["cbs"].append(_progressive_callback(job, k, data_kw))
     learn = artist_learner(dls, **kw)
-    _fit_fold(learn, job.settings, k, job.log)
-    job.log(f"fold {k}: trained in {time.time() - start:.0f} s")
+    _fit_fold(learn, job.recipe.epochs, k)
+    logger.info(f"fold {k}: trained in {time.time() - start:.0f} s")
 
 
-def _progressive_callback(job: _FoldJob, k: int, data_kw: dict, fraction: float):
-    """ProgressiveResize training the first `fraction` of the epochs at half the size (same cache and folds)."""
+def _progressive_callback(job: _FoldJob, k: int, data_kw: dict):
+    """ProgressiveResize training the first `progressive` fraction of the epochs at half the size."""
     from .callbacks import ProgressiveResize
-    from .data import artist_dls
-    if not 0 < fraction < 1:
-        raise ValueError(f"progressive={fraction!r}: the fraction of epochs at half size must be in (0, 1)")
+    from .dls import artist_dls
     small = artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
                        **{**data_kw, "size": max(8, data_kw["size"] // 2)})
-    return ProgressiveResize(small.train, round(fraction * job.settings["epochs"]))
+    return ProgressiveResize(small.train, round(job.recipe.progressive * job.recipe.epochs))
 
 
-def _run_fold(job: _FoldJob, k: int) -> None:
-    """Fold k, resumably: skip it when its checkpoint is complete, else train it afresh; then write its OOF."""
-    fold_dir = job.out / f"fold{k}"
-    if _fold_is_complete(fold_dir):
-        job.log(f"fold {k}: complete checkpoint found in {fold_dir}, not retrained")
-    else:
-        _clear_fold(fold_dir)
-        _train_fold(job, k)
-    _write_missing_oof(job, k)
+def _fit_fold(learn, epochs: int, fold: int) -> None:
+    """Fit one fold; a non-finite loss stops this fold (best checkpoint kept) and the run goes on."""
+    from .callbacks import NonFiniteLossError
+    try:
+        learn.fit(epochs)
+    except NonFiniteLossError as e:
+        logger.warning(str(e) if str(e).startswith(f"fold {fold}:") else f"fold {fold}: {e}")
+
+
+def _write_oof(job: _FoldJob, k: int) -> None:
+    """Predict a fold's validation rows with its best checkpoint and write fold<k>/oof.csv."""
+    valid = job.df[job.df["fold"] == k]
+    probs, vocab = ensemble([fold_dir(job.out, k)], valid, tta=job.tta, bs=job.recipe.bs, cache=job.cache,
+                            workers=job.workers)
+    cols = [c for c in ("id", "img_path", "fold", "artist") if c in valid.columns]
+    oof = valid[cols].reset_index(drop=True)
+    oof["pred"] = [vocab[i] for i in probs.argmax(1)]
+    oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{a}" for a in vocab])], axis=1)
+    atomic_write_csv(fold_dir(job.out, k) / OOF_NAME, oof)
 
 
 def _write_missing_oof(job: _FoldJob, k: int) -> None:
     """Write fold<k>/oof.csv when the fold is complete and its OOF is not there yet."""
-    fold_dir = job.out / f"fold{k}"
-    if not (fold_dir / "oof.csv").is_file() and _fold_is_complete(fold_dir):
-        _write_oof(job.out, k, job.df, job.cache, job.tta, job.settings["bs"], job.workers)
+    folder = fold_dir(job.out, k)
+    if not (folder / OOF_NAME).is_file() and fold_is_complete(folder):
+        _write_oof(job, k)
+
+
+def _run_fold(job: _FoldJob, k: int) -> None:
+    """Fold k, resumably: skip it when its checkpoint is complete, else train it afresh; then write its OOF."""
+    folder = fold_dir(job.out, k)
+    if fold_is_complete(folder):
+        logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")
+    else:
+        clear_fold(folder)
+        _train_fold(job, k)
+    _write_missing_oof(job, k)
+
+
+# ---------------------------------------------------------------- the folds, shared out over the processes
+
+
+def _fold_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list) -> None:
+    """Each process handles its share of the folds (all of them with one process), folds left to train first."""
+    mine = ctx.share(pending + [k for k in todo if k not in pending])
+    if ctx.enabled:
+        logger.info(f"fold-parallel: this process handles folds {sorted(mine)} of {todo}" if mine else
+                    f"fold-parallel: nothing to do here ({len(todo)} folds for {ctx.world_size} processes)")
+    started = time.time()
+    with single_process_view(ctx.enabled):
+        for i, k in enumerate(mine):
+            _log_progress(i, len(mine), k, started)
+            _run_fold(job, k)
+
+
+def _log_progress(i: int, n: int, k: int, started: float) -> None:
+    """'fold k (i+1 of n), ETA ...' from the mean time of the folds done so far."""
+    eta = "" if i == 0 else f", about {(time.time() - started) / i * (n - i) / 60:.1f} min left"
+    logger.info(f"fold {k} ({i + 1} of {n}){eta}")
+
+
+def _data_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list, sync_bn) -> None:
+    """Every fold trained by all processes together (DDPTrainer); rank 0 writes its checkpoint, history and OOF."""
+    from .distributed import DDPTrainer
+    logger.info(f"data-parallel: folds {todo} one after another, each on {ctx.world_size} processes "
+                f"(global batch {job.recipe.bs}, {job.recipe.bs // ctx.world_size} per process)")
+    for k in todo:
+        folder = fold_dir(job.out, k)
+        if k in pending:
+            if ctx.is_main:
+                clear_fold(folder)
+            _train_fold(job, k, out=job.out if ctx.is_main else None, cbs=[DDPTrainer(sync_bn=sync_bn)])
+        elif ctx.is_main:
+            logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")
+        ctx.on_main(lambda k=k: _write_missing_oof(job, k))  # the others wait (long timeout) while rank 0 predicts
+
+
+# ---------------------------------------------------------------- train_kfold
+
+
+class _Forward(logging.Handler):
+    """Sends artlearn's log messages to a callable (train_kfold's `log=`)."""
+
+    def __init__(self, fn):
+        super().__init__(logging.INFO)
+        self.fn = fn
+
+    def emit(self, record):
+        self.fn(record.getMessage())
 
 
 def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str | None = "reference",
-                arch: str | None = None, pool: str | None = None, size: int | None = None, epochs: int | None = None,
-                bs: int | None = None, lr: float | None = None, seed: int = 42, tta: str | None = "flip",
-                workers: int | None = None, progress: bool = True, cache: PresizeCache | None = None,
-                log=print, ddp: bool = False, sync_bn: bool | None = None, **options) -> KFoldRun:
+                seed: int = 42, tta: str | None = "flip", workers: int | None = None, progress: bool = True,
+                cache: PresizeCache | None = None, cbs=None, log=None, ddp: bool = False,
+                sync_bn: bool | None = None, **overrides) -> KFoldRun:
     """Train the folds one after another into `out` (resumable), then write OOF scores and summary.json.
 
-    `preset` ('reference' or 'best') supplies every default; explicit arguments override it. A fold whose checkpoint
-    is complete is not retrained; an interrupted fold restarts from scratch. A run directory made with another
-    configuration or other data is refused.
+    `preset` ('reference' or 'best') supplies every `Recipe` setting; `overrides` (the same names: arch, size,
+    epochs, lr, min_scale, ...) replace them. Everything is validated before anything is written. A fold whose
+    checkpoint is complete is not retrained; an interrupted fold restarts from scratch; a run directory made with
+    another configuration or other data is refused. `cbs`: extra fastai callbacks (classes or factories, made
+    anew for every fold). Messages go to the 'artlearn' logger (`log=callable` receives them too).
 
     Launched by torchrun (WORLD_SIZE > 1), the processes share the work (see `artlearn.distributed`): by default
     each process trains its own folds (fold-parallel); with `ddp=True` every fold is trained by all processes
     together (DistributedDataParallel, `bs` is the global batch; `sync_bn`: SyncBatchNorm, default on CUDA).
     Rank 0 writes config.json, folds.csv and summary.json; every rank returns the finished run.
     """
-    from .distributed import init_distributed
+    if log is not None and not callable(log):
+        raise ValueError(f"log={log!r}: pass None (the 'artlearn' logger) or a callable taking each message")
+    handler, level = (_Forward(log) if log is not None else None), logger.level
+    if handler is not None:
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        return _train_kfold(df, Path(out), n_folds, folds, preset, seed, tta, workers, progress, cache, cbs, ddp,
+                            sync_bn, overrides)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
-    settings = resolve_preset(preset, dict(arch=arch, pool=pool, size=size, epochs=epochs, bs=bs, lr=lr, **options))
-    out = Path(out)
+
+def _train_kfold(df, out, n_folds, folds, preset, seed, tta, workers, progress, cache, cbs, ddp, sync_bn,
+                 overrides) -> KFoldRun:
+    """train_kfold's sequence: check everything, fill the store, write the run dir, run the folds, finish."""
+    _check_run_args(n_folds, seed, tta)
+    recipe = Recipe.preset("reference" if preset is None else preset).replace(**overrides).validate()
     df = _prepare_folds(df, n_folds, seed)
     todo = _folds_to_train(folds, n_folds)
-    config = dict(preset=preset, n_folds=n_folds, seed=seed, tta=tta, **settings, n_images=len(df),
-                  n_artists=int(df["artist"].nunique()), data=data_fingerprint(df), library_version=__version__)
-    job = _FoldJob(df=df, out=out, settings=settings, cache=cache, n_folds=n_folds, seed=seed, tta=tta,
-                  workers=workers, progress=progress, log=log)
-    dist = init_distributed()
-    if dist.enabled:
-        from .distributed import train_kfold_distributed
-        return train_kfold_distributed(dist, job, config, todo, ddp=ddp, sync_bn=sync_bn)
-    if (out / "config.json").is_file():
-        _check_config(out, config)
-    job.cache = cache if cache is not None else PresizeCache(presize_for(settings["size"]))
-    job.cache.fill(df["img_path"], source="training table")  # unreadable images are refused before anything is written
-    _write_run_dir(out, config, df)
-    for k in todo:
-        _run_fold(job, k)
-    return finish_run(out, df)
-
-
-def _fit_fold(learn, settings: dict, fold: int, log) -> None:
-    """Fit one fold; a non-finite loss stops this fold (best checkpoint kept) and the run goes on."""
-    from .callbacks import NonFiniteLossError
-    try:
-        learn.fit(settings["epochs"], settings["lr"])
-    except NonFiniteLossError as e:
-        log(str(e) if str(e).startswith(f"fold {fold}:") else f"fold {fold}: {e}")  # the guard names the fold
-
-
-DATA_KEYS = ("size", "bs", "min_scale", "max_rotate", "sampler", "flip")
-
-
-def _split_settings(settings: dict) -> tuple[dict, dict]:
-    """Settings for artist_dls and for artist_learner."""
-    data_kw = {k: v for k, v in settings.items() if k in DATA_KEYS}
-    learn_kw = {k: v for k, v in settings.items() if k not in DATA_KEYS}
-    return data_kw, learn_kw
+    makers = _callback_factories(cbs)
+    config = run_config(recipe.as_dict(), df, preset=preset, n_folds=n_folds, seed=seed, tta=tta)
+    ctx = init_distributed()
+    if ddp and ctx.enabled:
+        ctx.check_ddp(recipe.bs, sync_bn)
+    ctx.everywhere(lambda: check_config(out, config) if (out / "config.json").is_file() else None)
+    if cache is None:
+        cache = PresizeCache(presize_for(recipe.size), max_memory=default_memory_budget() // ctx.local_world_size)
+    ctx.everywhere(lambda: cache.fill(df["img_path"], source="training table"))  # unreadable images refused here
+    ctx.on_main(lambda: write_run_dir(out, config, df))
+    if ctx.enabled:
+        ctx.everywhere(lambda: check_config(out, config))
+    job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed, tta=tta,
+                   workers=workers, progress=bool(progress and ctx.is_main), cbs=makers)
+    pending = ctx.broadcast([k for k in todo if not fold_is_complete(fold_dir(out, k))] if ctx.is_main else None)
+    with ctx.tagged_logs(logger):
+        if ddp and ctx.enabled:
+            _data_parallel(ctx, job, todo, pending, sync_bn)
+        else:
+            _fold_parallel(ctx, job, todo, pending)
+        ctx.barrier()
+        run = ctx.on_main(lambda: (ctx.await_files(out, todo), finish_run(out, df))[1])
+    return run if ctx.is_main else load_run(out)
 
 
 def finish_run(out, df: pd.DataFrame | None = None, select: list | None = None) -> KFoldRun:
     """Score the out-of-fold predictions, write them all to oof.csv, select the folds, write summary.json."""
+    from . import __version__
     run = load_run(out)
     if run.oof is not None:
-        atomic_write_csv(run.path / "oof.csv", run.oof)
-    if df is None and (run.path / "folds.csv").is_file():
-        df = pd.read_csv(run.path / "folds.csv")
+        atomic_write_csv(run.path / OOF_NAME, run.oof)
+    if df is None and (run.path / FOLDS_NAME).is_file():
+        df = pd.read_csv(run.path / FOLDS_NAME, dtype={"id": str, "img_path": str, "artist": str},
+                         keep_default_na=False)
     selection = select_folds(run, folds=select) if run.folds else None
     best = run.best
     summary = dict(
@@ -423,6 +387,6 @@ def finish_run(out, df: pd.DataFrame | None = None, select: list | None = None) 
         majority_baseline=majority_baseline(df) if df is not None else None,
         selection=selection.as_dict() if selection is not None else None,
         library_version=__version__)
-    atomic_write_json(run.path / "summary.json", summary)
+    atomic_write_json(run.path / SUMMARY_NAME, summary)
     run.summary = summary
     return run

@@ -6,6 +6,7 @@ from functools import partial
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.hook import summary  # noqa: F401  (fastai adds Learner.summary on import)
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import lr_find  # noqa: F401  (fastai adds Learner.lr_find, fit_one_cycle)
@@ -19,7 +20,6 @@ from fastcore.foundation import L
 
 from .callbacks import (
     EMA,
-    MONITORS,
     CosineAnnealing,
     FoldCheckpoint,
     History,
@@ -29,13 +29,15 @@ from .callbacks import (
     NonFiniteLossError,
     Reproducible,
 )
+from .checks import check_choice, check_number
+from .device import dls_on_cuda, resolve_precision
 from .models import ARCHITECTURES, POOLS, build_model
+from .recipe import MONITORS, OPTIMIZERS as OPTIMIZER_NAMES, PRECISIONS, REFERENCE
 from .rng import fork_global_rng
 
-__all__ = ["artist_learner", "ArtistLearner", "f1_macro", "torch_optimizer", "OPTIMIZERS", "PRECISIONS"]
+__all__ = ["artist_learner", "fold_learner", "ArtistLearner", "f1_macro", "torch_optimizer", "OPTIMIZERS"]
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = dict(zip(OPTIMIZER_NAMES, (torch.optim.Adam, torch.optim.AdamW)))
 
 
 class ArtistLearner(Learner):
@@ -69,62 +71,32 @@ def f1_macro():
 
 def torch_optimizer(name: str = "adam", wd: float = 0.0):
     """fastai `opt_func` wrapping torch's own optimizer: Adam (L2 `weight_decay`, as torch) or AdamW (decoupled)."""
-    _check_choice("optimizer", name, tuple(OPTIMIZERS))
+    check_choice("optimizer", name, tuple(OPTIMIZERS))
     return partial(OptimWrapper, opt=OPTIMIZERS[name], betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    """ValueError naming `value` and the valid `choices` unless `value` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
-
-
-def _check_number(name: str, value, low: float = 0.0, strict: bool = False, integer: bool = False):
-    """ValueError naming `value` unless it is a number >= low (> low when strict)."""
-    kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value > low if strict else value >= low)
-    if not ok:
-        raise ValueError(f"{name}={value!r}: need {'an integer' if integer else 'a number'} "
-                         f"{'>' if strict else '>='} {low:g}")
 
 
 def _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
                 ema, logit_adjust, monitor, seed):
     """ValueError for any bad `artist_learner` argument, naming the value and the valid choices."""
-    _check_choice("arch", arch, tuple(ARCHITECTURES))
-    _check_choice("pool", pool, POOLS)
-    _check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-    _check_choice("precision", precision, PRECISIONS)
-    _check_choice("monitor", monitor, tuple(MONITORS))
+    check_choice("arch", arch, tuple(ARCHITECTURES))
+    check_choice("pool", pool, POOLS)
+    check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("monitor", monitor, MONITORS)
     if not (isinstance(label_smoothing, numbers.Real) and 0 <= label_smoothing < 1):
         raise ValueError(f"label_smoothing={label_smoothing!r}: need a number in [0, 1)")
-    _check_number("lr", lr, strict=True)
+    check_number("lr", lr, strict=True)
     for name, value in (("wd", wd), ("mixup", mixup), ("cutmix", cutmix), ("logit_adjust", logit_adjust)):
-        _check_number(name, value)
-    _check_number("grad_accum", grad_accum, low=1, integer=True)
+        check_number(name, value)
+    check_number("grad_accum", grad_accum, low=1, integer=True)
     if epochs is not None:
-        _check_number("epochs", epochs, low=1, integer=True)
+        check_number("epochs", epochs, low=1, integer=True)
     if seed is not None:
-        _check_number("seed", seed, integer=True)
+        check_number("seed", seed, integer=True)
     if mixup and cutmix:
         raise ValueError(f"mixup={mixup!r} and cutmix={cutmix!r}: use one of them, not both")
     if ema is not None and not (isinstance(ema, numbers.Real) and 0 < ema < 1):
         raise ValueError(f"ema={ema!r}: need a decay in (0, 1) (e.g. 0.999) or None")
-
-
-def _on_cuda(dls) -> bool:
-    """True when the DataLoaders put batches on a CUDA device."""
-    device = getattr(dls, "device", None)
-    return torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-
-
-def _resolve_precision(precision: str, cuda: bool) -> str:
-    """'bf16', 'fp16' or 'fp32': 'auto' is bf16 where supported, else fp16, on CUDA; always fp32 on CPU."""
-    if not cuda:
-        return "fp32"
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return precision
 
 
 def _seeded_model(seed, arch, n_classes, pool, **kw):
@@ -138,11 +110,11 @@ def _seeded_model(seed, arch, n_classes, pool, **kw):
 
 def _gpu_callbacks(dls, precision, channels_last) -> list:
     """Mixed precision and channels-last callbacks (CUDA only unless channels_last=True is asked)."""
-    cuda = _on_cuda(dls)
+    cuda = dls_on_cuda(dls)
     cbs = []
     if channels_last or (channels_last is None and cuda):
         cbs.append(ChannelsLast())
-    mode = _resolve_precision(precision, cuda)
+    mode = resolve_precision(precision, cuda)
     if mode != "fp32":
         cbs.append(MixedPrecision(amp_mode=mode))
     return cbs
@@ -156,10 +128,13 @@ def _fold_of(dls, fold):
     return fold
 
 
-def artist_learner(dls, arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e-3, optimizer="adam", wd=0.0,
-                   epochs=None, eta_min=0.0, warmup=0, seed=None, out=None, fold=None, monitor="valid_loss",
-                   progress=True, precision="auto", channels_last=None, grad_accum=1, mixup=0.0, cutmix=0.0,
-                   ema=None, logit_adjust=0.0, zero_init_residual=False, cbs=None, **model_kw) -> ArtistLearner:
+def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothing=REFERENCE.label_smoothing,
+                   lr=REFERENCE.lr, optimizer=REFERENCE.optimizer, wd=REFERENCE.wd, epochs=None,
+                   eta_min=REFERENCE.eta_min, warmup=REFERENCE.warmup, seed=None, out=None, fold=None,
+                   monitor=REFERENCE.monitor, progress=True, precision=REFERENCE.precision, channels_last=None,
+                   grad_accum=REFERENCE.grad_accum, mixup=REFERENCE.mixup, cutmix=REFERENCE.cutmix, ema=REFERENCE.ema,
+                   logit_adjust=REFERENCE.logit_adjust, zero_init_residual=False, cbs=None, model=None,
+                   **model_kw) -> ArtistLearner:
     """A fastai Learner for `dls`: from-scratch `build_model(arch, pool=pool)`, torch Adam, label-smoothed CE,
     per-epoch cosine LR, metrics accuracy and f1_macro, a `History`, and the optional extras.
 
@@ -172,9 +147,10 @@ def artist_learner(dls, arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e
     """
     _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
                 ema, logit_adjust, monitor, seed)
-    if arch.startswith("resnet"):
-        model_kw["zero_init_residual"] = zero_init_residual
-    model = _seeded_model(seed, arch, len(dls.vocab), pool, **model_kw)
+    if model is None:
+        if arch.startswith("resnet"):
+            model_kw["zero_init_residual"] = zero_init_residual
+        model = _seeded_model(seed, arch, len(dls.vocab), pool, **model_kw)
     callbacks = [LabelSmoothing(label_smoothing), CosineAnnealing(epochs, eta_min, warmup), History(),
                  NonFiniteGuard(fold)]
     if out is not None:
@@ -198,3 +174,25 @@ def artist_learner(dls, arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
         learn.logger = noop
     return learn
+
+
+def fold_learner(fold_dir, items=None, bs: int = 64, device=None, progress: bool = False) -> ArtistLearner:
+    """A ready fastai Learner of one trained fold, rebuilt from `best.safetensors` + `meta.json` alone (no pickle).
+
+    For `predict`, `get_preds`, `validate`, `ClassificationInterpretation`: `items` (img_path[, artist]) become its
+    validation set (e.g. the fold's own validation rows from folds.csv); the loss is the run's label-smoothed
+    cross-entropy (from the run's config.json when there, else the reference recipe's).
+    """
+    from pathlib import Path
+
+    from .checkpoint import load_fold
+    from .dls import eval_dls
+    from .files import read_json
+    model, meta = load_fold(fold_dir, device="cpu")
+    config_path = Path(fold_dir).parent / "config.json"
+    smoothing = read_json(config_path).get("label_smoothing", REFERENCE.label_smoothing) if config_path.is_file() \
+        else REFERENCE.label_smoothing
+    dls = eval_dls(meta, items, bs=bs, device=device)
+    return artist_learner(dls, model=model, arch=meta["arch"], pool=meta.get("pool") or "avg",
+                          label_smoothing=smoothing, monitor=meta.get("monitor") or REFERENCE.monitor,
+                          progress=progress)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from .checks import check_choice
+
 __all__ = ["GeM", "ArtistResNet", "ArtistConvNeXt", "ARCHITECTURES", "build_model", "POOLS", "RESNET_DEPTHS"]
 
 RESNET_DEPTHS = (18, 34, 50, 101)
@@ -45,15 +47,9 @@ class GeM(nn.Module):
         return f"p={p}, learnable={isinstance(self.p, nn.Parameter)}, eps={self.eps}"
 
 
-def _check_choice(name: str, value, choices) -> None:
-    """ValueError naming `value` and the valid `choices` unless `value` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")
-
-
 def _make_pool(pool: str, gem_p: float, gem_learnable: bool) -> nn.Module:
     """The pooling module named by `pool`."""
-    _check_choice("pool", pool, POOLS)
+    check_choice("pool", pool, POOLS)
     return GeM(gem_p, gem_learnable) if pool == "gem" else nn.AdaptiveAvgPool2d(1)
 
 
@@ -93,8 +89,8 @@ class ArtistResNet(_SplitModel):
                  gem_p: float = 3.0, gem_learnable: bool = True, drop_rate: float = 0.0,
                  grad_checkpoint: bool = False):
         super().__init__()
-        _check_choice("depth", depth, RESNET_DEPTHS)
-        _check_choice("pool", pool, POOLS)
+        check_choice("depth", depth, RESNET_DEPTHS)
+        check_choice("pool", pool, POOLS)
         _check_n_classes(n_classes)
         depth, n_classes = int(depth), int(n_classes)
         net = _RESNET_BUILDERS[depth](weights=None, num_classes=n_classes, zero_init_residual=zero_init_residual)
@@ -151,8 +147,8 @@ class ArtistConvNeXt(_SplitModel):
                  stochastic_depth_prob: float = 0.1, gem_p: float = 3.0, gem_learnable: bool = True,
                  drop_rate: float = 0.0, grad_checkpoint: bool = False):
         super().__init__()
-        _check_choice("arch", arch, tuple(_CONVNEXT_BUILDERS))
-        _check_choice("pool", pool, POOLS)
+        check_choice("arch", arch, tuple(_CONVNEXT_BUILDERS))
+        check_choice("pool", pool, POOLS)
         _check_n_classes(n_classes)
         n_classes = int(n_classes)
         net = _CONVNEXT_BUILDERS[arch](num_classes=n_classes, stochastic_depth_prob=stochastic_depth_prob)
@@ -203,6 +199,6 @@ ARCHITECTURES = {**{f"resnet{d}": _resnet_builder(d) for d in RESNET_DEPTHS},
 
 def build_model(arch: str = "resnet50", n_classes: int | None = None, pool: str = "avg", **kw) -> nn.Module:
     """Build a from-scratch model by registry name; `build_model(**model.config)` round-trips."""
-    _check_choice("arch", arch, tuple(ARCHITECTURES))
+    check_choice("arch", arch, tuple(ARCHITECTURES))
     _check_n_classes(n_classes)
     return ARCHITECTURES[arch](n_classes, pool=pool, **kw)

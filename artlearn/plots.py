@@ -18,8 +18,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
+from .run import HISTORY_COLUMNS  # noqa: F401  (the columns plots read; re-exported)
+from .run import CONFIG_NAME, load_run, read_config, read_history
+
 METRICS = ("train_acc", "train_loss", "valid_loss", "valid_acc", "lr")
-HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds")
 TITLES = {"train_loss": "train loss", "valid_loss": "valid loss", "train_acc": "train accuracy",
           "valid_acc": "valid accuracy", "f1_macro": "valid macro-F1", "lr": "learning rate",
           "seconds": "seconds per epoch"}
@@ -114,27 +116,12 @@ def _normalise(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return df.sort_values("epoch", kind="stable").reset_index(drop=True)
 
 
-def _read_history(path: Path) -> pd.DataFrame:
-    """One history.csv, with errors that name the file."""
-    try:
-        return _normalise(pd.read_csv(path), str(path))
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
-        raise ValueError(f"{path}: not a readable history CSV ({e})") from None
-
-
-def _fold_number(name: str) -> int | None:
-    """3 for 'fold3', None for anything else."""
-    rest = name[4:] if name.startswith("fold") else ""
-    return int(rest) if rest.isdigit() else None
-
-
 def _dir_histories(run_dir: Path) -> dict:
-    """{'fold k': history} from <run_dir>/fold<k>/history.csv, in fold order."""
-    found = sorted((k, p / "history.csv") for p in run_dir.iterdir()
-                   if p.is_dir() and (k := _fold_number(p.name)) is not None and (p / "history.csv").is_file())
+    """{'fold k': history} of a run directory (`load_run`), in fold order."""
+    found = load_run(run_dir).histories
     if not found:
         raise ValueError(f"{run_dir}: no fold<k>/history.csv found; is this a train_kfold run directory?")
-    return {f"fold {k}": _read_history(path) for k, path in found}
+    return {f"fold {k}": _normalise(h, str(run_dir / f"fold{k}" / "history.csv")) for k, h in sorted(found.items())}
 
 
 def _fold_label(key) -> str:
@@ -160,7 +147,7 @@ def histories(source) -> tuple[dict, bool]:
         if path.is_dir():
             return _dir_histories(path), False
         if path.is_file() and path.suffix == ".csv":
-            return _frame_histories(pd.read_csv(path), str(path)), False
+            return _frame_histories(read_history(path), str(path)), False
         raise ValueError(f"{path}: not a run directory or a history CSV")
     if hasattr(source, "histories"):
         hist = source.histories
@@ -238,8 +225,22 @@ def _panel_axes(n: int, axs, width: float = 4.2, height: float = 3.2) -> tuple:
     return fig, list(grid[:n])
 
 
-def _log_metrics(logy, metrics: list) -> set:
-    """The metrics drawn on a log y-axis: logy=True means every loss panel, an iterable names them."""
+SPIKE_RATIO = 10.0  # logy='auto': a loss panel whose values span more than this factor goes on a log scale
+
+
+def _spans(frames, metric: str) -> float:
+    """max / min of the positive finite values of `metric` over the histories (1 when there are none)."""
+    values = pd.concat([df[metric] for df in frames if metric in df.columns], ignore_index=True) if frames else None
+    values = values[np.isfinite(values) & (values > 0)] if values is not None else []
+    return float(values.max() / values.min()) if len(values) else 1.0
+
+
+def _log_metrics(logy, metrics: list, hist: dict | None = None) -> set:
+    """The metrics drawn on a log y-axis: 'auto' = loss panels with a spike (values spanning > SPIKE_RATIO, e.g.
+    the from-scratch first epoch), True = every loss panel, an iterable names them."""
+    if logy == "auto":
+        frames = list((hist or {}).values())
+        return {m for m in metrics if "loss" in m and _spans(frames, m) > SPIKE_RATIO}
     if logy is True:
         return {m for m in metrics if "loss" in m}
     if not logy:
@@ -266,20 +267,21 @@ def _style_panel(ax, metric: str, log: bool = False) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_history(source, metrics=METRICS, folds=None, axs=None, title=None, logy=False) -> Figure:
+def plot_history(source, metrics=METRICS, folds=None, axs=None, title=None, logy="auto") -> Figure:
     """One panel per metric, one line per fold (labelled 'fold k'), x = epoch.
 
     `source`: a run directory (`<run>/fold<k>/history.csv`), a run object with `.histories` (fold -> DataFrame), a
     fitted fastai `Learner` (its recorder, or artlearn's `learn.history` table when present; metrics it did not
     record are skipped with a warning), one history
     DataFrame (split by its 'fold' column when present), a dict {label: DataFrame} or a list of DataFrames.
-    `logy=True` draws the loss panels on a log scale (readable past a from-scratch first-epoch spike); a list of
-    metric names picks the panels.
+    `logy='auto'` (default) draws a loss panel on a log scale when its values span more than 10x (a from-scratch
+    first-epoch spike would flatten every other point; on a log axis the spike stays visible and the rest
+    readable); True: every loss panel; False: none; a list of metric names picks the panels.
     """
     hist, from_learner = histories(source)
     hist = _select_folds(hist, folds)
     metrics = _check_metrics(metrics, hist, from_learner)
-    logs = _log_metrics(logy, metrics)
+    logs = _log_metrics(logy, metrics, hist)
     own_figure = axs is None
     fig, axs = _panel_axes(len(metrics), axs)
     colors = _colors(len(hist))
@@ -326,8 +328,8 @@ def run_config(run) -> dict:
     if not isinstance(config, Mapping):
         path = _run_path(run)
         config = {}
-        if path is not None and (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
+        if path is not None and (path / CONFIG_NAME).is_file():
+            config = read_config(path)
     flat = {}
     for key, value in config.items():
         if isinstance(value, Mapping):
@@ -387,7 +389,7 @@ def fold_summary(hist: dict, metric: str) -> pd.DataFrame:
     return stacked.groupby("epoch")[metric].agg(["mean", "min", "max", "std", "count"]).rename(columns={"count": "n"})
 
 
-def compare_runs(runs, labels=None, metrics=METRICS, fold=None, title=None, logy=False) -> Figure:
+def compare_runs(runs, labels=None, metrics=METRICS, fold=None, title=None, logy="auto") -> Figure:
     """Overlay several runs (architectures, resolutions, poolings): one line per run per metric panel.
 
     `runs`: a list of runs (anything `plot_history` reads) or a dict {label: run}. `fold=None` or 'mean' draws the
@@ -413,7 +415,7 @@ def compare_runs(runs, labels=None, metrics=METRICS, fold=None, title=None, logy
         loaded = [(_select_folds(h, [fold]), learner) for h, learner in loaded]
     merged = {f"{lab}/{k}": df for lab, (h, _) in zip(labels, loaded) for k, df in h.items()}
     metrics = _check_metrics(metrics, merged, any(learner for _, learner in loaded))
-    logs = _log_metrics(logy, metrics)
+    logs = _log_metrics(logy, metrics, merged)
     fig, axs = _panel_axes(len(metrics), None)
     for ax, metric in zip(axs, metrics):
         for (hist, _), label, color in zip(loaded, labels, _colors(len(runs))):
@@ -543,24 +545,18 @@ def _oof(source) -> pd.DataFrame:
             if path is None:
                 raise ValueError(f"cannot read out-of-fold predictions from a {type(source).__name__}: pass a run "
                                  "directory, a run object with .oof, an oof.csv path or the DataFrame")
-            where, files = str(path), _oof_files(path)
-            if not files:
-                raise ValueError(f"{path}: no out-of-fold predictions found (oof.csv or fold<k>/oof.csv)")
-            oof = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+            where, oof = str(path), _read_oof(path)
     return _check_oof(oof, where)
 
 
-def _oof_files(path: Path) -> list:
-    """<run>/oof.csv, else every <run>/fold<k>/oof.csv (as train_kfold writes them), else the CSV path itself."""
+def _read_oof(path: Path) -> pd.DataFrame:
+    """An oof.csv file, or the out-of-fold predictions of a run directory (`load_run`: its complete folds)."""
     if path.is_file():
-        return [path]
-    if (path / "oof.csv").is_file():
-        return [path / "oof.csv"]
-    if not path.is_dir():
-        return []
-    found = sorted((k, p / "oof.csv") for p in path.iterdir()
-                   if p.is_dir() and (k := _fold_number(p.name)) is not None and (p / "oof.csv").is_file())
-    return [f for _, f in found]
+        return pd.read_csv(path)
+    oof = load_run(path).oof if (path / CONFIG_NAME).is_file() else None
+    if oof is None or oof.empty:
+        raise ValueError(f"{path}: no out-of-fold predictions found (oof.csv or fold<k>/oof.csv)")
+    return oof
 
 
 def _check_oof(oof: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -703,8 +699,9 @@ def save_run_figures(run_dir) -> list:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: not a run directory")
-    written = [save_figure(plot_history(run_dir), run_dir / "history.png")]
-    if _oof_files(run_dir):
-        written.append(save_figure(plot_confusion(run_dir), run_dir / "confusion.png"))
-        written.append(save_figure(plot_artist_recall(run_dir), run_dir / "recall.png"))
+    run = load_run(run_dir)
+    written = [save_figure(plot_history(run), run_dir / "history.png")]
+    if run.oof is not None and len(run.oof):
+        written.append(save_figure(plot_confusion(run), run_dir / "confusion.png"))
+        written.append(save_figure(plot_artist_recall(run), run_dir / "recall.png"))
     return written

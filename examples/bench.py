@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import artlearn
-from artlearn.checkpoint import atomic_write_json, save_weights
-from artlearn.data import PresizeCache, presize_for
+from artlearn.checkpoint import save_weights
+from artlearn.device import default_workers
+from artlearn.files import atomic_write_json
+from artlearn.store import PresizeCache, presize_for
 from artlearn.models import build_model
 
 
@@ -174,7 +176,7 @@ def bench_torchvision(args, df, n_classes, device, dtype, channels_last, mean, s
             with Image.open(df["img_path"].iloc[i]) as img:
                 return tfm(img.convert("RGB")), vocab[df["artist"].iloc[i]]
 
-    workers = artlearn.data.default_workers() if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     loader = torch.utils.data.DataLoader(Paintings(), batch_size=args.bs, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import artlearn
-from artlearn.presets import BEST, REFERENCE
+from artlearn.recipe import BEST, REFERENCE
 
 # Options of 'best' that are switched on one at a time on top of 'reference' (keys changed together).
 OPTION_GROUPS = {
@@ -59,8 +59,8 @@ def recipes() -> dict:
     """name -> (preset, overrides): reference, best, reference plus each option group of best, candidates."""
     out = {"reference": ("reference", {}), "best": ("best", {})}
     for name, keys in OPTION_GROUPS.items():
-        if any(BEST[k] != REFERENCE[k] for k in keys):
-            out[f"+{name}"] = ("reference", {k: BEST[k] for k in keys})
+        if any(getattr(BEST, k) != getattr(REFERENCE, k) for k in keys):
+            out[f"+{name}"] = ("reference", {k: getattr(BEST, k) for k in keys})
     out.update({name: ("reference", overrides) for name, overrides in CANDIDATES.items()})
     return out
 
@@ -75,7 +75,7 @@ def run_recipe(name, preset, overrides, df, args) -> dict:
     per_fold = []
     for k in run.folds:
         fold = run.oof[run.oof["fold"] == k]
-        per_fold.append(artlearn.kfold.oof_scores(fold)["f1_macro"])
+        per_fold.append(artlearn.run.oof_scores(fold)["f1_macro"])
     return dict(recipe=name, **{k: v for k, v in run.oof_scores.items() if k in ("accuracy", "f1_macro", "n")},
                 f1_folds=per_fold, minutes=(time.time() - start) / 60,
                 changes=", ".join(f"{k}={v}" for k, v in overrides.items()) or preset)
@@ -117,7 +117,7 @@ def main(argv=None):
         r = rows[-1]
         print(f"{name:>16}: OOF accuracy {r['accuracy']:.4f}  macro-F1 {r['f1_macro']:.4f}  ({r['minutes']:.1f} min)",
               flush=True)
-    baseline = artlearn.kfold.majority_baseline(df)
+    baseline = artlearn.run.majority_baseline(df)
     print_table(rows, baseline)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.json").write_text(json.dumps(dict(rows=rows, baseline=baseline, args=vars(args)),

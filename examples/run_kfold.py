@@ -12,6 +12,8 @@ More than one GPU or machine (torchrun starts one process per GPU; see docs/dist
     torchrun --nproc_per_node 4 examples/run_kfold.py --data DIR --ddp    # data-parallel: each fold on all 4 GPUs
 """
 import argparse
+import dataclasses
+import logging
 import shutil
 import sys
 import time
@@ -19,24 +21,42 @@ from pathlib import Path
 
 import artlearn
 import artlearn.distributed
+from artlearn.recipe import PRESET_NAMES, Recipe, field_type
 
 DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32, lr=2e-3)  # CPU-sized demo on the synthetic data
 SYNTHETIC_DIR = Path("data") / "synthetic"
 
 
+def _optional(kind):
+    """An argparse type accepting 'none' for a setting that may be None."""
+    def parse(text):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Recipe field (`--min-scale` for `min_scale`), typed and documented from it; default: preset."""
+    group = p.add_argument_group("recipe (default: the preset's value)")
+    for f in dataclasses.fields(Recipe):
+        kind, optional = field_type(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} [{f.metadata['stage']}; reference: {f.default}]"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        choices = f.metadata["choices"]
+        kind = _optional(kind) if optional else kind
+        group.add_argument(flag, dest=f.name, type=kind, default=None, help=text, choices=choices)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line flags; every recipe choice defaults to the preset."""
+    """Command-line flags: the run's own, then one per recipe setting."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="folder with train.csv (+ test.csv), or artist sub-folders; "
                    "default: the built-in synthetic dataset (built once into data/synthetic)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<preset>-<arch>-<size>)")
-    p.add_argument("--preset", default="reference", choices=["reference", "best"])
-    p.add_argument("--arch", help="resnet18|resnet34|resnet50|resnet101 (preset: resnet50)")
-    p.add_argument("--pool", choices=["avg", "gem"])
-    p.add_argument("--size", type=int, help="training resolution in pixels (preset: 288)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--bs", type=int, help="batch size (preset: 32)")
-    p.add_argument("--lr", type=float, help="learning rate (preset: 1e-3)")
+    p.add_argument("--preset", default="reference", choices=list(PRESET_NAMES))
     p.add_argument("--n-folds", type=int, default=4)
     p.add_argument("--folds", help="comma-separated folds to train (default: all)")
     p.add_argument("--seed", type=int, default=42)
@@ -56,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="with --ddp: SyncBatchNorm, statistics over the global batch (default: on with CUDA, "
                    "off on CPU)")
+    add_recipe_flags(p)
     return p.parse_args(argv)
 
 
@@ -81,8 +102,8 @@ def load_data(args, say=print):
 
 
 def settings_from(args) -> dict:
-    """Recipe overrides from the flags (None keeps the preset's value)."""
-    chosen = dict(arch=args.arch, pool=args.pool, size=args.size, epochs=args.epochs, bs=args.bs, lr=args.lr)
+    """Recipe overrides from the flags (None keeps the preset's value; the synthetic demo has its own sizes)."""
+    chosen = {name: getattr(args, name) for name in Recipe.names()}
     if args.data is None:
         chosen = {k: (v if v is not None else DEMO.get(k)) for k, v in chosen.items()}
     return chosen
@@ -121,6 +142,7 @@ def score_submission(sub_path, solution_path) -> None:
 def main(argv=None) -> int:
     """Run the whole workflow and print where every output went (under torchrun: on every process)."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     dist = artlearn.distributed.init_distributed()  # torchrun: joins the other processes; one process: nothing
     try:
         return _main(args, dist)
@@ -137,14 +159,15 @@ def _main(args, dist) -> int:
         train = artlearn.stratified_subset(train, args.limit, seed=args.seed)
         say(f"--limit {args.limit}: stratified subset of {len(train)} images, {train['artist'].nunique()} artists")
     chosen = settings_from(args)
-    settings = artlearn.presets.resolve_preset(args.preset, chosen)
-    out = args.out or Path("runs") / f"{data_name}-{args.preset}-{settings['arch']}-{settings['size']}"
+    recipe = Recipe.preset(args.preset).replace(**chosen).validate()
+    out = args.out or Path("runs") / f"{data_name}-{args.preset}-{recipe.arch}-{recipe.size}"
     if args.overwrite:
         dist.on_main(lambda: shutil.rmtree(out) if out.exists() else None)
     if args.resume and not (out / "config.json").is_file():
         print(f"--resume: {out} has no run to resume", file=sys.stderr)
         return 2
-    say(f"run directory: {out}\nrecipe: preset={args.preset} " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    settings = " ".join(f"{k}={v}" for k, v in recipe.as_dict().items())
+    say(f"run directory: {out}\nrecipe: preset={args.preset} {settings}")
     if dist.enabled:
         mode = "data-parallel (--ddp)" if args.ddp else "fold-parallel"
         say(f"torchrun: {dist.world_size} processes, {mode}")

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny competition-layout datasets written into tmp_path, and the real data when present."""
 
+import os
+import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +105,71 @@ def real_data() -> Path:
     if not (REAL_DATA / "train.csv").is_file():
         pytest.skip(f"real data not found at {REAL_DATA}")
     return REAL_DATA.resolve()
+
+
+MODES = ["L", "P", "PT", "RGBA", "LA", "CMYK", "I;16", "1"]  # PT: palette with a transparent colour
+
+
+def write_mode_image(path, mode, size=(24, 20), seed=0) -> Path:
+    """A small image saved in the given PIL mode ('PT' = palette with transparency)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3)).astype(np.uint8))
+    if mode == "I;16":
+        Image.fromarray(rng.integers(0, 65536, (size[1], size[0])).astype(np.uint16)).save(path)
+    elif mode == "PT":
+        rgb.convert("P").save(path, transparency=0)
+    else:
+        rgb.convert(mode).save(path)
+    return path
+
+
+def mode_suffix(mode) -> str:
+    return ".jpg" if mode == "CMYK" else ".png"
+
+
+@contextmanager
+def raises_with(*parts):
+    """pytest.raises(ValueError) whose message must contain every part (the problem and the place)."""
+    with pytest.raises(ValueError) as info:
+        yield info
+    missing = [str(p) for p in parts if str(p) not in str(info.value)]
+    assert not missing, f"{missing} not in error message: {info.value}"
+
+
+@pytest.fixture
+def no_rng_leak():
+    """Run a test with its own global RNG states, restored afterwards."""
+    import torch
+    state = random.getstate()
+    with torch.random.fork_rng():
+        yield
+    random.setstate(state)
+
+
+
+def write_broken(folder) -> dict:
+    """One file per kind of breakage; name -> path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full = write_image(folder / "full.jpg", (64, 48), seed=1)
+    data = full.read_bytes()
+    paths = {"zero": folder / "zero.jpg", "truncated": folder / "truncated.jpg", "text": folder / "text.jpg"}
+    paths["zero"].write_bytes(b"")
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    paths["text"].write_text("id,img_path\nnot an image\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+
+
+def broken_dataset(dataset):
+    """A small training table plus its broken files appended (same artists)."""
+    csv = dataset([6, 5, 4])
+    broken = write_broken(csv.parent / "train")
+    table = pd.read_csv(csv)
+    extra = pd.DataFrame({"id": list(broken), "img_path": [os.path.relpath(p, csv.parent) for p in broken.values()],
+                          "artist": ["A00", "A01", "A02"]})
+    pd.concat([table, extra]).to_csv(csv, index=False)
+    return csv, broken

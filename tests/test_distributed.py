@@ -225,12 +225,14 @@ def _first_step_and_epoch(df, extra_cbs=()):
 
 def _ddp_worker(data: Path, out: Path) -> int:
     """On every rank: the DDP first step and epoch, then train_kfold(ddp=True); each rank saves what it saw."""
+    import logging
     import warnings
 
     from safetensors.torch import save_file
 
     from artlearn.distributed import DDPTrainer, shutdown
     warnings.simplefilter("ignore")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # artlearn's log lines
     ctx = init_distributed()
     df = al.read_artworks(data / "train.csv", kind="train")
     res = _first_step_and_epoch(df, [DDPTrainer(sync_bn=False)])

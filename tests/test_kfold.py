@@ -35,11 +35,11 @@ def _record_fits(monkeypatch, fail_on=None):
     """Record which folds _fit_fold trains; raise KeyboardInterrupt mid-fit on fold `fail_on`."""
     trained, real_fit = [], kfold_module._fit_fold
 
-    def fit(learn, settings, fold, log):
+    def fit(learn, epochs, fold):
         trained.append(fold)
         if fold == fail_on:
-            learn.fit(1, settings["lr"], cbs=[_InterruptAfterBatches(2)])
-        real_fit(learn, settings, fold, log)
+            learn.fit(1, cbs=[_InterruptAfterBatches(2)])
+        real_fit(learn, epochs, fold)
 
     monkeypatch.setattr(kfold_module, "_fit_fold", fit)
     return trained

@@ -162,7 +162,8 @@ def test_extras_on_cpu_compose_and_train():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A tiny synthetic collection (about 80 training works) and its fold-0 loaders at 32 px."""
-    from artlearn.data import artist_dls, read_artworks
+    from artlearn.dls import artist_dls
+    from artlearn.tables import read_artworks
     from artlearn.synthetic import make_synthetic_artworks
     root = make_synthetic_artworks(tmp_path_factory.mktemp("synthetic"), n_train=80, n_test=8)
     with pytest.warns(UserWarning, match="fewer works than n_folds"):
@@ -211,7 +212,7 @@ def test_progressive_resize_trains_small_then_full_size(synthetic, tmp_path):
     from fastai.callback.core import Callback
 
     from artlearn.callbacks import ProgressiveResize
-    from artlearn.data import artist_dls
+    from artlearn.dls import artist_dls
     df, dls = synthetic
     small = artist_dls(df, fold=0, size=16, bs=16, workers=0, cache=dls.cache)
     sizes = []

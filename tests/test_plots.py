@@ -46,15 +46,16 @@ def fake_oof() -> pd.DataFrame:
 
 
 def make_run(root: Path, name: str, config: dict, shift: float = 0.0, oof: bool = True) -> Path:
-    """A fake train_kfold run dir: config.json, fold<k>/history.csv and fold<k>/oof.csv (its validation rows)."""
+    """A fake train_kfold run dir: config.json, fold<k>/meta.json (complete), history.csv and oof.csv."""
     run = root / name
     table = fake_oof()
     for k in range(N_FOLDS):
         (run / f"fold{k}").mkdir(parents=True)
         fake_history(k, shift).to_csv(run / f"fold{k}" / "history.csv", index=False)
+        (run / f"fold{k}" / "meta.json").write_text(json.dumps({"complete": True, "fold": k, "epoch": 0}))
         if oof:
             table[table["fold"] == k].to_csv(run / f"fold{k}" / "oof.csv", index=False)
-    (run / "config.json").write_text(json.dumps(config))
+    (run / "config.json").write_text(json.dumps({"format": "artlearn-run", "format_version": 2, **config}))
     return run
 
 
@@ -125,6 +126,19 @@ def test_history_log_scale(run_dir, three_runs):
         plot_history(run_dir, logy=["top5"])
 
 
+def test_history_auto_log_scale_only_for_a_spike():
+    calm = pd.DataFrame({"epoch": range(5), "valid_loss": [2.0, 1.8, 1.6, 1.5, 1.4],
+                         "train_loss": [2.1, 1.9, 1.7, 1.6, 1.5]})
+    spiky = calm.assign(valid_loss=[60.0, 1.8, 1.6, 1.5, 1.4])  # the from-scratch epoch-0 spike (40x)
+    metrics = ("train_loss", "valid_loss")
+    assert [ax.get_yscale() for ax in plot_history(calm, metrics=metrics).axes] == ["linear", "linear"]
+    fig = plot_history(spiky, metrics=metrics)
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "log"]
+    ys = fig.axes[1].get_lines()[0].get_ydata()
+    assert max(ys) == 60.0 and fig.axes[1].get_ylim()[1] >= 60.0  # the spike stays visible
+    assert [ax.get_yscale() for ax in plot_history(spiky, metrics=metrics, logy=False).axes] == ["linear"] * 2
+
+
 def test_history_bad_inputs(run_dir, tmp_path):
     with pytest.raises(ValueError, match=r"available columns: \[.*'valid_loss'"):
         plot_history(run_dir, metrics=("valid_loss", "top5"))
@@ -132,8 +146,13 @@ def test_history_bad_inputs(run_dir, tmp_path):
         plot_history(run_dir, metrics=("valid_loss", "lr"), axs=[Figure().add_subplot()])
     with pytest.raises(ValueError, match=r"fold 7.*available"):
         plot_history(run_dir, folds=[7])
-    with pytest.raises(ValueError, match="no fold<k>/history.csv"):
+    with pytest.raises(ValueError, match="not an artlearn run directory"):
         plot_history(tmp_path / "r50" / "fold0")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"format": "artlearn-run", "format_version": 2}))
+    with pytest.raises(ValueError, match="no fold<k>/history.csv"):
+        plot_history(empty)
     with pytest.raises(ValueError, match="not a run directory"):
         plot_history(tmp_path / "missing")
     with pytest.raises(ValueError, match="from a int"):
@@ -145,7 +164,7 @@ def test_history_bad_inputs(run_dir, tmp_path):
 def test_history_from_fake_learner():
     learn = fake_learner()
     with pytest.warns(UserWarning, match="train_acc"):
-        fig = plot_history(learn)
+        fig = plot_history(learn, logy=False)
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == [plots.TITLES[m] for m in ("train_loss", "valid_loss", "valid_acc", "lr")]
     assert fig._suptitle.get_text() == "learner: last fit"

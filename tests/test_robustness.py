@@ -210,7 +210,7 @@ def test_train_kfold_refuses_a_bad_table_before_writing_anything(data, tmp_path,
         parts = ["training table: 1 of 22 image file(s) in 'img_path' do not exist", "gone.jpg"]
     elif case == "missing artist column":
         df = df.drop(columns="artist")
-        parts = ["train_kfold needs columns 'img_path' and 'artist' (missing 'artist')"]
+        parts = ["training table: missing column(s) ['artist']"]
     else:
         kw, parts = dict(n_folds=len(df) + 1), ["n_folds=23 is larger than the table (22 rows)"]
     with refused(f"train_kfold: {case}", *parts):
@@ -384,11 +384,11 @@ def record_fits(monkeypatch, extra_cbs=None):
     """Record which folds are fitted; add callbacks to the learner of the folds named in extra_cbs."""
     trained, real_fit = [], kfold_module._fit_fold
 
-    def fit(learn, settings, fold, log):
+    def fit(learn, epochs, fold):
         trained.append(fold)
         if extra_cbs and fold in extra_cbs:
             learn.add_cbs(extra_cbs[fold])
-        real_fit(learn, settings, fold, log)
+        real_fit(learn, epochs, fold)
 
     monkeypatch.setattr(kfold_module, "_fit_fold", fit)
     return trained

@@ -1,0 +1,187 @@
+"""`artist_dls`: fastai DataLoaders for one fold, built from a DataBlock with the stratified fold splitter."""
+import random
+import warnings
+
+import numpy as np
+import pandas as pd
+from fastai.callback.data import WeightedDL
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize, Transform
+from fastai.vision.augment import aug_transforms
+from fastai.vision.core import PILImage
+
+from .augment import ArtistCrop
+from .device import default_workers, resolve_device
+from .folds import StratifiedFoldSplitter, assign_folds, check_fold, fold_column
+from .recipe import REFERENCE, SAMPLERS
+from .rng import keep_global_rng
+from .store import PresizeCache, presize_for
+from .tables import ON_BAD_CHOICES, bad_images_message, check_images, normalise_labels
+
+
+class CachedImage(Transform):
+    """Path -> PILImage from a PresizeCache: training images decoded once; new images (predict) never stored."""
+
+    def __init__(self, cache: PresizeCache):
+        super().__init__()
+        self.cache = cache
+
+    def encodes(self, path):
+        """The stored pixels of `path` as a PILImage."""
+        return PILImage.create(self.cache.view(path))
+
+
+class SeededWeightedDL(WeightedDL):
+    """fastai's WeightedDL drawing from the loader's own seeded RNG instead of numpy's global one."""
+
+    def get_idxs(self):
+        """Training rows sampled with replacement in proportion to `wgts`."""
+        if self.n == 0 or not self.shuffle:
+            return super().get_idxs()
+        rng = np.random.default_rng(self.rng.getrandbits(64))
+        return list(rng.choice(self.n, self.n, p=self.wgts))
+
+
+def sample_weights(labels: pd.Series, sampler: str) -> np.ndarray:
+    """Per-row sampling weights for class-balanced ('balanced') or square-root ('sqrt') sampling."""
+    counts = labels.map(labels.value_counts()).to_numpy(dtype=np.float64)
+    return 1.0 / counts if sampler == "balanced" else 1.0 / np.sqrt(counts)
+
+
+def _prepare_table(df: pd.DataFrame, fold: int, n_folds: int | None, seed: int) -> tuple[pd.DataFrame, int]:
+    """Validated training table with a fold column, and n_folds."""
+    if not isinstance(df, pd.DataFrame) or "img_path" not in df.columns or "artist" not in df.columns:
+        cols = list(df.columns) if isinstance(df, pd.DataFrame) else type(df).__name__
+        raise ValueError(f"artist_dls needs a DataFrame with 'img_path' and 'artist' columns (got {cols}); "
+                         "use read_artworks(train.csv)")
+    if df.empty:
+        raise ValueError("artist_dls: the table has no rows")
+    df = normalise_labels(df, "table")
+    if "fold" in df.columns:
+        _, n = fold_column(df, fold, n_folds)
+    else:
+        n = 4 if n_folds is None else n_folds
+        df = assign_folds(df, n, seed)
+    check_fold(fold, n)
+    return df.reset_index(drop=True), n
+
+
+def _check_dls_args(size, bs, sampler, on_bad) -> None:
+    """ValueError for a bad size, batch size, sampler or on_bad."""
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 8:
+        raise ValueError(f"size={size!r}: need an integer image size of at least 8 pixels")
+    if not isinstance(bs, (int, np.integer)) or isinstance(bs, bool) or bs < 1:
+        raise ValueError(f"bs={bs!r}: need a positive batch size")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: use None, 'balanced' or 'sqrt'")
+    if on_bad not in ON_BAD_CHOICES:
+        raise ValueError(f"on_bad={on_bad!r}: use 'raise' or 'drop'")
+
+
+def fill_store(df: pd.DataFrame, cache: PresizeCache, on_bad: str) -> pd.DataFrame:
+    """Decode every image into the store up front; unreadable ones raise (listed) or are dropped."""
+    try:
+        cache.fill(df["img_path"], source="training table")
+        return df
+    except ValueError:
+        if on_bad == "raise":
+            raise
+    report = check_images(df[[p not in cache for p in df["img_path"]]])
+    bad = report[~report["ok"]]
+    warnings.warn(bad_images_message(bad, "training table") + f"; dropped {len(bad)} row(s)", stacklevel=3)
+    keep = ~df["img_path"].isin(set(bad["img_path"]))
+    df = df[keep].reset_index(drop=True)
+    cache.fill(df["img_path"], source="training table")
+    return df
+
+
+def _artist_block(cache: PresizeCache, vocab: list, crop, splitter, batch_tfms: list) -> DataBlock:
+    """The DataBlock of artlearn's loaders: stored image -> crop -> batch transforms, artist -> category."""
+    return DataBlock(
+        blocks=(TransformBlock(type_tfms=CachedImage(cache), batch_tfms=IntToFloatTensor), CategoryBlock(vocab=vocab)),
+        get_x=ColReader("img_path"), get_y=ColReader("artist"), splitter=splitter, item_tfms=[crop],
+        batch_tfms=batch_tfms)
+
+
+def _all_valid(items):
+    """Splitter of evaluation loaders: every item in the validation set (and, unused, in the training set)."""
+    every = list(range(len(items)))
+    return every, every
+
+
+def eval_dls(meta: dict, items: pd.DataFrame | None = None, bs: int = 64, cache: PresizeCache | None = None,
+             device=None):
+    """Evaluation DataLoaders of a trained fold from its meta.json alone: its vocab, size and normalisation.
+
+    `items` (img_path[, artist]) become the validation set (for `validate`, `get_preds`, interpretation); without
+    them both sets are empty and `learn.predict(path)` / `dls.test_dl(paths)` still work. Images are cropped to
+    the fold's centre view, exactly as in training's validation.
+    """
+    vocab, size = [str(v) for v in meta["vocab"]], int(meta["size"])
+    table = pd.DataFrame(columns=["img_path", "artist"]) if items is None else items.reset_index(drop=True)
+    if "artist" not in table.columns:
+        table = table.assign(artist=vocab[0])
+    unknown = sorted(set(table["artist"].astype(str)) - set(vocab))
+    if unknown:
+        raise ValueError(f"items: artists {unknown[:5]} are not in this fold's vocabulary ({len(vocab)} artists)")
+    cache = cache if cache is not None else PresizeCache(presize_for(size))
+    if len(table):
+        cache.fill(table["img_path"], source="items")
+    device = resolve_device(device)
+    block = _artist_block(cache, vocab, ArtistCrop(size), _all_valid,
+                          [Normalize.from_stats(meta["mean"], meta["std"], cuda=device.type == "cuda")])
+    with keep_global_rng():
+        dls = block.dataloaders(table, bs=bs, num_workers=0, device=device)
+    dls.artlearn_meta = {k: meta.get(k) for k in ("size", "mean", "std", "vocab", "fold", "class_counts", "n_folds")}
+    return dls
+
+
+def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: int = REFERENCE.bs,
+               n_folds: int | None = None, seed: int = 42, cache: PresizeCache | None = None,
+               workers: int | None = None, min_scale: float = REFERENCE.min_scale, ratio=(3 / 4, 4 / 3),
+               max_rotate: float = REFERENCE.max_rotate, flip: bool = REFERENCE.flip,
+               sampler: str | None = REFERENCE.sampler, device=None, on_bad: str = "raise"):
+    """fastai DataLoaders for one fold: DataBlock(ImageBlock, CategoryBlock) + StratifiedFoldSplitter.
+
+    Training: RandomResizedCrop at `size` (item), then flip and rotation as batch transforms (on the GPU when there
+    is one). Validation: the centre square resized to `size`. Both normalised with the training split's own
+    per-channel mean/std (nothing is pretrained, so no ImageNet statistics). Images come from a PresizeCache,
+    decoded once and shared by every epoch and fold that passes the same cache.
+    """
+    _check_dls_args(size, bs, sampler, on_bad)
+    df, n_folds = _prepare_table(df, fold, n_folds, seed)
+    cache = cache if cache is not None else PresizeCache(presize_for(size))
+    df = fill_store(df, cache, on_bad)
+    splitter = StratifiedFoldSplitter(fold, n_folds, seed)
+    train_idx, valid_idx = splitter(df)
+    if not train_idx or not valid_idx:
+        raise ValueError(f"fold {fold} leaves an empty training or validation split ({len(train_idx)} / "
+                         f"{len(valid_idx)} rows); use fewer folds")
+    mean, std = cache.channel_stats(df["img_path"].iloc[train_idx])
+    vocab = sorted(df["artist"].unique())
+    device = resolve_device(device)
+    augment = aug_transforms(do_flip=flip, max_rotate=max_rotate, min_zoom=1.0, max_zoom=1.0, max_lighting=0.0,
+                             max_warp=0.0, p_affine=0.75)
+    block = _artist_block(cache, vocab, ArtistCrop(size, min_scale, ratio), splitter,
+                          [*augment, Normalize.from_stats(mean, std, cuda=device.type == "cuda")])
+    workers = default_workers() if workers is None else workers
+    kwargs = dict(bs=bs, num_workers=workers, device=device, pin_memory=device.type == "cuda")
+    train_kw = {}
+    if len(train_idx) < bs:  # fastai drops the incomplete last training batch: nothing would be trained
+        warnings.warn(f"fold {fold}: the training split has {len(train_idx)} rows, fewer than bs={bs}; each epoch "
+                      "trains on one partial batch (lower bs, or use fewer folds)", stacklevel=2)
+        train_kw["drop_last"] = False
+    with keep_global_rng():  # building loaders runs transforms and seeds fastai's RNGs from the global ones
+        if sampler is not None:
+            weights = sample_weights(df["artist"], sampler)
+            dls = block.dataloaders(df, dl_type=SeededWeightedDL,
+                                    dl_kwargs=[{"wgts": weights[train_idx], **train_kw}, {}], **kwargs)
+        else:
+            dls = block.dataloaders(df, dl_kwargs=[train_kw, {}], **kwargs)
+    dls.train.rng = random.Random(seed)
+    counts = df["artist"].iloc[train_idx].value_counts().reindex(vocab, fill_value=0)
+    dls.artlearn_meta = dict(size=int(size), mean=mean, std=std, vocab=list(vocab), fold=int(fold),
+                             class_counts=[int(c) for c in counts],
+                             n_folds=int(n_folds), seed=int(seed), min_scale=min_scale, max_rotate=max_rotate)
+    dls.cache = cache
+    return dls

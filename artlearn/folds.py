@@ -1,0 +1,127 @@
+"""Stratified K-fold assignment, the fastai fold splitter and stratified subsets."""
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from .checks import listing
+
+
+def check_n_folds(n_folds, n_rows: int) -> None:
+    """n_folds must be an int in [2, n_rows]."""
+    if not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise ValueError(f"n_folds={n_folds!r}: need an integer of at least 2")
+    if n_folds > n_rows:
+        raise ValueError(f"n_folds={n_folds} is larger than the table ({n_rows} rows); use at most {n_rows} folds")
+
+
+def stratified_fold_ids(labels, n_folds: int = 4, seed: int = 42, keys=None) -> np.ndarray:
+    """Fold number per row: each label's rows dealt evenly over folds (counts within 1), fold sizes balanced.
+
+    Rows are ordered by `keys` (default: position) before a seeded shuffle, so the assignment does not depend on
+    the table's row order when keys are given. A label with fewer rows than folds lands in as many folds as it has
+    rows (the least filled ones); it is absent from the validation split of the other folds.
+    """
+    labels = pd.Series(list(labels))
+    check_n_folds(n_folds, len(labels))
+    keys = pd.Series(range(len(labels)) if keys is None else list(keys))
+    rng = np.random.default_rng(seed)
+    folds = np.full(len(labels), -1, dtype=np.int64)
+    fold_sizes = np.zeros(n_folds, dtype=np.int64)
+    counts = labels.value_counts()
+    order = sorted(counts.index, key=lambda a: (-counts[a], str(a)))
+    for artist in order:
+        idx = np.flatnonzero((labels == artist).to_numpy())
+        idx = idx[np.argsort(keys.iloc[idx].astype(str).to_numpy(), kind="stable")]
+        idx = idx[rng.permutation(len(idx))]
+        base, extra = divmod(len(idx), n_folds)
+        tie_break = rng.permutation(n_folds)
+        least_filled = sorted(range(n_folds), key=lambda f: (fold_sizes[f], tie_break[f]))
+        per_fold = np.full(n_folds, base)
+        per_fold[least_filled[:extra]] += 1
+        slots = np.repeat(np.arange(n_folds), per_fold)
+        folds[idx] = slots[rng.permutation(len(slots))]
+        fold_sizes += per_fold
+    return folds
+
+
+def rare_artists(df: pd.DataFrame, n_folds: int) -> list:
+    """Artists with fewer works than folds."""
+    counts = df["artist"].value_counts()
+    return sorted(counts[counts < n_folds].index)
+
+
+def assign_folds(df: pd.DataFrame, n_folds: int = 4, seed: int = 42) -> pd.DataFrame:
+    """Copy of df with an integer 'fold' column: stratified by artist, balanced, deterministic for a seed.
+
+    Rule for rare artists (fewer works than folds): each of their works goes to a different fold (the least filled
+    ones), so such an artist is validated in only some folds, and an artist with a single work is absent from the
+    training split of the fold that validates it. A warning names these artists; nothing is dropped.
+    """
+    if "artist" not in df.columns:
+        raise ValueError(f"assign_folds needs an 'artist' column (columns are {list(df.columns)})")
+    check_n_folds(n_folds, len(df))
+    rare = rare_artists(df, n_folds)
+    if rare:
+        warnings.warn(f"{len(rare)} artist(s) have fewer works than n_folds={n_folds}: {listing(rare, len(rare))}; "
+                      "each of their works goes to a different fold, so they are missing from some validation "
+                      "splits (and single-work artists from one training split)", stacklevel=2)
+    out = df.copy()
+    out["fold"] = stratified_fold_ids(df["artist"], n_folds, seed, keys=df["img_path"])
+    return out
+
+
+def fold_column(df: pd.DataFrame, fold: int, n_folds: int | None) -> tuple[np.ndarray, int]:
+    """The validated fold column and the number of folds it defines."""
+    try:
+        folds = pd.to_numeric(df["fold"], errors="raise").to_numpy()
+    except (ValueError, TypeError):
+        raise ValueError("column 'fold' must hold integers 0..n_folds-1") from None
+    if np.isnan(folds.astype(float)).any() or (folds != np.round(folds)).any() or folds.min() < 0:
+        raise ValueError("column 'fold' must hold integers 0..n_folds-1 (found NaN, negative or fractional values)")
+    folds = folds.astype(np.int64)
+    n = int(folds.max()) + 1 if n_folds is None else n_folds
+    if folds.max() >= n:
+        raise ValueError(f"column 'fold' has fold {folds.max()} but n_folds={n}")
+    return folds, n
+
+
+def check_fold(fold, n_folds: int) -> None:
+    """fold must be in range."""
+    if not isinstance(fold, (int, np.integer)) or not 0 <= fold < n_folds:
+        raise ValueError(f"fold={fold!r} is out of range: with n_folds={n_folds} use 0..{n_folds - 1}")
+
+
+def StratifiedFoldSplitter(fold: int = 0, n_folds: int = 4, seed: int = 42, label_col: str = "artist",
+                           fold_col: str = "fold"):
+    """fastai splitter: `_inner(items) -> (train_idx, valid_idx)` for one fold of a stratified K-fold split."""
+    check_fold(fold, n_folds)
+
+    def _inner(items):
+        if isinstance(items, pd.DataFrame) and fold_col in items.columns:
+            folds, _ = fold_column(items.rename(columns={fold_col: "fold"}), fold, n_folds)
+        else:
+            labels = items[label_col] if isinstance(items, pd.DataFrame) else items
+            keys = items["img_path"] if isinstance(items, pd.DataFrame) and "img_path" in items else None
+            folds = stratified_fold_ids(labels, n_folds, seed, keys=keys)
+        valid = np.flatnonzero(folds == fold)
+        train = np.flatnonzero(folds != fold)
+        return train.tolist(), valid.tolist()
+
+    return _inner
+
+
+def stratified_subset(df: pd.DataFrame, n: int, seed: int = 42, min_per_artist: int = 1) -> pd.DataFrame:
+    """About n rows keeping each artist's share (at least `min_per_artist` each, when it has them), seeded."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n={n!r}: need a positive number of rows")
+    if n >= len(df):
+        return df.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    counts = df["artist"].value_counts()
+    quota = np.maximum(np.round(counts * n / len(df)).astype(int), np.minimum(counts, min_per_artist))
+    keep = []
+    for artist, k in quota.items():
+        idx = np.flatnonzero((df["artist"] == artist).to_numpy())
+        keep.extend(np.sort(rng.choice(idx, size=min(k, len(idx)), replace=False)))
+    return df.iloc[np.sort(keep)].reset_index(drop=True)

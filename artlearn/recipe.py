@@ -1,0 +1,129 @@
+"""`Recipe`: the one owner of every recipe default, grouped by where each setting acts; presets are instances.
+
+Each field carries `metadata`: `stage` (data / model / optimisation / extras, for people), `to` (the consumer:
+'dls' = `artist_dls`, 'learner' = `artist_learner`, 'kfold' = `train_kfold` itself) and `help` (the CLI's text).
+`examples/run_kfold.py` builds one flag per field, and `train_kfold(..., **overrides)` takes the same names, so a
+new setting is one field here plus the code that uses it.
+"""
+import dataclasses
+import numbers
+import typing
+from dataclasses import dataclass, field
+
+from .checks import check_choice, check_fraction, check_number
+
+PRESET_NAMES = ("reference", "best")
+OPTIMIZERS = ("adam", "adamw")
+MONITORS = ("valid_loss", "valid_acc", "f1_macro")
+SAMPLERS = (None, "balanced", "sqrt")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def _setting(default, stage: str, to: str, help: str, choices=None):
+    """A dataclass field with its stage, consumer, help text and (optional) choices."""
+    return field(default=default, metadata=dict(stage=stage, to=to, help=help, choices=choices))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a K-fold recipe, with the report's values as defaults (`Recipe()` is `reference`)."""
+    # data: what the model sees
+    size: int = _setting(288, "data", "dls", "training resolution in pixels")
+    bs: int = _setting(32, "data", "dls", "batch size")
+    min_scale: float = _setting(0.08, "data", "dls", "RandomResizedCrop: smallest crop area fraction")
+    max_rotate: float = _setting(15.0, "data", "dls", "largest rotation in degrees (0: none)")
+    flip: bool = _setting(True, "data", "dls", "random horizontal flips")
+    sampler: str | None = _setting(None, "data", "dls", "training sampler: none, balanced or sqrt", SAMPLERS)
+    # model: what learns
+    arch: str = _setting("resnet50", "model", "learner", "architecture (resnet18/34/50/101, convnext_nano/tiny)")
+    pool: str = _setting("avg", "model", "learner", "global pooling: avg or gem")
+    grad_checkpoint: bool = _setting(False, "model", "learner", "recompute activations to save memory")
+    # optimisation: how it learns
+    epochs: int = _setting(30, "optimisation", "learner", "epochs per fold (also the cosine's t_max)")
+    lr: float = _setting(1e-3, "optimisation", "learner", "base learning rate")
+    optimizer: str = _setting("adam", "optimisation", "learner", "torch optimizer: adam or adamw", OPTIMIZERS)
+    wd: float = _setting(0.0, "optimisation", "learner", "weight decay (L2 for adam, decoupled for adamw)")
+    label_smoothing: float = _setting(0.05, "optimisation", "learner", "label smoothing of the cross-entropy")
+    eta_min: float = _setting(0.0, "optimisation", "learner", "cosine annealing's final learning rate")
+    warmup: int = _setting(0, "optimisation", "learner", "linear warmup epochs before the cosine")
+    monitor: str = _setting("valid_loss", "optimisation", "learner", "metric that picks the best epoch", MONITORS)
+    precision: str = _setting("auto", "optimisation", "learner", "CUDA precision: auto, bf16, fp16 or fp32",
+                              PRECISIONS)
+    grad_accum: int = _setting(1, "optimisation", "learner", "batches accumulated per optimizer step")
+    # extras: options off in the report's recipe
+    mixup: float = _setting(0.0, "extras", "learner", "MixUp Beta alpha (0: off)")
+    cutmix: float = _setting(0.0, "extras", "learner", "CutMix Beta alpha (0: off)")
+    ema: float | None = _setting(None, "extras", "learner", "EMA decay of the weights (none: off)")
+    logit_adjust: float = _setting(0.0, "extras", "learner", "logit-adjusted loss tau (0: off)")
+    progressive: float = _setting(0.0, "extras", "kfold", "fraction of epochs trained at half size (0: off)")
+
+    @classmethod
+    def preset(cls, name: str = "reference") -> "Recipe":
+        """The named preset: 'reference' (the report's recipe) or 'best'."""
+        check_choice("preset", name, PRESET_NAMES)
+        return PRESETS[name]
+
+    @classmethod
+    def names(cls) -> tuple:
+        """Every setting's name, in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **overrides) -> "Recipe":
+        """A copy with the non-None overrides applied; unknown names are a ValueError listing the valid ones."""
+        unknown = sorted(set(overrides) - set(self.names()))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}; valid ones: {sorted(self.names())}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def kwargs_for(self, consumer: str) -> dict:
+        """The settings that go to one consumer ('dls', 'learner' or 'kfold')."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["to"] == consumer}
+
+    def as_dict(self) -> dict:
+        """Every setting, for config.json."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Recipe":
+        """ValueError naming the first setting that cannot work (before anything is written or trained)."""
+        from .models import ARCHITECTURES, POOLS
+        check_choice("arch", self.arch, tuple(ARCHITECTURES))
+        check_choice("pool", self.pool, POOLS)
+        for f in dataclasses.fields(self):
+            if f.metadata["choices"] is not None:
+                check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
+        check_number("size", self.size, low=8, integer=True)
+        check_number("bs", self.bs, low=1, integer=True)
+        check_number("epochs", self.epochs, low=1, integer=True)
+        check_number("lr", self.lr, strict=True)
+        check_number("grad_accum", self.grad_accum, low=1, integer=True)
+        check_number("warmup", self.warmup, integer=True)
+        for name in ("wd", "eta_min", "max_rotate", "mixup", "cutmix", "logit_adjust"):
+            check_number(name, getattr(self, name))
+        check_fraction("label_smoothing", self.label_smoothing)
+        check_fraction("progressive", self.progressive)
+        if not (isinstance(self.min_scale, numbers.Real) and 0 < self.min_scale <= 1):
+            raise ValueError(f"min_scale={self.min_scale!r}: need a crop area fraction in (0, 1]")
+        if not isinstance(self.flip, bool) or not isinstance(self.grad_checkpoint, bool):
+            raise ValueError(f"flip={self.flip!r}, grad_checkpoint={self.grad_checkpoint!r}: need True or False")
+        if self.ema is not None:
+            check_fraction("ema", self.ema, low_inclusive=False)
+        if self.mixup and self.cutmix:
+            raise ValueError(f"mixup={self.mixup!r} and cutmix={self.cutmix!r}: use one of them, not both")
+        if self.warmup >= self.epochs:
+            raise ValueError(f"warmup={self.warmup} must be shorter than epochs={self.epochs}: lower warmup or "
+                             "train more epochs")
+        return self
+
+
+def field_type(name: str):
+    """The plain type of a setting (int, float, str or bool), Optional unwrapped, and whether None is allowed."""
+    hint = typing.get_type_hints(Recipe)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0] if args else hint), type(None) in typing.get_args(hint)
+
+
+REFERENCE = Recipe()
+# Each change from REFERENCE is an option measured on its own in examples/compare_recipes.py.
+BEST = dataclasses.replace(REFERENCE, optimizer="adamw", wd=0.05, warmup=2, label_smoothing=0.1, min_scale=0.25,
+                           logit_adjust=1.0)
+PRESETS = {"reference": REFERENCE, "best": BEST}

@@ -1,0 +1,194 @@
+"""The decode-once image store: every image decoded and resized once per run, shared by epochs, folds and ensembles."""
+import hashlib
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .checks import listing
+from .tables import describe_error, load_rgb
+
+PRESIZE_FACTOR = 1.15
+
+
+def presize_for(size: int) -> int:
+    """Shorter side kept in the cache: a bit above the training size."""
+    return int(math.ceil(size * PRESIZE_FACTOR))
+
+
+def _file_key(path: str, presize: int) -> str:
+    """Cache key: path, mtime, byte size and presize (a changed file is decoded again)."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{presize}"
+
+
+def _shrink(img: Image.Image, presize: int) -> Image.Image:
+    """Downscale so the shorter side is presize (never upscale), keeping aspect."""
+    short = min(img.size)
+    if short <= presize:
+        return img
+    scale = presize / short
+    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def default_memory_budget() -> int:
+    """A quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class PresizeCache:
+    """Decode-once store of images resized to a shorter side of `presize`, as uint8 RGB arrays.
+
+    mode='memory' keeps arrays in RAM, 'disk' keeps .npy files under `cache_dir` (keyed by path, mtime, file size and
+    presize), 'auto' picks memory when the estimate fits `max_memory` bytes (default: a quarter of RAM).
+    `n_decodes` counts image decodes, so callers can prove nothing is decoded twice.
+    """
+
+    def __init__(self, presize: int, mode: str = "auto", cache_dir=None, max_memory: int | None = None,
+                 workers: int | None = None):
+        if mode not in ("auto", "memory", "disk"):
+            raise ValueError(f"mode={mode!r}: use 'auto', 'memory' or 'disk'")
+        if not isinstance(presize, (int, np.integer)) or presize < 8:
+            raise ValueError(f"presize={presize!r}: need an integer of at least 8 pixels")
+        self.presize, self.mode, self.workers = int(presize), mode, workers or min(8, os.cpu_count() or 1)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.max_memory = max_memory if max_memory is not None else default_memory_budget()
+        self.n_decodes = 0
+        self._arrays: dict[str, np.ndarray] = {}
+        self._keys: dict[str, str] = {}
+        self._stats: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, path) -> bool:
+        """True when `path` is stored and its file has not changed since."""
+        path = str(path)
+        return path in self._keys and self._keys[path] == _file_key(path, self.presize)
+
+    def __getstate__(self) -> dict:
+        """Pickle the settings only, never the pixels (a learner's export stays small); reloads start empty."""
+        state = dict(self.__dict__)
+        state.update(_arrays={}, _keys={}, _stats={}, n_decodes=0)
+        return state
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pixels held in memory."""
+        return sum(a.nbytes for a in self._arrays.values())
+
+    def _resolve_mode(self, n_new: int) -> str:
+        """Memory when the estimated new pixels fit the budget, else disk."""
+        if self.mode != "auto":
+            return self.mode
+        estimate = self.nbytes + n_new * self.presize * self.presize * 3 * 1.4
+        return "memory" if estimate <= self.max_memory else "disk"
+
+    def _disk_path(self, key: str) -> Path:
+        """Where a key's array lives on disk."""
+        if self.cache_dir is None:
+            self.cache_dir = Path(tempfile.gettempdir()) / "artlearn-presize"
+        return self.cache_dir / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
+
+    def _decode(self, path: str) -> np.ndarray:
+        """Decode and shrink one image."""
+        img = _shrink(load_rgb(path, max_side=self.presize), self.presize)
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+    def _store(self, path: str, key: str, arr: np.ndarray, mode: str) -> None:
+        """Keep the array in memory or write it to disk atomically."""
+        flat = arr.reshape(-1, 3).astype(np.float64)
+        self._stats[path] = np.concatenate([flat.sum(0), (flat ** 2).sum(0), [len(flat)]])
+        self._keys[path] = key
+        if mode == "memory":
+            self._arrays[path] = arr
+            return
+        target = self._disk_path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, target)
+
+    def _missing(self, paths) -> list[str]:
+        """Paths not cached yet, or whose file changed since."""
+        out = []
+        for p in dict.fromkeys(map(str, paths)):
+            if p not in self._keys or self._keys[p] != _file_key(p, self.presize):
+                out.append(p)
+        return out
+
+    def _load_or_decode(self, path: str, mode: str):
+        """(array, decoded?) from the disk cache or by decoding; an exception object on failure."""
+        try:
+            key = _file_key(path, self.presize)
+            if mode == "disk" and self._disk_path(key).is_file():
+                try:
+                    return key, np.load(self._disk_path(key), allow_pickle=False), False
+                except (ValueError, OSError, EOFError):
+                    pass
+            return key, self._decode(path), True
+        except Exception as e:  # noqa: BLE001 - collected and reported together by fill()
+            return None, e, False
+
+    def fill(self, paths, source="images") -> None:
+        """Decode every path not cached yet (threads); unreadable files raise one ValueError listing all of them."""
+        missing = self._missing(paths)
+        if not missing:
+            return
+        mode = self._resolve_mode(len(missing))
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            results = list(pool.map(lambda p: self._load_or_decode(p, mode), missing))
+        bad = []
+        for path, (key, arr, decoded) in zip(missing, results):
+            if key is None:
+                bad.append(f"{path} ({describe_error(arr, path)})")
+                continue
+            self.n_decodes += int(decoded)
+            self._store(path, key, arr, mode)
+        if bad:
+            raise ValueError(f"{source}: {len(bad)} unreadable image(s): {listing(bad, len(bad))}; remove them, or "
+                             "skip them with on_bad='drop' (artist_dls, read_artworks)")
+
+    def get(self, path) -> np.ndarray:
+        """The cached uint8 HxWx3 array of an image (decoded now if it is not cached yet)."""
+        path = str(path)
+        if path in self._arrays and self._keys[path] == _file_key(path, self.presize):
+            return self._arrays[path]
+        if path not in self._keys or self._keys[path] != _file_key(path, self.presize):
+            self.fill([path])
+        if path in self._arrays:
+            return self._arrays[path]
+        return np.load(self._disk_path(self._keys[path]), allow_pickle=False)
+
+    def view(self, path) -> np.ndarray:
+        """The stored pixels of `path`; an image never stored (a new painting to predict) is decoded, not kept."""
+        path = str(path)
+        if path in self._keys:  # stored (re-decoded, or a listed error, when the file changed since)
+            return self.get(path)
+        try:
+            return self._decode(path)
+        except Exception as e:  # noqa: BLE001 - one clear error for any decoder failure
+            raise ValueError(f"{path}: unreadable image ({describe_error(e, path)})") from None
+
+    def pil(self, path) -> "Image.Image":
+        """The cached image as a fastai PILImage."""
+        from fastai.vision.core import PILImage
+        return PILImage.create(self.get(path))
+
+    def channel_stats(self, paths) -> tuple[list, list]:
+        """Per-channel mean and std (0-1 scale) over every pixel of the given cached images."""
+        self.fill(paths)
+        total = np.sum([self._stats[str(p)] for p in paths], axis=0)
+        n = total[6]
+        mean = total[:3] / n
+        var = np.maximum(total[3:6] / n - mean ** 2, 0.0)
+        return (mean / 255.0).tolist(), (np.sqrt(var) / 255.0 + 1e-6).tolist()
+

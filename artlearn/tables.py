@@ -1,0 +1,284 @@
+"""Reading and validating artwork tables (CSV or artist folders) and checking/decoding their images."""
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from .checks import csv_rows, listing
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+ON_BAD_CHOICES = ("raise", "drop")
+
+
+# ---------------------------------------------------------------- reading tables
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """pandas.read_csv with errors that name the file."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such CSV file; pass a train.csv/test.csv or a folder of artist sub-folders")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: the CSV is empty (no header, no rows); it needs an 'img_path' column") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    df.columns = [c.strip() for c in df.columns]
+    return df
+
+
+def _from_folders(folder: Path) -> pd.DataFrame:
+    """One row per image file in folder/<artist>/; sub-folders without images are ignored."""
+    rows = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(sub.iterdir()):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                rows.append((str(f.resolve()), sub.name))
+    if not rows:
+        hint = " (it holds a train.csv: pass that file instead)" if (folder / "train.csv").exists() else ""
+        raise ValueError(f"{folder}: no images found in artist sub-folders (<folder>/<Artist_Name>/*.jpg){hint}")
+    return pd.DataFrame(rows, columns=["img_path", "artist"])
+
+
+def _resolve_paths(df: pd.DataFrame, root: Path, source: Path) -> pd.Series:
+    """Absolute image paths; relative ones must stay inside root."""
+    root = root.resolve()
+    resolved, escaping = [], []
+    for i, p in zip(df.index, df["img_path"]):
+        path = Path(p)
+        if not path.is_absolute():
+            path = (root / path).resolve()
+            if root not in path.parents:
+                escaping.append(f"row {i} ({p})")
+        resolved.append(str(path))
+    if escaping:
+        raise ValueError(f"{source}: column 'img_path' has {len(escaping)} path(s) that escape the data folder {root}: "
+                         f"{listing(escaping)}; keep images inside the folder or use absolute paths")
+    return pd.Series(resolved, index=df.index)
+
+
+def check_labels(df: pd.DataFrame, source) -> None:
+    """Refuse missing or empty artist labels, naming the rows."""
+    labels = df["artist"].astype("string").str.strip()
+    bad = df.index[labels.isna() | (labels == "")]
+    if len(bad):
+        raise ValueError(f"{source}: column 'artist' is empty or NaN in {len(bad)} row(s): {csv_rows(bad)}; "
+                         "fill in the artist or remove those rows")
+
+
+def normalise_labels(df: pd.DataFrame, source) -> pd.DataFrame:
+    """Copy of df whose 'artist' labels are text with surrounding whitespace removed (the rule of every entry)."""
+    check_labels(df, source)
+    out = df.copy()
+    out["artist"] = out["artist"].astype(str).str.strip()
+    return out
+
+
+def validate_table(df: pd.DataFrame, source, kind: str = "train") -> pd.DataFrame:
+    """The one table check of every entry point: columns, labels (normalised), ids, image files; returns the table."""
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"{source}: need a pandas DataFrame (got {type(df).__name__}); use read_artworks(csv)")
+    needed = ("img_path", "artist") if kind == "train" else ("img_path",)
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing} (columns are {list(df.columns)}); "
+                         "use read_artworks(train.csv)")
+    if df.empty:
+        raise ValueError(f"{source}: the table has no rows")
+    if "artist" in df.columns and kind == "train":
+        df = normalise_labels(df, source)
+    if "id" in df.columns:
+        check_ids(df, source)
+    check_files_exist(df, source)
+    return df
+
+
+def check_ids(df: pd.DataFrame, source) -> None:
+    """Refuse duplicate or empty ids, naming them."""
+    ids = df["id"].astype("string").str.strip()
+    empty = df.index[ids.isna() | (ids == "")]
+    if len(empty):
+        raise ValueError(f"{source}: column 'id' is empty in {len(empty)} row(s): {csv_rows(empty)}")
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        first = dup.groupby(dup).apply(lambda s: f"{s.iloc[0]!r} in rows {list(s.index)}")
+        raise ValueError(f"{source}: column 'id' has {dup.nunique()} duplicated id(s): {listing(first, len(first))}; "
+                         "every id must appear once")
+
+
+def content_digest(path) -> str:
+    """A hash of an image file's bytes (blake2b, 32 hex digits): identical files, identical digests."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digests(paths, workers: int | None = None) -> list:
+    """`content_digest` of every path, read on threads (file reads release the GIL)."""
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(content_digest, paths))
+
+
+def check_files_exist(df: pd.DataFrame, source) -> None:
+    """Refuse rows whose image file does not exist, counting all of them."""
+    missing = [p for p in df["img_path"] if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} of {len(df)} image file(s) in 'img_path' do not exist: "
+                         f"{listing(missing, len(missing))}; fix the paths (relative paths are read from the CSV's "
+                         "folder or `root=`)")
+
+
+def read_artworks(source, root=None, kind: str | None = None, on_bad: str | None = None) -> pd.DataFrame:
+    """DataFrame(img_path, artist[, id, ...]) from a CSV or a folder of artist sub-folders, validated."""
+    if kind not in (None, "train", "test"):
+        raise ValueError(f"kind={kind!r}: use 'train' (artist required), 'test' (artist ignored) or None")
+    if on_bad not in (None, *ON_BAD_CHOICES):
+        raise ValueError(f"on_bad={on_bad!r}: use None (no decode check), 'raise' or 'drop'")
+    source = Path(source)
+    if source.is_dir():
+        df = _from_folders(source)
+    else:
+        df = _read_csv(source)
+        if "img_path" not in df.columns:
+            raise ValueError(f"{source}: missing column 'img_path' (columns are {list(df.columns)}); "
+                             "expected id,img_path[,artist]")
+        if df.empty:
+            raise ValueError(f"{source}: the table has a header but no rows")
+        df["img_path"] = _resolve_paths(df, Path(root) if root is not None else source.parent, source)
+    if kind == "train" and "artist" not in df.columns:
+        raise ValueError(f"{source}: missing column 'artist' (columns are {list(df.columns)}); a training table "
+                         "needs id,img_path,artist")
+    if kind == "test" and "artist" in df.columns:
+        warnings.warn(f"{source}: a test table with an 'artist' column; the column is ignored", stacklevel=2)
+        df = df.drop(columns="artist")
+    if "artist" in df.columns:
+        df = normalise_labels(df, source)
+    if "id" in df.columns:
+        check_ids(df, source)
+    check_files_exist(df, source)
+    if on_bad is not None:
+        df = _apply_image_check(df, on_bad, source)
+    return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- images
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale 16/32-bit or float pixels to 0-255."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind == "f":
+        top = 1.0 if arr.max() <= 1.0 else 255.0
+    elif arr.dtype.itemsize == 2:  # I;16: the full 16-bit range, however dark the image
+        top = 65535.0
+    else:
+        top = 255.0 if arr.max() <= 255 else 65535.0
+    arr = arr.astype(np.float64)
+    return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (L, P, RGBA, LA, CMYK, I;16, I, F, 1) as 8-bit RGB; transparency composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img))).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _refuse_bomb(img: Image.Image) -> None:
+    """Raise above Pillow's pixel limit (warning zone included) without the thread-unsafe warning filters."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(f"{img.width * img.height} pixels exceed the limit of {limit}")
+
+
+def load_rgb(path, max_side: int | None = None) -> Image.Image:
+    """Decode an image file to RGB (EXIF orientation applied); JPEGs shrink while decoding when max_side allows."""
+    with Image.open(path) as img:
+        _refuse_bomb(img)
+        if max_side and img.format == "JPEG":
+            img.draft(img.mode, (max_side, max_side))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+def describe_error(e: Exception, path=None) -> str:
+    """A short reason for an unreadable image."""
+    if path is not None and os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels); "
+                "downscale it or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it")
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image (cannot identify the file format)"
+    if isinstance(e, OSError) and "truncated" in str(e).lower():
+        return "truncated image file"
+    return f"{type(e).__name__}: {e}"
+
+
+def _inspect(path: str) -> dict:
+    """Open and fully decode one image; return its mode, size and any problem."""
+    row = dict(img_path=path, ok=False, mode="", width=0, height=0, problem="")
+    try:
+        if os.path.getsize(path) == 0:
+            row["problem"] = "empty file (0 bytes)"
+            return row
+        with Image.open(path) as img:
+            row.update(mode=img.mode, width=img.width, height=img.height)
+            _refuse_bomb(img)
+            img.load()
+            to_rgb(img)
+        row["ok"] = True
+    except Exception as e:  # noqa: BLE001 - every decoder failure is reported, none is raised here
+        row["problem"] = describe_error(e)
+    return row
+
+
+def check_images(df: pd.DataFrame, workers: int | None = None) -> pd.DataFrame:
+    """Decode every image once; one row per image: img_path, ok, mode, width, height, odd, problem."""
+    paths = list(df["img_path"])
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        rows = list(pool.map(_inspect, paths))
+    report = pd.DataFrame(rows, columns=["img_path", "ok", "mode", "width", "height", "problem"])
+    odd_mode = ~report["mode"].isin(["RGB", ""])
+    small = report["ok"] & (report[["width", "height"]].min(axis=1) < 32)
+    report["odd"] = np.where(odd_mode, "mode " + report["mode"] + " (converted to RGB)", "")
+    report.loc[small, "odd"] = (report.loc[small, "odd"] + " small (<32 px)").str.strip()
+    return report[["img_path", "ok", "mode", "width", "height", "odd", "problem"]]
+
+
+def bad_images_message(bad: pd.DataFrame, source) -> str:
+    """List unreadable images with their reasons."""
+    named = [f"{p} ({why})" for p, why in zip(bad["img_path"], bad["problem"])]
+    return f"{source}: {len(bad)} unreadable image(s): {listing(named, len(named))}"
+
+
+def _apply_image_check(df: pd.DataFrame, on_bad: str, source) -> pd.DataFrame:
+    """Raise on, or drop with a warning, rows whose image cannot be decoded."""
+    report = check_images(df)
+    bad = report[~report["ok"].to_numpy()]
+    if bad.empty:
+        return df
+    message = bad_images_message(bad, source)
+    if on_bad == "raise":
+        raise ValueError(message + "; remove or replace them, or pass on_bad='drop' to skip them")
+    warnings.warn(message + f"; dropped {len(bad)} row(s)", stacklevel=3)
+    return df[report["ok"].to_numpy()]
+
+
