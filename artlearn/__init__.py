@@ -28,7 +28,7 @@ _EXPORTS = {
 
 _SUBMODULES = ("checks", "files", "rng", "device", "tables", "folds", "store", "augment", "dls", "recipe",
                "synthetic", "models", "checkpoint", "callbacks", "learner", "run", "distributed", "kfold",
-               "ensemble", "explain", "plots", "data")
+               "ensemble", "explain", "plots")
 
 __all__ = ["__version__", *_EXPORTS]
 

@@ -109,24 +109,24 @@ def _all_valid(items):
     return every, every
 
 
-def eval_dls(meta: dict, items: pd.DataFrame | None = None, bs: int = 64, cache: PresizeCache | None = None,
-             device=None):
-    """Evaluation DataLoaders of a trained fold from its meta.json alone: its vocab, size and normalisation.
+def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache | None = None, device=None):
+    """Evaluation DataLoaders of a trained fold from its meta.json: its vocab, size and normalisation.
 
-    `items` (img_path[, artist]) become the validation set (for `validate`, `get_preds`, interpretation); without
-    them both sets are empty and `learn.predict(path)` / `dls.test_dl(paths)` still work. Images are cropped to
-    the fold's centre view, exactly as in training's validation.
+    `items` (img_path[, artist]; at least one row, fastai infers its pipelines' types from a first item) become
+    the validation set (for `validate`, `get_preds`, interpretation, and `predict`/`test_dl` of new paintings).
+    Images are cropped to the fold's centre view, exactly as in training's validation.
     """
     vocab, size = [str(v) for v in meta["vocab"]], int(meta["size"])
-    table = pd.DataFrame(columns=["img_path", "artist"]) if items is None else items.reset_index(drop=True)
+    if not isinstance(items, pd.DataFrame) or "img_path" not in items.columns or items.empty:
+        raise ValueError("eval_dls: items must be a non-empty DataFrame with an 'img_path' column")
+    table = items.reset_index(drop=True)
     if "artist" not in table.columns:
         table = table.assign(artist=vocab[0])
     unknown = sorted(set(table["artist"].astype(str)) - set(vocab))
     if unknown:
         raise ValueError(f"items: artists {unknown[:5]} are not in this fold's vocabulary ({len(vocab)} artists)")
     cache = cache if cache is not None else PresizeCache(presize_for(size))
-    if len(table):
-        cache.fill(table["img_path"], source="items")
+    cache.fill(table["img_path"], source="items")
     device = resolve_device(device)
     block = _artist_block(cache, vocab, ArtistCrop(size), _all_valid,
                           [Normalize.from_stats(meta["mean"], meta["std"], cuda=device.type == "cuda")])

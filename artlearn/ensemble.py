@@ -11,6 +11,7 @@ from PIL import Image
 
 from .checkpoint import META_NAME, atomic_write_csv, load_fold
 from .augment import valid_crop
+from .device import autocast, resolve_device, to_memory_format
 from .store import PresizeCache, presize_for
 from .tables import read_artworks
 # and, inside _fold_dirs: from .run import KFoldRun, load_run
@@ -155,12 +156,6 @@ def _inputs(images, size: int, cache=None, workers=None, keep_new: bool = False)
         yield labels, table, _ReadThrough(cache, presize_for(size), Path(tmp) / "cache", workers)
 
 
-def _resolve_device(device):
-    """The requested device, else CUDA when available."""
-    import torch
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _native_crops(arr: np.ndarray, size: int) -> list:
     """Five size x size windows (centre and four corners) of a cached image, without resizing."""
     img = Image.fromarray(arr)
@@ -211,11 +206,11 @@ def _check_choices(tta, average) -> None:
         raise ValueError(f"average={average!r}: use 'prob' (mean of softmax) or 'logit' (softmax of mean logits)")
 
 
-def _load_folds(run_or_fold_dirs, folds, device) -> tuple[list, list, object]:
+def load_folds(run_or_fold_dirs, folds, device) -> tuple[list, list, object]:
     """(models, metas, device) of the selected folds, checked to share vocabulary and size."""
     import torch
     dirs = _fold_dirs(run_or_fold_dirs, folds)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     loaded = [load_fold(d, device=device) for d in dirs]
     if device.type == "cuda":
         loaded = [(m.to(memory_format=torch.channels_last), meta) for m, meta in loaded]
@@ -255,14 +250,14 @@ def _probs(models, metas, table, cache, device, tta=None, average="prob", bs=64,
     shifts = [prior_adjust * _log_prior(m, device) if prior_adjust else 0.0 for m in metas]
     out = np.zeros((len(table), n_classes), dtype=np.float32)
     pool = ThreadPoolExecutor(max_workers=cache.workers)
-    with pool, torch.inference_mode(), _autocast(device, precision):
+    with pool, torch.inference_mode(), autocast(device, precision):
         for start in _progress(range(0, len(table), bs), progress):
             crops = crop_batch(cache, table["img_path"].iloc[start:start + bs], size, tta, pool).to(device)
             acc, n_views = 0, 0
             for model, (mean, std), shift in zip(models, stats, shifts):
                 for x in crops:
                     for view in _views(normalise(x, mean, std), tta):
-                        logits = model(_memory_format(view, device)).float() - shift
+                        logits = model(to_memory_format(view, device)).float() - shift
                         acc, n_views = acc + (logits.softmax(1) if average == "prob" else logits), n_views + 1
             acc = acc / n_views
             out[start:start + crops.shape[1]] = (acc if average == "prob" else acc.softmax(1)).cpu().numpy()
@@ -284,7 +279,7 @@ def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", aver
     trades a little accuracy on frequent artists for recall on rare ones). `progress`: a bar over the batches.
     """
     _check_choices(tta, average)
-    models, metas, device = _load_folds(run_or_fold_dirs, folds, device)
+    models, metas, device = load_folds(run_or_fold_dirs, folds, device)
     with _inputs(items, int(metas[0]["size"]), cache, workers, keep_new=True) as (_, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
     return probs, list(metas[0]["vocab"])
@@ -321,7 +316,7 @@ def predict(run_or_fold_dirs, images, k: int = 5, tta: str | None = "flip", fold
     """
     _check_k(k)
     _check_choices(tta, average)
-    models, metas, device = _load_folds(run_or_fold_dirs, folds, device)
+    models, metas, device = load_folds(run_or_fold_dirs, folds, device)
     with _inputs(images, int(metas[0]["size"]), cache, workers, keep_new=False) as (labels, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
     logger.debug("predict: %d image(s), %d fold(s), tta=%s", len(labels), len(models), tta)
@@ -335,20 +330,6 @@ def eval_crops(images, size: int) -> tuple[list, object]:
         crops = crop_batch(source, table["img_path"], size)[0] if len(table) else None
     return labels, crops
 
-
-def _autocast(device, precision: str):
-    """bf16/fp16 autocast on CUDA per `precision`; a no-op context on CPU or with 'fp32'."""
-    import torch
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-    return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
-
-
-def _memory_format(x, device):
-    """channels-last on CUDA (faster convolutions), unchanged on CPU."""
-    import torch
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 def write_submission(ids, probs, vocab, path) -> Path:

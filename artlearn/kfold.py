@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .distributed import DistContext, init_distributed, single_process_view
-from .ensemble import ensemble
+from .ensemble import TTA_CHOICES, ensemble
 from .files import atomic_write_csv, atomic_write_json
 from .folds import assign_folds
 from .recipe import Recipe
@@ -37,7 +37,6 @@ from .store import PresizeCache, default_memory_budget, presize_for
 from .tables import validate_table
 
 logger = logging.getLogger("artlearn")
-TTA_CHOICES = (None, "none", "flip", "multicrop")
 
 
 # ---------------------------------------------------------------- fold selection

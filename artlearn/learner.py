@@ -2,6 +2,7 @@
 cross-entropy, per-epoch cosine LR, accuracy and macro-F1) and its optional extras."""
 import numbers
 from functools import partial
+from pathlib import Path
 
 import torch
 from fastai.callback.channelslast import ChannelsLast
@@ -176,19 +177,31 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     return learn
 
 
+def _fold_validation_rows(fold_dir, meta: dict):
+    """The fold's own validation rows from the run's folds.csv (None when the fold is not inside a run)."""
+    import pandas as pd
+    folds_csv = Path(fold_dir).parent / "folds.csv"
+    if not folds_csv.is_file():
+        return None
+    table = pd.read_csv(folds_csv, dtype={"id": str, "img_path": str, "artist": str}, keep_default_na=False)
+    return table[table["fold"] == int(meta["fold"])]
+
+
 def fold_learner(fold_dir, items=None, bs: int = 64, device=None, progress: bool = False) -> ArtistLearner:
-    """A ready fastai Learner of one trained fold, rebuilt from `best.safetensors` + `meta.json` alone (no pickle).
+    """A ready fastai Learner of one trained fold, rebuilt from `best.safetensors` + `meta.json` (no pickle).
 
     For `predict`, `get_preds`, `validate`, `ClassificationInterpretation`: `items` (img_path[, artist]) become its
-    validation set (e.g. the fold's own validation rows from folds.csv); the loss is the run's label-smoothed
-    cross-entropy (from the run's config.json when there, else the reference recipe's).
+    validation set; by default the fold's own validation rows from the run's folds.csv. The loss is the run's
+    label-smoothed cross-entropy (from the run's config.json when there, else the reference recipe's).
     """
-    from pathlib import Path
-
     from .checkpoint import load_fold
     from .dls import eval_dls
     from .files import read_json
     model, meta = load_fold(fold_dir, device="cpu")
+    items = _fold_validation_rows(fold_dir, meta) if items is None else items
+    if items is None or len(items) == 0:
+        raise ValueError(f"{fold_dir}: not inside a run directory with folds.csv; pass items= (a table with "
+                         "img_path[, artist]) to give the learner its data")
     config_path = Path(fold_dir).parent / "config.json"
     smoothing = read_json(config_path).get("label_smoothing", REFERENCE.label_smoothing) if config_path.is_file() \
         else REFERENCE.label_smoothing

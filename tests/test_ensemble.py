@@ -1,7 +1,9 @@
-"""ensemble() against a hand-written flip-TTA reference, fold compatibility checks, write_submission."""
+"""ensemble() against a hand-written flip-TTA reference, its inputs (one fold, one path, PIL images), fold
+compatibility checks, write_submission."""
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,8 +13,19 @@ from PIL import Image
 
 import artlearn as al
 from artlearn.checkpoint import load_fold
-from artlearn.data import PresizeCache, _shrink, load_rgb, presize_for, valid_crop
+from artlearn.augment import valid_crop
+from artlearn.store import PresizeCache, presize_for
+from artlearn.tables import load_rgb
 from artlearn.ensemble import crop_batch
+
+
+def _shrink(img, presize):
+    """Oracle of the presize cache's resize: shorter side to presize (never upscale), bilinear, reducing_gap 3."""
+    short = min(img.size)
+    if short <= presize:
+        return img
+    size = (max(1, round(img.width * presize / short)), max(1, round(img.height * presize / short)))
+    return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +207,36 @@ def test_prior_adjust_is_post_hoc_logit_adjustment(tiny_run):
     plain, _ = al.ensemble(run, test, folds=[0], tta=None)
     rarest = int(np.argmin(meta["class_counts"]))
     assert probs[:, rarest].mean() > plain[:, rarest].mean()
+
+
+def test_one_fold_folder_and_one_image_path(tiny_run, tmp_path):
+    run, _, test = tiny_run
+    path = test["img_path"].iloc[0]
+    by_run, vocab = al.ensemble(run, test.iloc[:1], folds=[0], tta=None)
+    for fold_dir, image in ((run.fold_dir(0), path), (str(run.fold_dir(0)), Path(path))):
+        probs, v = al.ensemble(fold_dir, image, tta=None)
+        assert probs.shape == (1, len(vocab)) and v == vocab
+        np.testing.assert_allclose(probs, by_run, atol=1e-6)
+    with pytest.raises(ValueError, match="folds=\\[0\\]"):
+        al.ensemble(run.fold_dir(0), path, folds=[0])
+    with pytest.raises(ValueError, match="is a folder"):
+        al.ensemble(run, run.path)
+    with pytest.raises(ValueError, match="neither a run directory"):
+        al.ensemble(tmp_path, path)
+
+
+def test_progress_bar_changes_nothing(tiny_run):
+    run, _, test = tiny_run
+    quiet, _ = al.ensemble(run, test, bs=5)
+    shown, _ = al.ensemble(run, test, bs=5, progress=True)
+    np.testing.assert_array_equal(quiet, shown)
+
+
+def test_pil_images_are_ensembled_without_entering_the_cache(tiny_run, tmp_path):
+    run, _, test = tiny_run
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 60, 3), dtype=np.uint8))
+    img.save(tmp_path / "painting.png")
+    cache = PresizeCache(presize_for(32))
+    from_pil, _ = al.ensemble(run, [img], cache=cache)
+    assert len(cache) == 0
+    np.testing.assert_allclose(from_pil, al.ensemble(run, tmp_path / "painting.png")[0], atol=1e-6)

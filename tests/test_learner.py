@@ -231,3 +231,92 @@ def test_progressive_resize_trains_small_then_full_size(synthetic, tmp_path):
     assert json.loads((tmp_path / "fold0" / "meta.json").read_text())["size"] == 32
     with pytest.raises(ValueError, match="epochs"):
         ProgressiveResize(small.train, -1)
+
+
+# ---------------------------------------------------------------- fastai conventions after training
+
+
+@pytest.mark.parametrize("extra", [{}, {"mixup": 0.4}, {"cutmix": 1.0}])
+def test_get_preds_with_loss_and_interpretation_after_training(synthetic, extra):
+    from fastai.interpret import ClassificationInterpretation
+    _, dls = synthetic
+    learn = artist_learner(dls, arch="resnet18", progress=False, seed=0, label_smoothing=0.1, **extra)
+    learn.fit(1)
+    probs, targets, losses = learn.get_preds(with_loss=True)
+    n = len(dls.valid_ds)
+    assert probs.shape == (n, len(dls.vocab)) and losses.shape == (n,)  # one loss per item
+    expected = F.cross_entropy(probs.log(), targets, reduction="none", label_smoothing=0.1)  # get_preds softmaxes
+    torch.testing.assert_close(losses, expected, rtol=1e-4, atol=1e-4)
+    interp = ClassificationInterpretation.from_learner(learn)
+    cm = interp.confusion_matrix()
+    assert cm.shape == (len(dls.vocab),) * 2 and cm.sum() == n
+    assert isinstance(interp.most_confused(), list)
+    top = interp.top_losses(3)
+    assert len(top[0]) == 3 and float(top[0][0]) == pytest.approx(float(losses.max()), rel=1e-5)
+
+
+def test_one_cycle_records_the_lr_it_used(synthetic):
+    _, dls = synthetic
+    learn = artist_learner(dls, arch="resnet18", progress=False, seed=0)
+    learn.fit_one_cycle(2, 2e-3)
+    hist, n_batches = learn.history.frame(), len(dls.train)
+    assert hist["lr"].tolist() == [learn.recorder.lrs[e * n_batches] for e in range(2)]
+    assert hist["lr"].iloc[0] < 2e-3 / 10  # one-cycle starts low: the per-epoch cosine stood aside
+    learn.fit(2)  # a plain fit afterwards: the cosine drives again
+    assert learn.history.frame()["lr"].tolist() == [cosine_lr(e, 1e-3, 2) for e in range(2)]
+
+
+def test_export_never_carries_the_image_store_and_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from artlearn.dls import artist_dls
+    from artlearn.synthetic import make_synthetic_artworks
+    from artlearn.tables import read_artworks
+    root = make_synthetic_artworks(tmp_path / "data", n_artists=4, n_train=80, n_test=4, seed=2)
+    df = read_artworks(root / "train.csv")
+    sizes = {}
+    for n in (20, 80):
+        dls = artist_dls(df.iloc[:n], fold=0, n_folds=2, size=32, bs=8)
+        learn = artist_learner(dls, arch="resnet18", progress=False, seed=0)
+        learn.path = tmp_path
+        learn.export(f"export{n}.pkl")
+        sizes[n] = (tmp_path / f"export{n}.pkl").stat().st_size
+        assert len(dls.cache) == n
+    assert abs(sizes[80] - sizes[20]) < 20_000  # 60 more stored images at 37x32x3 would add > 200 kB
+    image = str(next((root / "test").iterdir()))
+    before = len(dls.cache)
+    learn.predict(image)
+    assert len(dls.cache) == before  # predicting a new painting does not grow the training store
+    code = ("import sys; from fastai.learner import load_learner; "
+            f"learn = load_learner({str(tmp_path / 'export80.pkl')!r}); "
+            f"print(learn.predict({image!r})[0] in learn.dls.vocab)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("True"), done.stderr[-2000:]
+
+
+def test_summary_works_without_importing_fastai_vision_all(synthetic):
+    _, dls = synthetic
+    text = artist_learner(dls, arch="resnet18", progress=False).summary()
+    assert "ArtistResNet" in text and "Total params" in text
+
+
+def test_fold_learner_reproduces_the_recorded_best_valid_loss(synthetic, tmp_path):
+    from fastai.interpret import ClassificationInterpretation
+
+    from artlearn.learner import fold_learner
+    df, dls = synthetic
+    learn = artist_learner(dls, arch="resnet18", out=tmp_path, fold=0, epochs=2, progress=False, seed=3)
+    learn.fit(2)
+    meta = json.loads((tmp_path / "fold0" / "meta.json").read_text())
+    valid = dls.valid_ds.items
+    rebuilt = fold_learner(tmp_path / "fold0", items=valid)
+    assert rebuilt.validate()[0] == pytest.approx(meta["score"], rel=1e-5)
+    assert list(rebuilt.dls.vocab) == meta["vocab"]
+    assert ClassificationInterpretation.from_learner(rebuilt).confusion_matrix().sum() == len(valid)
+    label, idx, probs = rebuilt.predict(valid["img_path"].iloc[0])
+    assert label in meta["vocab"] and probs.shape == (len(meta["vocab"]),)
+    with pytest.raises(ValueError, match="pass items="):
+        fold_learner(tmp_path / "fold0")  # a fold folder outside a run: no data to build loaders from
+    with pytest.raises(ValueError, match="not in this fold's vocabulary"):
+        fold_learner(tmp_path / "fold0", items=valid.assign(artist="Nobody"))

@@ -8,7 +8,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
-NAMES = ["01_data", "02_train_one_fold", "03_kfold_ensemble", "04_compare"]
+NAMES = ["01_data", "02_train_one_fold", "03_kfold_ensemble", "04_compare", "05_predict_explain"]
 
 
 @pytest.fixture(scope="module")

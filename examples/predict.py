@@ -1,0 +1,71 @@
+"""Top-k artists for paintings from a trained run (its fold ensemble), and a Grad-CAM figure of why.
+
+    python examples/predict.py runs/best painting.jpg other.png                # top-5 per painting
+    python examples/predict.py runs/best painting.jpg --k 3 --tta multicrop --csv top3.csv
+    python examples/predict.py runs/best painting.jpg --explain why.png [--artist NAME]
+
+RUN is a run folder written by train_kfold (its selected folds are ensembled, as for the submission) or one
+fold folder. With several paintings, --explain writes one figure per painting (OUT-<name>.png).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from artlearn.ensemble import predict
+from artlearn.explain import explain
+from artlearn.plots import save_figure
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="run folder (train_kfold's --out) or one fold folder")
+    p.add_argument("images", nargs="+", type=Path, help="painting image files")
+    p.add_argument("--k", type=int, default=5, help="artists listed per painting (default: 5)")
+    p.add_argument("--tta", default="flip", choices=["flip", "none", "multicrop"],
+                   help="test-time views: image + flip (default), none, or + five native-resolution crops")
+    p.add_argument("--folds", help="comma-separated folds to ensemble (default: the run's selection)")
+    p.add_argument("--csv", type=Path, help="also write the table (image,rank,artist,probability) here")
+    p.add_argument("--explain", type=Path, help="save the Grad-CAM figure here (PNG)")
+    p.add_argument("--artist", help="with --explain: explain this artist instead of the predicted one")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    return p.parse_args(argv)
+
+
+def _figure_paths(out: Path, images: list) -> list:
+    """OUT for one painting, OUT-<stem>.png for each of several."""
+    if len(images) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{Path(p).stem}{out.suffix or '.png'}") for p in images]
+
+
+def main(argv=None) -> int:
+    """Print the top-k table; write --csv and --explain when asked. Exit status 2 on a bad argument."""
+    args = parse_args(argv)
+    tta = None if args.tta == "none" else args.tta
+    folds = [int(f) for f in args.folds.split(",") if f.strip()] if args.folds else None
+    images = [str(p) for p in args.images]
+    try:
+        table = predict(args.run, images, k=args.k, tta=tta, folds=folds, device=args.device)
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            print(table.to_string(index=False, formatters={"probability": "{:.1%}".format}))
+        if args.csv:
+            args.csv.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(args.csv, index=False)
+            print(f"table: {args.csv}")
+        if args.explain:
+            args.explain.parent.mkdir(parents=True, exist_ok=True)
+            for image, out in zip(images, _figure_paths(args.explain, images)):
+                fig = explain(args.run, image, artist=args.artist, folds=folds, k=args.k, tta=tta,
+                              device=args.device)
+                print(f"explain: {save_figure(fig, out)}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
