@@ -173,3 +173,17 @@ def broken_dataset(dataset):
                           "artist": ["A00", "A01", "A02"]})
     pd.concat([table, extra]).to_csv(csv, index=False)
     return csv, broken
+
+
+def make_tiny_run(base, n_test: int = 8, seed: int = 1, folds=None):
+    """A 2-fold x 1-epoch ResNet-18 run at 32 px on 4 synthetic artists under `base`: (run, train table, data root)."""
+    import warnings
+
+    import artlearn as al
+    root = al.make_synthetic_artworks(Path(base) / "data", n_artists=4, n_train=40, n_test=n_test, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = al.read_artworks(root / "train.csv", kind="train")
+        run = al.train_kfold(df, Path(base) / "run", n_folds=2, folds=folds, arch="resnet18", size=32, epochs=1,
+                             bs=8, progress=False)
+    return run, df, root

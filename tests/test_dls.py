@@ -13,16 +13,6 @@ from artlearn.store import PresizeCache
 from artlearn.tables import load_rgb, read_artworks
 
 
-@pytest.fixture
-def no_rng_leak():
-    """Run a test with its own global RNG states, restored afterwards."""
-    import torch
-    state = random.getstate()
-    with torch.random.fork_rng():
-        yield
-    random.setstate(state)
-
-
 # ---------------------------------------------------------------- DataLoaders
 
 

@@ -2,7 +2,6 @@
 compatibility checks, write_submission."""
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 import artlearn as al
+from conftest import make_tiny_run
 from artlearn.checkpoint import load_fold
 from artlearn.augment import valid_crop
 from artlearn.store import PresizeCache, presize_for
@@ -31,15 +31,8 @@ def _shrink(img, presize):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 2-fold x 1-epoch ResNet-18 run at 32 px on tiny synthetic data (shared by the tests of this file)."""
-    base = tmp_path_factory.mktemp("ens")
-    root = al.make_synthetic_artworks(base / "data", n_artists=4, n_train=40, n_test=12, seed=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        df = al.read_artworks(root / "train.csv", kind="train")
-        run = al.train_kfold(df, base / "run", n_folds=2, arch="resnet18", size=32, epochs=1, bs=8,
-                             progress=False, log=lambda *a: None)
-    test = al.read_artworks(root / "test.csv", kind="test")
-    return run, df, test
+    run, df, root = make_tiny_run(tmp_path_factory.mktemp("ens"), n_test=12, seed=3)
+    return run, df, al.read_artworks(root / "test.csv", kind="test")
 
 
 def reference_probs(fold_dirs, paths, flip=True):

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import artlearn as al
+from conftest import make_tiny_run
 from artlearn.store import PresizeCache, presize_for
 from artlearn.ensemble import PREDICT_COLUMNS, crop_batch, ensemble, predict
 from artlearn.explain import explain, explain_map, gradcam
@@ -28,13 +28,7 @@ SCRIPT = ROOT / "examples" / "predict.py"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-fold x 1-epoch ResNet-18 run at 32 px on 4 synthetic artists, and its test table."""
-    base = tmp_path_factory.mktemp("explain")
-    root = al.make_synthetic_artworks(base / "data", n_artists=4, n_train=40, n_test=8, seed=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        df = al.read_artworks(root / "train.csv", kind="train")
-        run = al.train_kfold(df, base / "run", n_folds=2, folds=[0, 1], arch="resnet18", size=32, epochs=1, bs=8,
-                             progress=False, log=lambda *a: None)
+    run, df, root = make_tiny_run(tmp_path_factory.mktemp("explain"), n_test=8, seed=1, folds=[0, 1])
     return run, df, al.read_artworks(root / "test.csv", kind="test")
 
 
