@@ -210,13 +210,13 @@ def _check_metrics(metrics, hist: dict, from_learner: bool) -> list:
 
 
 def _panel_axes(n: int, axs, width: float = 4.2, height: float = 3.2) -> tuple:
-    """(figure, list of n axes): new panels in a grid of up to 3 columns, or the axes given."""
+    """(figure, list of n axes): new panels in a grid of up to 3 columns (2 x 2 for four), or the axes given."""
     if axs is not None:
         axs = list(np.ravel(np.asarray(axs, dtype=object)))
         if len(axs) != n:
             raise ValueError(f"axs has {len(axs)} axes but {n} metric panel(s) are drawn; pass one axis per metric")
         return axs[0].figure, axs
-    ncols = min(n, 3)
+    ncols = 2 if n == 4 else min(n, 3)  # four panels (the report's figure) as 2 x 2
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     grid = fig.subplots(nrows, ncols, squeeze=False).ravel()

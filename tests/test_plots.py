@@ -357,3 +357,9 @@ def test_save_run_figures(run_dir, tmp_path):
     assert [p.name for p in save_run_figures(bare)] == ["history.png"]
     with pytest.raises(ValueError, match="not a run directory"):
         save_run_figures(tmp_path / "nope")
+
+
+def test_four_panels_are_the_reports_two_by_two(three_runs):
+    fig = compare_runs(three_runs, metrics=("train_acc", "train_loss", "valid_loss", "valid_acc"))
+    rows_cols = {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes}
+    assert rows_cols == {(2, 2)} and len(fig.axes) == 4
