@@ -52,7 +52,10 @@ def make_run(root: Path, name: str, config: dict, shift: float = 0.0, oof: bool 
     for k in range(N_FOLDS):
         (run / f"fold{k}").mkdir(parents=True)
         fake_history(k, shift).to_csv(run / f"fold{k}" / "history.csv", index=False)
-        (run / f"fold{k}" / "meta.json").write_text(json.dumps({"complete": True, "fold": k, "epoch": 0}))
+        vocab = sorted(table["artist"].unique())
+        meta = {"complete": True, "fold": k, "epoch": 0, "vocab": vocab,
+                "model": {"arch": "resnet18", "n_classes": len(vocab)}}
+        (run / f"fold{k}" / "meta.json").write_text(json.dumps(meta))
         if oof:
             table[table["fold"] == k].to_csv(run / f"fold{k}" / "oof.csv", index=False)
     (run / "config.json").write_text(json.dumps({"format": "artlearn-run", "format_version": 2, **config}))
