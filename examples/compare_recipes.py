@@ -1,127 +1,719 @@
-"""Honest recipe comparison: same data, same folds, same epoch budget, out-of-fold scores only.
+"""Recipe comparison (issue 16): same data, same folds, same budget, out-of-fold scores only, several seeds.
 
-Protocol (CPU, 2 cores, about an hour): ../shared/data/artworks, a stratified subset (--limit), ResNet-18 at
-128 px, the same --epochs for every recipe, the folds listed in --folds of a stratified 4-fold split (seed 42).
-Every recipe is trained with train_kfold into its own run directory under --out (rerunning resumes), and scored on
-the out-of-fold predictions of the folds it trained (flip-TTA, as the ensemble predicts). The test set is never
-used. Rows: 'reference' (the report's recipe), 'best', and 'reference + one option of best' for each option, so each
-option's contribution shows on its own.
+Protocol. The whole training table of --data (--limit 0), ONE stratified fold assignment (assign_folds, --n-folds 4,
+--fold-seed 42) made once and passed, as the table's 'fold' column, to every run: every row and every seed is scored
+on the same validation rows, and the seed (--seeds, at least 2) changes model init, sampling and augmentation only.
+Each (row, seed) is one train_kfold run directory under --out/<budget>/ (resumable: complete folds are never
+retrained), scored on the out-of-fold predictions of --folds (flip-TTA). The test set is never read.
 
-    python examples/compare_recipes.py --data ../shared/data/artworks --limit 1500 --epochs 12 --folds 0,1
-    python examples/compare_recipes.py --data DIR --arch resnet50 --size 288 --epochs 30 --folds 0,1,2,3  # GPU
+Rows: 'reference' (the report's recipe), 'best', 'plain' (examples/plain_torchvision.py: no artlearn, same folds),
+every option switched on alone on top of reference (OPTIONS below; options the library lacks are skipped and
+listed), the ensemble-time options (prior_adjust=tau, tta=multicrop) scored on the reference runs' folds with no
+extra training, and --combos: 'min_scale=0.35+warmup=1', 'best+warmup=1', ... (commas between combos). A row is
+any such spec: an optional preset, then '+'-joined key=value terms (Recipe settings, prior_adjust, tta, store).
+
+Output per budget (--budget, default '<arch>-<size>px-<epochs>ep-bs<bs>'): --results-dir/<budget>.jsonl, one JSON
+line per (row, seed) appended as it finishes (a (row, seed, folds, data) already there is not run again, so a sweep
+can be split across sessions and machines), and <budget>.md, the table (mean and min..max over seeds, paired deltas
+vs reference) rebuilt after every run; --report-only rebuilds it alone.
+
+    python examples/compare_recipes.py --dry-run                                 # plan of the 64 px budget
+    python examples/compare_recipes.py                                           # every row, 64 px, fold 0
+    python examples/compare_recipes.py --size 128 --rows reference,best,plain    # the 128 px budget
 """
 import argparse
 import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-import artlearn
-from artlearn.recipe import BEST, REFERENCE
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "docs" / "results" / "compare"
+PLAIN_SCRIPT = HERE / "plain_torchvision.py"
+PLAIN_ARCHS = ("resnet18", "resnet34", "resnet50")
+PRESETS = ("reference", "best")
+TTA_VALUES = ("flip", "multicrop", "none")
+STORE_FIELDS = ("presize", "store_size", "store_presize", "cache_size")  # a Recipe field owning the store size
+# Options switched on alone on top of reference ('store' is the decode-once store's shorter side, 'prior_adjust'
+# and 'tta' are ensemble-time); a spec the library cannot run (no such setting or value) is skipped and listed.
+OPTIONS = (
+    "min_scale=0.25", "min_scale=0.35", "min_scale=0.5", "store=256", "lr=0.0005", "lr=0.002",
+    "warmup=1", "warmup=2", "optimizer=adamw+wd=0.05", "optimizer=sgd+lr=0.05+wd=0.0005", "label_smoothing=0",
+    "label_smoothing=0.1", "wd=0.0001", "mixup=0.4", "cutmix=1.0", "sampler=balanced", "sampler=sqrt",
+    "logit_adjust=1.0", "ema=0.998", "progressive=0.5", "drop_path=0.1", "trivial_augment=True",
+    "arch=resnet18", "arch=resnet34")
+POSTHOC = ("prior_adjust=0.5", "prior_adjust=1.0", "tta=multicrop")
+MINUTES_PER_FOLD = 5.0  # CPU minutes here: ResNet-18, 64 px, 12 epochs, one fold of the 5,311 paintings (issue 16)
+REAL_IMAGES = 5311
+ARCH_COST = {"resnet18": 1.0, "resnet34": 2.0, "resnet50": 3.0}
+TERM = re.compile(r"\+(?=[A-Za-z_])")  # '+' between terms, not the one of '1e+3'
 
-# Options of 'best' that are switched on one at a time on top of 'reference' (keys changed together).
-OPTION_GROUPS = {
-    "adamw": ("optimizer", "wd"),
-    "warmup": ("warmup",),
-    "label_smoothing": ("label_smoothing",),
-    "min_scale": ("min_scale",),
-    "sampler": ("sampler",),
-    "logit_adjust": ("logit_adjust",),
-    "ema": ("ema",),
-    "mixup": ("mixup",),
-    "cutmix": ("cutmix",),
-}
+
+class UnknownOption(ValueError):
+    """A row term naming no setting the library has."""
+
+
+def fail(msg: str):
+    """Exit with a clear error before anything is trained."""
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+# ---------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One line of the table: what to train (preset + overrides + store) and how to score it."""
+    name: str
+    preset: str = "reference"
+    overrides: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)  # ensemble() arguments: prior_adjust, tta
+    store: int | None = None  # PresizeCache shorter side, when no Recipe field owns it
+    kind: str = "train"  # 'train', 'posthoc' (ensemble-time on the runs of its training part) or 'plain'
+
+    @property
+    def train_name(self) -> str:
+        """The training part's canonical name (rows differing only at ensemble time share their runs)."""
+        terms = [f"{k}={_fmt(v)}" for k, v in sorted(self.overrides.items())]
+        terms += [f"store={self.store}"] if self.store else []
+        return "+".join([self.preset, *terms])
+
+    def training(self) -> "Row":
+        """The row of the training part alone (itself for trained and plain rows)."""
+        if self.kind != "posthoc":
+            return self
+        return Row(self.train_name, self.preset, dict(self.overrides), store=self.store)
+
+    @property
+    def train_dir(self) -> str:
+        return "plain" if self.kind == "plain" else self.train_name.replace("+", "__").replace("=", "-")
+
+    def describe(self) -> str:
+        if self.kind == "plain":
+            return "examples/plain_torchvision.py (no artlearn; RandomResizedCrop scale 0.35-1)"
+        text = self.train_name
+        if self.store:
+            text += " (store via train_kfold(cache=PresizeCache))"
+        if self.evaluate:
+            text = f"ensemble({', '.join(f'{k}={v}' for k, v in self.evaluate.items())}) on {text} runs"
+        return text
+
+
+def _fmt(v) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _parse_value(key: str, raw: str):
+    """A term's value, typed as the setting it sets."""
+    from artlearn.recipe import Recipe, field_type
+    if key == "tta":
+        if raw not in TTA_VALUES:
+            raise ValueError(f"tta={raw}: use one of {list(TTA_VALUES)}")
+        return raw
+    if key in ("prior_adjust", "store"):
+        try:
+            value = float(raw) if key == "prior_adjust" else int(raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw}: need a {'number' if key == 'prior_adjust' else 'whole number'}") from None
+        if not math.isfinite(value) or value < (8 if key == "store" else 0):
+            raise ValueError(f"{key}={raw}: need {'at least 8 pixels' if key == 'store' else 'a number >= 0'}")
+        return value
+    if key not in Recipe.names():
+        raise UnknownOption(f"unknown option '{key}'; Recipe settings: {', '.join(Recipe.names())}; "
+                         "ensemble-time: prior_adjust, tta; store (the image store's shorter side)")
+    kind, optional = field_type(key)
+    if optional and raw.lower() in ("none", "null"):
+        return None
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{key}={raw}: need a {kind.__name__}") from None
+
+
+def parse_row(spec: str) -> Row:
+    """A row from its spec: 'reference', 'best', 'plain', or '[preset+]key=value[+key=value...]'."""
+    from artlearn.recipe import Recipe
+    spec = spec.strip()
+    parts = [p.strip() for p in TERM.split(spec)] if spec else []
+    if not parts or not all(parts):
+        raise ValueError(f"row '{spec}': empty name or term")
+    if parts == ["plain"]:
+        return Row("plain", kind="plain")
+    preset = parts.pop(0) if parts[0] in PRESETS else "reference"
+    row = Row(spec, preset=preset)
+    for term in parts:
+        if "=" not in term:
+            raise ValueError(f"row '{spec}': unknown recipe '{term}'; a row is reference, best, plain or "
+                             "[preset+]key=value[+key=value...]")
+        key, raw = (s.strip() for s in term.split("=", 1))
+        value = _parse_value(key, raw)
+        if key in ("prior_adjust", "tta"):
+            row.evaluate[key] = value
+        elif key == "store":
+            owner = next((f for f in STORE_FIELDS if f in Recipe.names()), None)
+            if owner:
+                row.overrides[owner] = value
+            else:
+                row.store = value
+        else:
+            row.overrides[key] = value
+    row.kind = "posthoc" if row.evaluate else "train"
+    return row
+
+
+def _settings(row: Row, budget: dict) -> dict:
+    return {**budget, **row.overrides}
+
+
+def check_row(row: Row, budget: dict) -> None:
+    """ValueError when the library cannot train or score the row at this budget."""
+    from artlearn.recipe import Recipe
+    if row.kind == "plain":
+        if budget["arch"] not in PLAIN_ARCHS:
+            raise ValueError(f"plain_torchvision.py trains {list(PLAIN_ARCHS)}, not {budget['arch']}")
+        return
+    recipe = Recipe.preset(row.preset).replace(**_settings(row, budget)).validate()
+    if (row.name != row.preset and not row.evaluate and not row.store
+            and recipe == Recipe.preset(row.preset).replace(**budget)):
+        raise ValueError(f"same settings as {row.preset} at this budget")
+
+
+def plan_rows(args, budget: dict) -> tuple[list, dict]:
+    """(rows to run, {spec: why skipped}); rows named by the user that cannot run are an error."""
+    explicit = args.rows != "all"
+    specs = [s for s in args.rows.split(",")] if explicit else ["reference", "best", "plain", *POSTHOC, *OPTIONS]
+    combos = [s for s in args.combos.split(",") if s.strip()] if args.combos else []
+    rows, skipped, seen = [], {}, set()
+    for spec, named in [(s, explicit) for s in specs] + [(c, True) for c in combos]:
+        try:
+            row = parse_row(spec)
+            check_row(row, budget)
+        except ValueError as e:
+            if named:
+                fail(f"--{'combos' if spec in combos else 'rows'}: {e}")
+            skipped[spec] = (f"the library has no such setting (no Recipe field '{str(e).split(chr(39))[1]}')"
+                             if isinstance(e, UnknownOption) else str(e))
+            continue
+        if row.name not in seen:
+            seen.add(row.name)
+            rows.append(row)
+    return rows, skipped
+
+
+# ---------------------------------------------------------------- arguments
 
 
 def parse_args(argv=None):
-    """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("../shared/data/artworks"))
-    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--data", type=Path, default=Path("../shared/data/artworks"), help="folder with train.csv")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="run directories (scratch, resumable)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where <budget>.jsonl and .md go")
+    p.add_argument("--budget", help="name of the budget's files (default <arch>-<size>px-<epochs>ep-bs<bs>[-n<limit>])")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--bs", type=int, default=32)
-    p.add_argument("--limit", type=int, default=1500, help="stratified subset of the training table (0: all)")
-    p.add_argument("--folds", default="0,1", help="folds of the 4-fold split to train for every recipe")
-    p.add_argument("--recipes", default="all", help="comma-separated: reference,best,+adamw,... (default: all)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workers", type=int)
-    return p.parse_args(argv)
+    p.add_argument("--limit", type=int, default=0, help="stratified subset of the training table (0: all of it)")
+    p.add_argument("--n-folds", type=int, default=4)
+    p.add_argument("--fold-seed", type=int, default=42, help="seed of the one fold assignment every run shares")
+    p.add_argument("--folds", default="0", help="folds trained and scored for every row, e.g. 0 or 0,1")
+    p.add_argument("--seeds", default="42,7", help="training seeds, at least 2 (init and augmentation only)")
+    p.add_argument("--rows", default="all", help="comma-separated row specs (default: every row, see --dry-run)")
+    p.add_argument("--combos", default="", help="extra rows, e.g. 'min_scale=0.35+warmup=1,best+warmup=1'")
+    p.add_argument("--workers", type=int, help="loader workers (artlearn and the plain script)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--plain-in-process", action="store_true",
+                   help="run plain_torchvision.py's main() in this process, not a subprocess (faster for tiny runs)")
+    p.add_argument("--max-minutes", type=float, default=0, help="start no new run after this long (0: no limit)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned rows and runs, train nothing")
+    p.add_argument("--report-only", action="store_true", help="rebuild <budget>.md from the jsonl, train nothing")
+    args = p.parse_args(argv)
+    args.seeds = _int_list("--seeds", args.seeds)
+    if len(args.seeds) < 2:
+        fail(f"--seeds {','.join(map(str, args.seeds))}: need at least 2 seeds per row (the spread is measured)")
+    if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        fail(f"--seeds {args.seeds}: need distinct integers >= 0")
+    args.folds = _int_list("--folds", args.folds)
+    folds_ok = all(0 <= f < args.n_folds for f in args.folds) and len(set(args.folds)) == len(args.folds)
+    if args.n_folds < 2 or not folds_ok:
+        fail(f"--folds {args.folds}: need distinct folds in 0..{args.n_folds - 1} (--n-folds {args.n_folds})")
+    for name in ("size", "epochs", "bs"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} {getattr(args, name)}: need a positive number")
+    if args.limit < 0:
+        fail(f"--limit {args.limit}: need 0 (all) or a positive number of images")
+    return args
 
 
-# Options tried on top of 'reference' that 'best' does not use (their rows show why).
-CANDIDATES = {"+sqrt_sampler": {"sampler": "sqrt"}, "+ema": {"ema": 0.998}, "+mixup": {"mixup": 0.4}}
+def _int_list(flag: str, text: str) -> list:
+    try:
+        values = [int(s) for s in text.split(",")]
+    except ValueError:
+        fail(f"{flag} {text!r}: need comma-separated integers such as 42,7")
+    return values
 
 
-def recipes() -> dict:
-    """name -> (preset, overrides): reference, best, reference plus each option group of best, candidates."""
-    out = {"reference": ("reference", {}), "best": ("best", {})}
-    for name, keys in OPTION_GROUPS.items():
-        if any(getattr(BEST, k) != getattr(REFERENCE, k) for k in keys):
-            out[f"+{name}"] = ("reference", {k: getattr(BEST, k) for k in keys})
-    out.update({name: ("reference", overrides) for name, overrides in CANDIDATES.items()})
-    return out
+def budget_of(args) -> dict:
+    return dict(arch=args.arch, size=args.size, epochs=args.epochs, bs=args.bs)
 
 
-def run_recipe(name, preset, overrides, df, args) -> dict:
-    """Train one recipe on the shared folds; its OOF scores and per-fold macro-F1."""
-    start = time.time()
-    run = artlearn.train_kfold(df, args.out / name.replace("+", "plus_"), n_folds=4,
-                               folds=[int(f) for f in args.folds.split(",")], preset=preset, arch=args.arch,
-                               size=args.size, epochs=args.epochs, bs=args.bs, seed=args.seed, workers=args.workers,
-                               progress=False, log=lambda *a: None, **overrides)
-    per_fold = []
-    for k in run.folds:
-        fold = run.oof[run.oof["fold"] == k]
-        per_fold.append(artlearn.run.oof_scores(fold)["f1_macro"])
-    return dict(recipe=name, **{k: v for k, v in run.oof_scores.items() if k in ("accuracy", "f1_macro", "n")},
-                f1_folds=per_fold, minutes=(time.time() - start) / 60,
-                changes=", ".join(f"{k}={v}" for k, v in overrides.items()) or preset)
+def budget_name(args) -> str:
+    if args.budget:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", args.budget):
+            fail(f"--budget {args.budget!r}: use letters, digits, '.', '_' and '-'")
+        return args.budget
+    name = f"{args.arch}-{args.size}px-{args.epochs}ep-bs{args.bs}"
+    name += f"-n{args.limit}" if args.limit else ""
+    return name + (f"-k{args.n_folds}s{args.fold_seed}" if (args.n_folds, args.fold_seed) != (4, 42) else "")
 
 
-def print_table(rows, baseline) -> None:
-    """Markdown table: OOF accuracy, OOF macro-F1, per-fold macro-F1 mean and spread, change vs reference."""
-    ref = next((r for r in rows if r["recipe"] == "reference"), None)
-    print("\n| recipe | settings | OOF accuracy | OOF macro-F1 | fold macro-F1 mean ± std | Δ macro-F1 vs reference |"
-          " minutes |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        delta = f"{100 * (r['f1_macro'] - ref['f1_macro']):+.1f} pts" if ref else ""
-        folds = np.array(r["f1_folds"])
-        print(f"| {r['recipe']} | {r['changes']} | {r['accuracy']:.4f} | {r['f1_macro']:.4f} | "
-              f"{folds.mean():.4f} ± {folds.std():.4f} | {delta} | {r['minutes']:.1f} |")
-    print(f"| majority class | always {baseline['artist']} | {baseline['accuracy']:.4f} | "
-          f"{baseline['f1_macro']:.4f} | | | |")
+# ---------------------------------------------------------------- the shared data and folds
 
 
-def main(argv=None):
-    """Train every recipe and print the comparison table."""
-    args = parse_args(argv)
+def load_table(args) -> pd.DataFrame:
+    """The training table (optionally a stratified subset) with the one fold assignment every run shares."""
+    import artlearn
+    if not (args.data / "train.csv").is_file():
+        fail(f"{args.data / 'train.csv'} not found; pass --data with the folder holding train.csv")
     df = artlearn.read_artworks(args.data / "train.csv", kind="train")
     if args.limit:
         df = artlearn.stratified_subset(df, args.limit, seed=0)
-    chosen = recipes()
-    if args.recipes != "all":
-        names = args.recipes.split(",")
-        unknown = [n for n in names if n not in chosen]
-        if unknown:
-            raise SystemExit(f"unknown recipe(s) {unknown}; choose from {list(chosen)}")
-        chosen = {n: chosen[n] for n in names}
-    print(f"protocol: {len(df)} images, {df['artist'].nunique()} artists, {args.arch} at {args.size} px, "
-          f"{args.epochs} epochs, batch {args.bs}, folds {args.folds} of 4 (seed {args.seed}), OOF scores, flip-TTA")
-    rows = []
-    for name, (preset, overrides) in chosen.items():
-        rows.append(run_recipe(name, preset, overrides, df, args))
-        r = rows[-1]
-        print(f"{name:>16}: OOF accuracy {r['accuracy']:.4f}  macro-F1 {r['f1_macro']:.4f}  ({r['minutes']:.1f} min)",
-              flush=True)
-    baseline = artlearn.run.majority_baseline(df)
-    print_table(rows, baseline)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "comparison.json").write_text(json.dumps(dict(rows=rows, baseline=baseline, args=vars(args)),
-                                                         default=str, indent=1))
+    return artlearn.assign_folds(df, args.n_folds, seed=args.fold_seed).reset_index(drop=True)
+
+
+def data_fingerprint(df: pd.DataFrame) -> str:
+    """Hash of (file stem, artist, fold): the same on any machine, and for re-encoded copies of the images."""
+    import hashlib
+    keys = sorted(zip((Path(p).stem for p in df["img_path"]), df["artist"].astype(str), df["fold"].astype(int)))
+    return hashlib.sha1(repr(keys).encode()).hexdigest()[:16]
+
+
+def where() -> dict:
+    """The machine a run ran on: host, CPU and GPU names, torch."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return dict(node=platform.node(), cpu=cpu, cpus=os.cpu_count(), gpu=gpu, device="cuda" if gpu else "cpu",
+                torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------- results files
+
+
+def read_jsonl(path: Path) -> list:
+    if not path.is_file():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"warning: {path}:{i + 1} is not JSON, ignored", file=sys.stderr)
+    return out
+
+
+def record_key(rec: dict) -> tuple:
+    return rec["row"], int(rec["seed"]), tuple(rec["folds"]), rec["data_fingerprint"]
+
+
+def append_jsonl(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- one run
+
+
+class Context:
+    """Everything the runs share: arguments, table and folds, budget, stores, results files."""
+
+    def __init__(self, args, df):
+        self.args, self.df, self.budget = args, df, budget_of(args)
+        self.name = budget_name(args)
+        self.root = args.out / self.name
+        self.jsonl = args.results_dir / f"{self.name}.jsonl"
+        self.fingerprint = data_fingerprint(df)
+        self.caches = {}
+
+    def cache(self, presize: int):
+        """One decode-once store per shorter side, shared by every run of this process."""
+        from artlearn.store import PresizeCache
+        if presize not in self.caches:
+            self.caches[presize] = PresizeCache(int(presize))
+        return self.caches[presize]
+
+    def presize(self, row: Row) -> int:
+        from artlearn.store import presize_for
+        return row.store or presize_for(_settings(row, self.budget)["size"])
+
+    def run_dir(self, row: Row, seed: int) -> Path:
+        return self.root / f"{row.train_dir}-s{seed}"
+
+    def pending_folds(self, row: Row, seed: int) -> list:
+        """Folds of --folds not yet complete in the run directory of the row's training part."""
+        from artlearn.run import fold_dir, fold_is_complete
+        d = self.run_dir(row, seed)
+        if row.kind == "plain":
+            return [k for k in self.args.folds if not (d / f"fold{k}" / "result.json").is_file()]
+        return [k for k in self.args.folds if not fold_is_complete(fold_dir(d, k))]
+
+
+def _log(prefix):
+    return lambda msg: print(f"  [{prefix}] {msg}", flush=True)
+
+
+def train_run(ctx: Context, row: Row, seed: int):
+    """train_kfold for the row's training part on the shared folds (resumes); checks the folds were honoured."""
+    import artlearn
+    base = row.training()
+    run_dir = ctx.run_dir(base, seed)
+    run = artlearn.train_kfold(ctx.df, run_dir, n_folds=ctx.args.n_folds, folds=ctx.args.folds, preset=row.preset,
+                               seed=seed, tta="flip", workers=ctx.args.workers, progress=False,
+                               cache=ctx.cache(ctx.presize(row)), log=_log(f"{base.name} s{seed}"),
+                               **_settings(row, ctx.budget))
+    written = pd.read_csv(run_dir / "folds.csv", dtype={"img_path": str}, keep_default_na=False)
+    given = ctx.df.set_index("img_path")["fold"]
+    if not (written.set_index("img_path")["fold"].reindex(given.index) == given).all():
+        raise RuntimeError(f"{run_dir}/folds.csv differs from the fold assignment passed to train_kfold")
+    return run
+
+
+def score(true, pred) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+    return dict(accuracy=float(accuracy_score(true, pred)),
+                f1_macro=float(f1_score(true, pred, average="macro", zero_division=0)), n_oof=int(len(true)))
+
+
+def score_train(ctx: Context, row: Row, seed: int) -> dict:
+    """A trained row: its OOF predictions (flip-TTA, written by train_kfold) on --folds."""
+    run = train_run(ctx, row, seed)
+    oof = run.oof[run.oof["fold"].isin(ctx.args.folds)]
+    best = run.best
+    per_fold = {}
+    for k in ctx.args.folds:
+        part = oof[oof["fold"] == k]
+        b = best.loc[k] if k in best.index else {}
+        per_fold[str(k)] = dict(best_epoch=_int(b.get("epoch")), status=b.get("status"),
+                                valid_loss=_float(b.get("valid_loss")), valid_acc=_float(b.get("valid_acc")),
+                                **score(part["artist"], part["pred"]))
+    seconds = sum(float(run.histories[k]["seconds"].sum()) for k in ctx.args.folds if k in run.histories)
+    return dict(**score(oof["artist"], oof["pred"]), per_fold=per_fold, train_seconds=seconds,
+                run_dir=str(run.path))
+
+
+def score_posthoc(ctx: Context, row: Row, seed: int) -> dict:
+    """An ensemble-time row: each fold of the training part's run re-scored on its own validation rows."""
+    import artlearn
+    run = train_run(ctx, row, seed)
+    tta = row.evaluate.get("tta", "flip")
+    tta = None if tta == "none" else tta
+    trues, preds, per_fold = [], [], {}
+    for k in ctx.args.folds:
+        valid = ctx.df[ctx.df["fold"] == k]
+        probs, vocab = artlearn.ensemble(run, valid, folds=[k], tta=tta, cache=ctx.cache(ctx.presize(row)),
+                                         prior_adjust=row.evaluate.get("prior_adjust", 0.0), workers=ctx.args.workers)
+        pred = [vocab[i] for i in probs.argmax(1)]
+        b = run.best.loc[k]
+        per_fold[str(k)] = dict(best_epoch=_int(b.get("epoch")), status=b.get("status"),
+                                **score(valid["artist"], pred))
+        trues += list(valid["artist"])
+        preds += pred
+    return dict(**score(trues, preds), per_fold=per_fold, train_seconds=0.0, run_dir=str(run.path))
+
+
+def _plain_module():
+    """examples/plain_torchvision.py as a module (for --plain-in-process)."""
+    import importlib.util
+    if "plain_torchvision" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("plain_torchvision", PLAIN_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["plain_torchvision"] = module
+    return sys.modules["plain_torchvision"]
+
+
+def score_plain(ctx: Context, row: Row, seed: int) -> dict:
+    """The plain-torchvision row: one subprocess per fold on the same folds.csv; skips folds already done."""
+    run_dir = ctx.run_dir(row, seed)
+    folds_csv = ctx.root / "folds.csv"
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(ctx.args.threads)} if ctx.args.threads else {}))
+    oofs, per_fold, seconds = [], {}, 0.0
+    for k in ctx.args.folds:
+        out = run_dir / f"fold{k}"
+        expect = dict(fold=k, arch=ctx.args.arch, size=ctx.args.size, epochs=ctx.args.epochs, bs=ctx.args.bs,
+                      seed=seed)
+        result = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else None
+        if result is None or any(result.get(key) != v for key, v in expect.items()):
+            cmd = [sys.executable, str(PLAIN_SCRIPT), "--train-csv", str(ctx.args.data / "train.csv"),
+                   "--folds-csv", str(folds_csv), "--fold", str(k), "--arch", ctx.args.arch,
+                   "--size", str(ctx.args.size), "--epochs", str(ctx.args.epochs), "--bs", str(ctx.args.bs),
+                   "--lr", "0.001", "--seed", str(seed), "--workers", str(ctx.args.workers or 0), "--out", str(out)]
+            print(f"  [plain s{seed}] fold {k}: {' '.join(cmd)}", flush=True)
+            if ctx.args.plain_in_process:
+                _plain_module().main(cmd[2:])
+            else:
+                subprocess.run(cmd, check=True, env=env)
+            result = json.loads((out / "result.json").read_text())
+        oof = pd.read_csv(out / "oof.csv", dtype={"img_path": str, "artist": str, "pred": str}, keep_default_na=False)
+        oofs.append(oof)
+        per_fold[str(k)] = dict(best_epoch=result["best_epoch"], valid_loss=result["best_valid_loss"],
+                                **score(oof["artist"], oof["pred"]))
+        seconds += result["seconds"]
+    oof = pd.concat(oofs, ignore_index=True)
+    return dict(**score(oof["artist"], oof["pred"]), per_fold=per_fold, train_seconds=seconds, run_dir=str(run_dir))
+
+
+def _short_path(path) -> str:
+    """A path relative to the working directory when it lies below it, else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _int(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else int(v)
+
+
+def _float(v):
+    return None if v is None else float(v)
+
+
+def run_one(ctx: Context, row: Row, seed: int) -> dict:
+    """Train (or resume) and score one (row, seed); the JSON record appended to the jsonl."""
+    import artlearn
+    from artlearn.run import majority_baseline
+    start, trained = time.time(), ctx.pending_folds(row.training(), seed)
+    scorer = {"train": score_train, "posthoc": score_posthoc, "plain": score_plain}[row.kind]
+    result = scorer(ctx, row, seed)
+    rec = dict(budget=ctx.name, row=row.name, kind=row.kind, settings=row.describe(), preset=row.preset,
+               overrides=row.overrides, evaluate=row.evaluate, store=row.store, seed=seed, folds=ctx.args.folds,
+               n_folds=ctx.args.n_folds, fold_seed=ctx.args.fold_seed, **ctx.budget, limit=ctx.args.limit,
+               data=str(ctx.args.data), data_fingerprint=ctx.fingerprint, n_images=len(ctx.df),
+               n_artists=int(ctx.df["artist"].nunique()), **result,
+               trained_folds=trained, wall_s=time.time() - start,
+               majority_baseline=majority_baseline(ctx.df), where=where(),
+               finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), artlearn=artlearn.__version__, git=git_commit())
+    rec["run_dir"] = _short_path(rec["run_dir"])
+    return rec
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _stats(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.4f} ± {(v.max() - v.min()) / 2:.4f} ({v.min():.4f}..{v.max():.4f})"
+
+
+def _delta(rows: dict, ref: dict, metric: str) -> str:
+    """Paired (same seed) difference in points: mean (min..max); unpaired mean when no seed is shared."""
+    common = sorted(set(rows) & set(ref))
+    if common:
+        d = np.array([rows[s][metric] - ref[s][metric] for s in common]) * 100
+        return f"{d.mean():+.1f} ({d.min():+.1f}..{d.max():+.1f})"
+    d = 100 * (np.mean([r[metric] for r in rows.values()]) - np.mean([r[metric] for r in ref.values()]))
+    return f"{d:+.1f} (unpaired)"
+
+
+def _machine(rec: dict) -> str:
+    w = rec.get("where") or {}
+    return w.get("gpu") or f"CPU {w.get('cpu', '?')} x{w.get('cpus', '?')} ({w.get('node', '?')})"
+
+
+def criterion(groups: dict, key_of) -> list:
+    """Issue 16's done-when check for best vs reference and best vs plain, from mean over seeds."""
+    lines = []
+    best, ref, plain = (groups.get(key_of(n)) for n in ("best", "reference", "plain"))
+    for other, name, need in ((ref, "reference", (3, 5)), (plain, "plain", (0, 0))):
+        if not best or not other:
+            continue
+        parts = []
+        for metric, label, margin in (("accuracy", "accuracy", need[0]), ("f1_macro", "macro-F1", need[1])):
+            d = 100 * (np.mean([r[metric] for r in best.values()]) - np.mean([r[metric] for r in other.values()]))
+            spread = 100 * max(max(r[metric] for r in g.values()) - min(r[metric] for r in g.values())
+                               for g in (best, other))
+            ok = d >= margin and d > spread
+            parts.append(f"{label} {d:+.1f} pts (need >= +{margin} and > seed spread {spread:.1f}: "
+                         f"{'yes' if ok else 'no'})")
+        lines.append(f"- best vs {name}: " + "; ".join(parts))
+    return lines
+
+
+def _table(groups: dict, order: list, key_of) -> list:
+    """Markdown lines of one table: a row per recipe with its seeds, mean ± spread (min..max) and deltas."""
+    ref = groups.get(key_of("reference"), {})
+    lines = ["| row | settings | seeds | OOF accuracy | OOF macro-F1 | Δ accuracy vs reference | "
+             "Δ macro-F1 vs reference | best epoch per fold | min/run | ran on |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        g = groups.get(key_of(name))
+        if not g:
+            continue
+        rs = [g[s] for s in sorted(g)]
+        epochs = "; ".join(",".join(str(pf.get("best_epoch")) for pf in r["per_fold"].values()) for r in rs)
+        minutes = np.mean([(r["train_seconds"] or r["wall_s"]) / 60 for r in rs])
+        deltas = [_delta(g, ref, m) if ref and name != "reference" else "" for m in ("accuracy", "f1_macro")]
+        label = f"**{name}**" if name in ("reference", "best", "plain") else name
+        lines.append(f"| {label} | {rs[0]['settings']} | {','.join(map(str, sorted(g)))} | "
+                     f"{_stats([r['accuracy'] for r in rs])} | {_stats([r['f1_macro'] for r in rs])} | "
+                     f"{deltas[0]} | {deltas[1]} | {epochs} | {minutes:.1f} | "
+                     f"{', '.join(sorted({_machine(r) for r in rs}))} |")
+    return lines
+
+
+def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
+    """<budget>.md from every line of <budget>.jsonl (the last line of a (row, seed, folds, data) wins)."""
+    groups, order = {}, [r.name for r in rows]
+    for rec in {record_key(r): r for r in read_jsonl(ctx.jsonl)}.values():
+        groups.setdefault((rec["row"], tuple(rec["folds"]), rec["data_fingerprint"]), {})[int(rec["seed"])] = rec
+        if rec["row"] not in order:
+            order.append(rec["row"])
+    lines = [f"# Recipe comparison: {ctx.name}", "",
+             f"Written by `examples/compare_recipes.py` from `{ctx.jsonl.name}` (one line per run). Out-of-fold "
+             "scores only (flip-TTA; the test set is never used), one fold assignment shared by every row and seed "
+             "(stratified, `assign_folds`), the seed changing model init and augmentation only. Spread: half the "
+             "min..max range over seeds. Deltas: paired by seed, in points, mean (min..max).", ""]
+    for fp in sorted({k[2] for k in groups}):
+        sample = next(r for k, g in groups.items() if k[2] == fp for r in g.values())
+        base = sample["majority_baseline"]
+        lines += [f"Data `{sample['data']}`: {sample['n_images']} images, {sample['n_artists']} artists "
+                  f"(fingerprint {fp}); {sample['arch']}, {sample['size']} px, {sample['epochs']} epochs, "
+                  f"batch {sample['bs']}; folds of a {sample['n_folds']}-fold split (seed {sample['fold_seed']}).", ""]
+        for folds in sorted({k[1] for k in groups if k[2] == fp}):
+            def key_of(name, folds=folds, fp=fp):
+                return name, folds, fp
+
+            check = criterion(groups, key_of)
+            lines += [f"## folds {', '.join(map(str, folds))}", "", *_table(groups, order, key_of), "",
+                      f"Majority class (always {base['artist']}): accuracy {base['accuracy']:.4f}, macro-F1 "
+                      f"{base['f1_macro']:.4f} (whole table).", ""]
+            lines += ["Issue 16's criterion (mean over seeds):", *check, ""] if check else []
+    if skipped:
+        lines += ["## Options not run, and why", ""] + [f"- `{s}`: {why}" for s, why in skipped.items()] + [""]
+    path = ctx.jsonl.with_suffix(".md")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- plan and main
+
+
+def estimate_minutes(ctx: Context, row: Row, n_folds: int) -> float:
+    """Rough CPU minutes here for n_folds fold trainings of a row (issue 16's 5 min per 64 px R18 fold)."""
+    s = _settings(row, ctx.budget) if row.kind != "plain" else ctx.budget
+    return (n_folds * MINUTES_PER_FOLD * (s["size"] / 64) ** 2 * s["epochs"] / 12 * len(ctx.df) / REAL_IMAGES
+            * ARCH_COST.get(s["arch"], 3.0))
+
+
+def plan(ctx: Context, rows: list, done: set) -> list:
+    """[(row, seed, status, fold trainings needed)] in run order; prints the plan."""
+    tasks, counted = [], set()
+    for row in rows:
+        for seed in ctx.args.seeds:
+            key = (row.name, seed, tuple(ctx.args.folds), ctx.fingerprint)
+            base = row.training()
+            pending = ctx.pending_folds(base, seed)
+            if key in done:
+                status, n = "done (in the jsonl)", 0
+            elif row.kind == "posthoc":
+                n = 0 if (base.train_name, seed) in counted else len(pending)
+                status = "ensemble-time" + (f", trains {base.train_name} folds {pending} first" if n else "")
+            else:
+                n = len(pending)
+                status = f"train folds {pending}" if pending else "folds complete, score only"
+            if key not in done:
+                counted.add((base.train_name, seed))
+            tasks.append((row, seed, status, n))
+    return tasks
+
+
+def print_plan(ctx: Context, tasks: list, skipped: dict) -> None:
+    a = ctx.args
+    print(f"budget {ctx.name}: {len(ctx.df)} images, {ctx.df['artist'].nunique()} artists, {a.arch}, {a.size} px, "
+          f"{a.epochs} epochs, batch {a.bs}; folds {a.folds} of a {a.n_folds}-fold split (seed {a.fold_seed}, "
+          f"fingerprint {ctx.fingerprint}); seeds {a.seeds}")
+    print(f"runs in {ctx.root}; results {ctx.jsonl} and {ctx.jsonl.with_suffix('.md')}")
+    for row, seed, status, _ in tasks:
+        print(f"  {row.name:<34} seed {seed:<4} {row.kind:<8} {status}")
+    todo = [t for t in tasks if not t[2].startswith("done")]
+    trainings = sum(t[3] for t in tasks)
+    minutes = sum(estimate_minutes(ctx, t[0], t[3]) for t in tasks)
+    print(f"{len(tasks)} runs planned, {len(todo)} to do, {trainings} fold trainings: about {minutes:.1f} CPU minutes "
+          f"on this 2-core machine (from {MINUTES_PER_FOLD:g} min per 64 px ResNet-18 12-epoch fold of "
+          f"{REAL_IMAGES} images; far less on a GPU)")
+    for spec, why in skipped.items():
+        print(f"  skipped {spec}: {why}")
+
+
+def main(argv=None) -> list:
+    """Plan, then train and score every (row, seed) not in the jsonl yet; returns the records written now."""
+    args = parse_args(argv)
+    budget = budget_of(args)
+    rows, skipped = plan_rows(args, budget)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    ctx = Context(args, load_table(args))
+    done = {record_key(r) for r in read_jsonl(ctx.jsonl)}
+    tasks = plan(ctx, rows, done)
+    print_plan(ctx, tasks, skipped)
+    if args.dry_run:
+        return []
+    if args.report_only:
+        print(f"wrote {write_report(ctx, rows, skipped)}")
+        return []
+    ctx.root.mkdir(parents=True, exist_ok=True)
+    folds = ctx.df[[c for c in ("id", "img_path", "artist", "fold") if c in ctx.df.columns]]
+    folds.to_csv(ctx.root / "folds.csv", index=False)
+    started, written = time.time(), []
+    for row, seed, status, _ in tasks:
+        if status.startswith("done"):
+            continue
+        if args.max_minutes and time.time() - started > 60 * args.max_minutes:
+            print(f"--max-minutes {args.max_minutes:g} spent: stopping before {row.name} seed {seed}; rerun to go on")
+            break
+        print(f"{row.name} seed {seed}: {status}", flush=True)
+        rec = run_one(ctx, row, seed)
+        append_jsonl(ctx.jsonl, rec)
+        written.append(rec)
+        print(f"{row.name} seed {seed}: OOF accuracy {rec['accuracy']:.4f}  macro-F1 {rec['f1_macro']:.4f}  "
+              f"({rec['wall_s'] / 60:.1f} min)", flush=True)
+        write_report(ctx, rows, skipped)
+    print(f"wrote {write_report(ctx, rows, skipped)}")
+    return written
 
 
 if __name__ == "__main__":

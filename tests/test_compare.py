@@ -1,0 +1,173 @@
+"""examples/compare_recipes.py, plain_torchvision.py and fold_selection_study.py at tiny settings on tiny data."""
+import ast
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = ["--size", "32", "--epochs", "1", "--bs", "16", "--threads", "1"]
+ROWS = ["reference", "prior_adjust=1.0", "plain"]
+COMBO = "min_scale=0.35+label_smoothing=0.1"
+
+
+def load(name):
+    """An example script as a module (its main(argv) is called in this process)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import artlearn
+    return artlearn.make_synthetic_artworks(tmp_path_factory.mktemp("syn") / "data", n_artists=4, n_train=40,
+                                            n_test=8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def compared(data, tmp_path_factory):
+    """One tiny sweep: 4 rows x 2 seeds (the plain row in this process)."""
+    tmp = tmp_path_factory.mktemp("compare")
+    argv = ["--data", str(data), "--out", str(tmp / "runs"), "--results-dir", str(tmp / "res"), *TINY,
+            "--rows", ",".join(ROWS), "--combos", COMBO, "--seeds", "42,7", "--plain-in-process"]
+    records = load("compare_recipes").main(argv)
+    budget = "resnet18-32px-1ep-bs16"
+    return dict(argv=argv, records=records, tmp=tmp, jsonl=tmp / "res" / f"{budget}.jsonl",
+                md=tmp / "res" / f"{budget}.md", root=tmp / "runs" / budget)
+
+
+def test_jsonl_has_one_line_per_run_with_finite_scores(compared):
+    lines = [json.loads(line) for line in compared["jsonl"].read_text().splitlines()]
+    assert len(lines) == len(compared["records"]) == 8
+    assert {(r["row"], r["seed"]) for r in lines} == {(n, s) for n in ROWS + [COMBO] for s in (42, 7)}
+    for r in lines:
+        for key in ("row", "kind", "overrides", "seed", "folds", "accuracy", "f1_macro", "per_fold", "wall_s",
+                    "where", "data_fingerprint", "n_images"):
+            assert key in r, key
+        assert r["folds"] == [0] and r["n_images"] == 40
+        for score in (r["accuracy"], r["f1_macro"], *(f["accuracy"] for f in r["per_fold"].values())):
+            assert math.isfinite(score) and 0 <= score <= 1
+        assert r["per_fold"]["0"]["best_epoch"] == 0 and r["wall_s"] > 0
+        assert r["where"]["node"] and r["where"]["device"] == "cpu"
+    by = {(r["row"], r["seed"]): r for r in lines}
+    assert by[(COMBO, 42)]["overrides"] == {"min_scale": 0.35, "label_smoothing": 0.1}
+    assert by[("prior_adjust=1.0", 42)]["kind"] == "posthoc" and by[("prior_adjust=1.0", 42)]["trained_folds"] == []
+    assert by[("reference", 42)]["trained_folds"] == [0]
+
+
+def test_markdown_table_has_one_row_per_recipe_with_mean_and_spread(compared):
+    text = compared["md"].read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [line.split("|")[1].strip().strip("*") for line in table]
+    assert names == [*ROWS, COMBO]
+    stat = r"\d\.\d{4} ± \d\.\d{4} \(\d\.\d{4}\.\.\d\.\d{4}\)"
+    for line in table:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert cells[2] == "7,42" and re.fullmatch(stat, cells[3]) and re.fullmatch(stat, cells[4]), line
+        if cells[0] != "**reference**":
+            assert re.fullmatch(r"[+-]\d+\.\d \([+-]\d+\.\d\.\.[+-]\d+\.\d\)", cells[5]), line
+    assert "Majority class" in text
+
+
+def test_every_run_and_the_plain_script_use_the_same_folds(compared):
+    root = compared["root"]
+    folds = pd.read_csv(root / "folds.csv")
+    valid = set(folds.loc[folds["fold"] == 0, "img_path"])
+    for seed in (42, 7):
+        artlearn_valid = set(pd.read_csv(root / f"reference-s{seed}" / "fold0" / "oof.csv")["img_path"])
+        plain_valid = set(pd.read_csv(root / f"plain-s{seed}" / "fold0" / "oof.csv")["img_path"])
+        assert artlearn_valid == plain_valid == valid
+        written = pd.read_csv(root / f"reference-s{seed}" / "folds.csv").set_index("img_path")["fold"]
+        assert written.reindex(folds["img_path"]).tolist() == folds["fold"].tolist()  # the given folds, honoured
+
+
+def test_plain_script_imports_no_artlearn_and_is_deterministic(compared, data, tmp_path):
+    tree = ast.parse((EXAMPLES / "plain_torchvision.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "artlearn" not in imported and {"torch", "torchvision"} <= imported
+    plain = load("plain_torchvision")
+    argv = ["--train-csv", str(data / "train.csv"), "--folds-csv", str(compared["root"] / "folds.csv"),
+            "--size", "32", "--epochs", "1", "--bs", "16", "--seed", "42"]
+    plain.main([*argv, "--out", str(tmp_path / "a")])
+    first = json.loads((tmp_path / "a" / "result.json").read_text())
+    again = json.loads((compared["root"] / "plain-s42" / "fold0" / "result.json").read_text())
+    assert first["history"] == again["history"] and first["accuracy"] == again["accuracy"]
+
+
+def test_rerun_trains_nothing_and_runs_resume_without_the_jsonl(compared, tmp_path, capsys):
+    compare = load("compare_recipes")
+    before = compared["jsonl"].read_text()
+    weights = compared["root"] / "reference-s42" / "fold0" / "best.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert compare.main(compared["argv"]) == []  # every (row, seed) already in the jsonl
+    assert compared["jsonl"].read_text() == before
+    compared["md"].unlink()
+    assert compare.main([*compared["argv"], "--report-only"]) == [] and "| **plain** |" in compared["md"].read_text()
+    argv = compared["argv"][:compared["argv"].index("--rows")] + ["--rows", "reference,plain", "--seeds", "42,7",
+                                                                   "--plain-in-process"]
+    argv[argv.index("--results-dir") + 1] = str(tmp_path / "res")
+    records = compare.main(argv)  # no jsonl there: the complete run directories are scored, not retrained
+    assert len(records) == 4 and all(r["trained_folds"] == [] for r in records)
+    assert weights.stat().st_mtime_ns == mtime
+    assert "trained in" not in capsys.readouterr().out
+
+
+def test_dry_run_plans_every_row_and_trains_nothing(data, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert load("compare_recipes").main(["--data", str(data), "--out", str(out), "--results-dir",
+                                         str(tmp_path / "res"), *TINY, "--epochs", "3", "--dry-run",
+                                         "--combos", "min_scale=0.35+warmup=0"]) == []
+    text = capsys.readouterr().out
+    for row in ("reference", "best", "plain", "prior_adjust=1.0", "tta=multicrop", "min_scale=0.35", "sampler=sqrt",
+                "arch=resnet34", "min_scale=0.35+warmup=0"):
+        assert re.search(rf"^\s+{re.escape(row)}\s+seed 42", text, re.M), row
+    assert "runs planned" in text and "skipped arch=resnet18: same settings as reference" in text
+    assert not out.exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rows", "reference,fancy"], "unknown recipe 'fancy'"),
+    (["--combos", "warp=1"], "unknown option 'warp'"),
+    (["--combos", "min_scale=abc"], "min_scale=abc: need a float"),
+    (["--combos", "optimizer=rmsprop"], "optimizer='rmsprop'"),
+    (["--seeds", "42,x"], "--seeds '42,x'"),
+    (["--seeds", "42"], "at least 2 seeds"),
+    (["--folds", "5"], "--folds [5]"),
+])
+def test_bad_arguments_fail_before_training(data, tmp_path, extra, message):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as info:
+        load("compare_recipes").main(["--data", str(data), "--out", str(out), "--results-dir", str(tmp_path),
+                                      *TINY, *extra])
+    assert message in str(info.value) and "error" in str(info.value)
+    assert not out.exists()
+
+
+def test_fold_selection_study(data, tmp_path, capsys):
+    study = load("fold_selection_study")
+    argv = ["--data", str(data), "--out", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res"), *TINY,
+            "--n-folds", "2", "--seeds", "42,7"]
+    assert study.main([*argv, "--dry-run"]) == [] and not (tmp_path / "runs").exists()
+    assert "4 fold trainings" in capsys.readouterr().out
+    records = study.main(argv)
+    assert [r["seed"] for r in records] == [42, 7]
+    for r in records:
+        assert r["n_holdout"] + r["n_train"] == 40 and 4 <= r["n_holdout"] <= 8
+        assert set(r["selected"]) <= set(r["folds"]) == {0, 1}
+        for strategy in study.STRATEGIES:
+            assert all(0 <= r["results"][strategy][m] <= 1 for m in ("accuracy", "f1_macro"))
+    md = (tmp_path / "res" / "fold_selection-resnet18-32px-1ep-bs16.md").read_text()
+    assert md.count("\n| 42 |") == 1 and md.count("\n| 7 |") == 1 and "| selected |" in md
+    assert study.main(argv) == []  # resumed: both seeds are in the jsonl
+    with pytest.raises(SystemExit, match="at least 2"):
+        study.main([*argv, "--seeds", "3"])
