@@ -2,6 +2,8 @@
 import math
 import random
 
+import torch
+import torch.nn.functional as F
 from fastai.vision.augment import RandTransform
 from fastai.vision.core import PILImage
 from PIL import Image
@@ -55,21 +57,27 @@ class ArtistCrop(RandTransform):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Batch pipeline on the device (issue 13): a batch is `images` uint8 (N, 3, Hc, Wc), each image at the top-left of a
-# padded canvas, plus `sizes` int (N, 2) holding each image's real (height, width). Every view is ONE resampling of the
-# stored pixels: crop box, rotation about the box centre and flip compose into one affine map per image ("map": a
-# (N, 2, 3) float tensor taking output pixel (u, v, 1) to source pixel (x, y), pixel centres at integers).
+# Batch pipeline on the device (issue 13). Above: the per-item PIL crops of fastai's pipeline. Below: whole batches.
+# A batch is `images` uint8 (N, 3, Hc, Wc), each image at the top-left of a padded canvas (any device; channels_last
+# memory makes the CPU's antialiased resize 2-3x faster), plus `sizes` int (N, 2) holding each image's real
+# (height, width). Views are float (N, 3, S, S) in 0..255 (divide by 255 for fastai's 0..1). Every view is ONE
+# resampling of the stored pixels: crop box, rotation about the box centre and flip compose into one affine map per
+# image (a "map": (N, 2, 3) float, output pixel (u, v, 1) -> source pixel (x, y), pixel centres at integers).
+#
+# Antialias rule (measured in examples/bench_augment.py, tested in tests/test_augment.py):
+# - unturned whole-pixel boxes (every centre view; the unrotated quarter of training views) are torchvision's
+#   resized_crop itself: torch's antialiased bilinear resize of the box (bit-identical to torchvision on uint8 CPU),
+#   mirrored if flipped;
+# - turned views: each image's window (the footprint of its view, its mirror image at the edges and the filter's
+#   margin) is first reduced by that same resize by max(1, shrink / OVERSAMPLE) per axis, then ONE bilinear tap per
+#   output pixel (one grid_sample for the batch) samples it, so that tap never shrinks more than 1.3x. Coordinates
+#   leaving an image are mirrored about its own outer pixel edges (numpy 'symmetric', grid_sample 'reflection' with
+#   align_corners=False), never about the canvas's.
+# Random draws all come from a torch.Generator the caller passes (device of the generator; moved afterwards).
 # ---------------------------------------------------------------------------------------------------------------------
-import logging  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-logger = logging.getLogger("artlearn")
-
 MIN_SIZE = 8
 CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params
-MAX_SUBSAMPLES = 4  # per axis; with the pyramid the residual shrink per axis stays below ~2-3
+OVERSAMPLE = 1.3  # source pixels per output pixel kept in each image's prefiltered level (see resample)
 
 
 def _check_size(out_size) -> int:
@@ -94,27 +102,45 @@ def _check_ratio(ratio) -> tuple:
     return float(lo), float(hi)
 
 
-def _check_batch(images, sizes):
-    """uint8 (N, 3, Hc, Wc) images with int (N, 2) sizes inside the canvas."""
+def _check_batch(images, sizes) -> torch.Tensor:
+    """uint8 (N, 3, Hc, Wc) images with int (N, 2) sizes inside the canvas; returns the sizes as a tensor."""
+    sizes = _check_sizes(sizes)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images: need uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     if sizes.shape != (images.shape[0], 2) or sizes.is_floating_point():
         raise ValueError(f"sizes: need int (N, 2) (height, width), got {sizes.dtype} {tuple(sizes.shape)}")
-    if len(sizes) and (sizes.min() < 1 or (sizes.max(0).values > torch.tensor(images.shape[2:], device=sizes.device)).any()):
-        raise ValueError(f"sizes: every (height, width) must lie in 1..{tuple(images.shape[2:])}")
+    canvas = torch.tensor(images.shape[2:], device=sizes.device)
+    if len(sizes) and (sizes.min() < 1 or (sizes.max(0).values > canvas).any()):
+        raise ValueError(f"sizes={sizes.tolist()}: every (height, width) must fit the canvas {tuple(images.shape[2:])}")
+    return sizes
+
+
+def _check_sizes(sizes) -> torch.Tensor:
+    """Image (height, width) pairs as an int tensor (N, 2), each at least 1."""
+    sizes = torch.as_tensor(sizes)
+    if sizes.ndim != 2 or sizes.shape[1] != 2 or sizes.is_floating_point() or (len(sizes) and sizes.min() < 1):
+        raise ValueError(f"sizes={sizes.tolist()}: need int (N, 2) (height, width) pairs, each at least 1")
+    return sizes
 
 
 def _uniform(n, shape, low, high, generator, device) -> torch.Tensor:
     """Uniform draws in [low, high) from the local generator, float64, moved to `device`."""
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator={generator!r}: need a torch.Generator (local RNG; the global one is never used)")
     u = torch.rand((n, *shape), generator=generator, dtype=torch.float64, device=generator.device)
     return (low + (high - low) * u).to(device)
 
 
 def store_side(size: int, min_scale: float, image_short_side: int, cap: int | None = None) -> int:
-    """Shorter side to store so a `min_scale` crop is not upsampled: ceil(size / sqrt(min_scale)), capped by the image and `cap`."""
+    """Shorter side to store: ceil(size / sqrt(min_scale)), capped by the image's own shorter side and by `cap`."""
+    # A crop of area fraction s of a square image of side L has side sqrt(s) * L: at this side even a min_scale crop
+    # (aspect 1) covers `size` pixels, so it is not upsampled (a 3:4 crop's narrow side is up to 1.15x short). Images
+    # already smaller stay as they are (the store never upsamples); `cap` comes from the store's memory budget.
     _check_size(size)
     _check_min_scale(min_scale)
-    need = math.ceil(size / math.sqrt(min_scale) - 1e-9)  # a crop of area fraction s of a side-L square has side sqrt(s)L
+    if cap is not None and cap < 1:
+        raise ValueError(f"cap={cap!r}: need a side of at least 1 pixel, or None")
+    need = math.ceil(size / math.sqrt(min_scale) - 1e-9)  # -1e-9: 64 / sqrt(0.25) is 128, not 129
     side = min(need, int(image_short_side))
     return side if cap is None else min(side, int(cap))
 
@@ -123,6 +149,7 @@ def sample_crop_boxes(sizes: torch.Tensor, min_scale: float, ratio, generator: t
     """torchvision's RandomResizedCrop boxes for a batch, as float (N, 4) (top, left, height, width) in pixels."""
     lo, hi = _check_ratio(ratio)
     min_scale = _check_min_scale(min_scale)
+    sizes = _check_sizes(sizes)
     n, device = len(sizes), sizes.device
     H, W = sizes[:, 0:1].double(), sizes[:, 1:2].double()
     area = (H * W).expand(n, CROP_TRIES)
@@ -152,6 +179,7 @@ def _fallback_boxes(H, W, lo, hi) -> tuple:
 
 def center_boxes(sizes: torch.Tensor) -> torch.Tensor:
     """The central square of each image (as `center_box`), float (N, 4) (top, left, height, width)."""
+    sizes = _check_sizes(sizes)
     side = sizes.min(1).values
     top = torch.div(sizes[:, 0] - side, 2, rounding_mode="floor")
     left = torch.div(sizes[:, 1] - side, 2, rounding_mode="floor")
@@ -159,13 +187,11 @@ def center_boxes(sizes: torch.Tensor) -> torch.Tensor:
 
 
 def crop_affine(boxes: torch.Tensor, sizes: torch.Tensor, angles_deg=None, flips=None, out_size: int = 224):
-    """Per-image map (N, 2, 3) from output pixel (u, v, 1) to source pixel (x, y): box, rotation about its centre, flip.
-
-    Output pixel u has its centre at box-left + (u + 0.5) * width / out_size - 0.5 (torchvision's resize convention).
-    A positive angle turns the content counter-clockwise (torchvision's `rotate`); rotation acts in output space (the
-    crop is resized, then rotated, as fastai's crop-then-affine), the flip mirrors the finished view left-right.
-    `sizes` is accepted for symmetry with the other calls; edges are handled by `resample`.
-    """
+    """Per-image maps (N, 2, 3), output pixel (u, v, 1) -> source pixel (x, y): box, rotation about its centre, flip."""
+    # Output pixel u's centre is at left + (u + 0.5) * width / S - 0.5 (torchvision's resize convention). A positive
+    # angle turns the content counter-clockwise (torchvision's rotate); rotation acts in output space (resize, then
+    # rotate, as fastai's crop-then-affine); the flip mirrors the finished view. `sizes` is unused: resample handles
+    # the edges.
     S = _check_size(out_size)
     boxes = boxes.float()
     n, device = len(boxes), boxes.device
@@ -183,113 +209,206 @@ def crop_affine(boxes: torch.Tensor, sizes: torch.Tensor, angles_deg=None, flips
     return torch.cat([T / S, centre[:, :, None] + T @ q], 2)
 
 
-SPACING = 1.0  # largest gap between sub-samples, in pixels of the pyramid level sampled
-TENT = True
+def _source_steps(maps: torch.Tensor) -> torch.Tensor:
+    """Source pixels spanned per output pixel along the source's x and y axes (the map's row norms), (N, 2)."""
+    return maps[:, :, :2].norm(dim=2)
 
 
-def _axis_scales(maps: torch.Tensor) -> torch.Tensor:
-    """Source pixels per output pixel along the output's u and v axes, (N, 2)."""
-    return maps[:, :, :2].norm(dim=1)
+def _footprints(maps: torch.Tensor, out_size: int) -> tuple:
+    """Lowest and highest source (x, y) that the output pixel centres map to, each (N, 2)."""
+    last = out_size - 1.0
+    corners = torch.tensor([[0, 0, 1], [last, 0, 1], [0, last, 1], [last, last, 1]], device=maps.device)
+    points = maps @ corners.T  # (N, 2, 4)
+    return points.min(2).values, points.max(2).values
 
 
-def _level_blur(level: torch.Tensor) -> torch.Tensor:
-    """Variance (source px^2) of pyramid level l's 2^l box plus its bilinear taps: (4^l - 1) / 12 + 4^l / 6."""
-    return (1.5 * 4.0 ** level - 0.5) / 6
+def _regions(maps, sizes, out_size: int, factors) -> torch.Tensor:
+    """Integer source windows (x0, y0, x1, y1) with every pixel a view reads: footprint, its mirror, filter margin."""
+    low, high = _footprints(maps, out_size)
+    extent = sizes.flip(1).to(low.dtype)  # (w, h)
+    margin = torch.ceil(2 * factors) + 1  # the antialias tent reaches `factor` source px, bilinear one more
+    low, high = low - margin, high + margin
+    high = torch.maximum(high, -low)  # mirrored about the left/top edge
+    low = torch.minimum(low, 2 * extent - 1 - high)  # mirrored about the right/bottom edge
+    low = torch.floor(low).clamp(min=0)
+    high = torch.minimum(torch.ceil(high) + 1, extent)
+    return torch.cat([low, torch.maximum(high, low + 1)], 1).long()
 
 
-def _unit_taps(k: int, device) -> tuple:
-    """Offsets in (-1, 1) and weights of k taps of a tent (or a box), and their variance."""
-    offsets = (torch.arange(k, device=device, dtype=torch.float32) + 0.5) / k * 2 - 1
-    weights = 1 - offsets.abs() if TENT else torch.ones(k, device=device)
-    weights = weights / weights.sum()
-    return offsets, weights, float((weights * offsets**2).sum())
+EDGE = 1e-4  # level px kept inside the last pixel centre, so bilinear never reads the (uninitialised) pixel past it
 
 
-def _plan(maps: torch.Tensor, antialias: bool) -> tuple:
-    """Per image: pyramid level, sub-samples per axis (int (N, 3)) and the spread of the sub-samples (N, 2)."""
-    n, device = len(maps), maps.device
-    scales = _axis_scales(maps)
-    if not antialias:
-        return torch.tensor([[0, 1, 1]], device=device).expand(n, 3), torch.zeros(n, 2, device=device)
-    finer = scales.min(1).values
-    # torchvision's antialiased bilinear = a tent of half-width s (variance s^2 / 6): take the coarsest level whose
-    # own blur stays below it, and spread sub-samples to supply the rest of the variance
-    level = torch.floor(torch.log2(((6 * finer**2 / 6 + 0.5) / 1.5).clamp(min=1)) / 2)
-    extra = (scales**2 / 6 - _level_blur(level)[:, None]).clamp(min=0)  # source px^2
-    spread_px = 2 * torch.sqrt(6 * extra) / 2 ** level[:, None]  # tent support 2c*s in level px
-    subs = torch.ceil(spread_px / SPACING - 1e-3).clamp(1, MAX_SUBSAMPLES)
-    subs = torch.where(scales > 1, subs, torch.ones_like(subs))
-    var = torch.tensor([_unit_taps(k, device)[2] if k > 1 else 1.0 for k in range(MAX_SUBSAMPLES + 1)], device=device)
-    spread = torch.sqrt(extra / var[subs.long()]) / scales  # output px: var(offset * spread * s) = extra
-    spread = torch.where(subs > 1, spread, torch.zeros_like(spread))
-    return torch.cat([level[:, None], subs], 1).long(), spread
+def _memory_format(images: torch.Tensor):
+    """channels_last when the batch is stored that way (the CPU's uint8 antialias resize is 2-3x faster on it)."""
+    return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
-def _reflect(x: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
-    """Mirror pixel coordinates about the image's outer pixel edges (-0.5 and extent - 0.5), numpy's 'symmetric'."""
-    period = 2 * extent
-    t = torch.remainder(x + 0.5, period)
-    return torch.minimum(t, period - t) - 0.5
+def _fast_uint8(device: torch.device) -> bool:
+    """Whether torch resizes uint8 directly there: on CPU (AVX2 code, unlike CUDA's float-only antialias kernel)."""
+    return device.type == "cpu"
 
 
-def _pyramid(images: torch.Tensor, sizes: torch.Tensor, level: int) -> torch.Tensor:
-    """The images as float, cut to their largest real size and 2x2-box averaged `level` times (avg_pool2d)."""
-    h, w = sizes.max(0).values.tolist()
-    x = images[:, :, :h, :w].float()
-    for _ in range(level):
-        x = F.avg_pool2d(x, 2)
-    return x
+def _resize(pixels: torch.Tensor, size: tuple, antialias: bool, memory_format) -> torch.Tensor:
+    """torch's (antialiased) bilinear resize of (n, 3, h, w) uint8 pixels: in uint8 where fast, else in float."""
+    if _fast_uint8(pixels.device):
+        pixels = pixels.contiguous(memory_format=memory_format)
+    else:
+        pixels = pixels.float()
+    return F.interpolate(pixels, size=size, mode="bilinear", antialias=antialias)
 
 
-def _level_coords(x, extent, level: int, canvas: int, skip_reflect: bool) -> torch.Tensor:
-    """Source pixel coordinates (N, ...) -> grid_sample coordinates on a pyramid level (align_corners=False)."""
-    extent = extent.view(-1, *([1] * (x.ndim - 1))).float()
-    if not skip_reflect:
-        x = _reflect(x, extent)
-    step = 2.0 ** level
-    whole = torch.clamp(torch.floor(extent / step), min=1)  # level pixels that average real pixels only
-    x = torch.clamp(x, min=step / 2 - 0.5)
-    x = torch.minimum(x, step * (whole - 0.5) - 0.5)
-    return (x + 0.5) * (2.0 / (step * canvas)) - 1
+def _levels(images, index: list, maps, sizes, out_size: int, antialias: bool) -> tuple:
+    """Windows of images[index] resized to OVERSAMPLE px per output px, in one float canvas; origins, steps, sizes."""
+    # origins (x0, y0) in source px, steps in source px per level px, sizes (w, h) in level px
+    n, device, fmt = len(index), images.device, _memory_format(images)
+    factors = (_source_steps(maps) / OVERSAMPLE).clamp(min=1) if antialias else torch.ones(n, 2, device=device)
+    windows = _regions(maps, sizes, out_size, factors)
+    spans = (windows[:, 2:] - windows[:, :2]).to(factors.dtype)
+    level_sizes = torch.round(spans / factors).clamp(min=1).long()
+    steps = spans / level_sizes
+    width, height = level_sizes.max(0).values.tolist()
+    tiny = bool((level_sizes < 2).any())  # a 1-px level is read at offset 1 with weight 0: keep that memory finite
+    canvas = (torch.zeros if tiny else torch.empty)((n, 3, height, width), device=device, memory_format=fmt)
+    for i, (k, (x0, y0, x1, y1), (w, h)) in enumerate(zip(index, windows.tolist(), level_sizes.tolist())):
+        window = images[k : k + 1, :, y0:y1, x0:x1]  # a view: nothing but the window is ever copied
+        if (w, h) != (x1 - x0, y1 - y0):
+            window = _resize(window, (h, w), True, fmt)
+        canvas[i, :, :h, :w] = window[0]
+    return canvas, windows[:, :2].to(steps.dtype), steps, level_sizes.to(steps.dtype)
 
 
-def _sample_group(images, sizes, maps, spread, out_size: int, level: int, ku: int, kv: int) -> torch.Tensor:
-    """One grid_sample for images sharing a plan: ku x kv tent sub-samples per output pixel on pyramid `level`."""
-    S, n, device = out_size, len(images), maps.device
-    src = _pyramid(images, sizes, level)
-    pixels = torch.arange(S, device=device, dtype=torch.float32)
-    taps_u, weights_u, _ = _unit_taps(ku, device)
-    taps_v, weights_v, _ = _unit_taps(kv, device)
-    uu = (pixels[None, :, None] + taps_u * spread[:, 0, None, None]).reshape(n, -1)  # (n, S * ku)
-    vv = (pixels[None, :, None] + taps_v * spread[:, 1, None, None]).reshape(n, -1)
-    coords = []
-    for axis in (0, 1):  # x from row 0 of the map, y from row 1; an affine map splits into a u part and a v part
-        along_u = maps[:, axis, 0:1] * uu
-        along_v = maps[:, axis, 1:2] * vv + maps[:, axis, 2:3]
-        extent = sizes[:, 1 - axis].to(maps.dtype)
-        low = along_u.min(1).values + along_v.min(1).values
-        high = along_u.max(1).values + along_v.max(1).values
-        inside = bool(((low >= -0.5) & (high <= extent - 0.5)).all())
-        coord = along_v[:, :, None] + along_u[:, None, :]
-        coords.append(_level_coords(coord, extent, level, src.shape[3 - axis], inside))
-    grid = torch.stack(coords, -1)
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if ku * kv == 1:
-        return out
-    out = out.view(n, 3, S, kv, S, ku) * weights_v[:, None, None] * weights_u
-    return out.sum((3, 5))
+def _source_planes(maps: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Source coordinates + 0.5 (pixel edges at 0 and w), planes (N, 2, S, S) (x, y) of each output pixel centre."""
+    n, S = len(maps), out_size
+    pixels = torch.arange(S, device=maps.device, dtype=maps.dtype)
+    planes = torch.empty((n, 2, S, S), device=maps.device, dtype=maps.dtype)
+    for axis in (0, 1):  # affine: a v-part plus a u-part, one broadcast add
+        along_v = maps[:, axis, 1, None, None] * pixels[None, :, None] + (maps[:, axis, 2, None, None] + 0.5)
+        torch.add(along_v, maps[:, axis, 0, None, None] * pixels[None, None, :], out=planes[:, axis])
+    return planes
+
+
+def _mirror_(planes: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """In place: mirror edge-shifted coordinates once about 0 and each image's extent (w, h) (numpy 'symmetric')."""
+    planes.abs_().sub_(extent).abs_()
+    return torch.sub(extent, planes, out=planes)
+
+
+def _integer_boxes(maps: torch.Tensor, sizes: torch.Tensor, out_size: int) -> tuple:
+    """Boxes (N, 4) (top, left, height, width) of axis-aligned maps, and whether each is a whole-pixel box inside."""
+    S = out_size
+    centre = maps[:, :, 0] * (S - 1) / 2 + maps[:, :, 1] * (S - 1) / 2 + maps[:, :, 2]  # (x, y) of the view's centre
+    span = torch.stack([maps[:, 0, 0], maps[:, 1, 1]], 1).abs() * S  # (w, h)
+    start = centre - span / 2 + 0.5
+    boxes = torch.cat([start.flip(1), span.flip(1)], 1)
+    whole = (boxes - boxes.round()).abs().amax(1) < 1e-3
+    axis_aligned = (maps[:, 0, 1] == 0) & (maps[:, 1, 0] == 0)
+    boxes = boxes.round()
+    inside = (boxes[:, :2] >= 0).all(1) & (boxes[:, 2:] >= 1).all(1) & (boxes[:, :2] + boxes[:, 2:] <= sizes).all(1)
+    return boxes.long(), axis_aligned & whole & inside
+
+
+def _resized_boxes(images, index: list, boxes, flips, out_size: int, antialias: bool) -> torch.Tensor:
+    """torchvision's resized_crop of whole-pixel boxes of images[index], then the mirrors; one call per shared box."""
+    S, fmt = out_size, _memory_format(images)
+    groups = {}
+    for row, box in enumerate(boxes.tolist()):
+        groups.setdefault(tuple(box), []).append(row)
+    out = torch.empty((len(index), 3, S, S), device=images.device)
+    for (top, left, h, w), rows in groups.items():
+        crops = _rows(images, [index[r] for r in rows])[:, :, top : top + h, left : left + w]
+        crops = crops.float() if (h, w) == (S, S) else _resize(crops, (S, S), antialias, fmt).float()
+        if len(rows) == 1:
+            out[rows[0]] = crops[0]
+        else:
+            out[torch.tensor(rows, device=out.device)] = crops
+    for axis, dim in ((0, 3), (1, 2)):
+        if bool(flips[:, axis].any()):
+            out = torch.where(flips[:, axis, None, None, None], out.flip(dim), out)
+    return out
+
+
+def _rows(images: torch.Tensor, index: list) -> torch.Tensor:
+    """images[index] as a view when the indices are consecutive, else gathered (copied)."""
+    if index == list(range(index[0], index[0] + len(index))):
+        return images[index[0] : index[0] + len(index)]
+    return images[torch.tensor(index, device=images.device)]
+
+
+def _turned_views(images, index: list, sizes, maps, out_size: int, antialias: bool) -> torch.Tensor:
+    """One bilinear tap per output pixel from the prefiltered levels of images[index], mirrored at their own edges."""
+    S = out_size
+    canvas, origins, steps, extents = _levels(images, index, maps, sizes, S, antialias)
+    planes = _source_planes(maps, S)
+    image_extent = sizes.flip(1).to(planes.dtype)
+    low, high = _footprints(maps, S)
+    if bool(((low < 0) | (high > image_extent - 1)).any()):
+        _mirror_(planes, image_extent[:, :, None, None])
+    shape = torch.tensor([canvas.shape[3], canvas.shape[2]], device=maps.device, dtype=maps.dtype)
+    scale = 2 / (steps * shape)  # source px -> grid_sample's [-1, 1] over the level canvas (align_corners=False)
+    planes.mul_(scale[:, :, None, None]).sub_((origins * scale + 1)[:, :, None, None])
+    first, last = 1 / shape - 1, (2 * (extents - EDGE) - 1) / shape - 1  # level pixel centres 0 and extent - 1
+    torch.maximum(planes, first.expand_as(last)[:, :, None, None], out=planes)
+    torch.minimum(planes, last[:, :, None, None], out=planes)
+    grid = planes.permute(0, 2, 3, 1)
+    return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def resample(images: torch.Tensor, sizes: torch.Tensor, maps: torch.Tensor, out_size: int,
              antialias: bool = True) -> torch.Tensor:
-    """Bilinear views float (N, 3, S, S) in 0..255 through per-image maps, reflecting at each image's own edges."""
+    """Views float (N, 3, S, S) in 0..255 through per-image maps (antialias rule above; False: plain bilinear)."""
     S = _check_size(out_size)
-    _check_batch(images, sizes)
+    sizes = _check_batch(images, sizes).to(images.device)
     maps = maps.to(images.device).float()
-    sizes = sizes.to(images.device)
+    boxes, boxed = _integer_boxes(maps, sizes, S)
+    flips = torch.stack([maps[:, 0, 0] < 0, maps[:, 1, 1] < 0], 1)
+    parts = []
+    rows = boxed.nonzero()[:, 0]
+    if len(rows):
+        parts.append((rows, _resized_boxes(images, rows.tolist(), boxes[rows], flips[rows], S, antialias)))
+    rows = (~boxed).nonzero()[:, 0]
+    if len(rows):
+        parts.append((rows, _turned_views(images, rows.tolist(), sizes[rows], maps[rows], S, antialias)))
+    if len(parts) == 1:
+        return parts[0][1]
     out = torch.empty((len(images), 3, S, S), device=images.device)
-    plan, spread = _plan(maps, antialias)
-    for key in torch.unique(plan, dim=0).tolist():
-        idx = (plan == torch.tensor(key, device=plan.device)).all(1).nonzero()[:, 0]
-        out[idx] = _sample_group(images[idx], sizes[idx], maps[idx], spread[idx], S, *key)
+    for rows, views in parts:
+        out.index_copy_(0, rows, views)
     return out
+
+
+def _check_rotation(max_rotate, p_rotate):
+    """Rotation range in degrees >= 0 and a probability in [0, 1]."""
+    if not max_rotate >= 0:
+        raise ValueError(f"max_rotate={max_rotate!r}: need degrees >= 0")
+    if not 0 <= p_rotate <= 1:
+        raise ValueError(f"p_rotate={p_rotate!r}: need a probability in [0, 1]")
+
+
+def train_views(images: torch.Tensor, sizes: torch.Tensor, out_size: int, generator: torch.Generator,
+                min_scale: float = 0.08, ratio=(3 / 4, 4 / 3), max_rotate: float = 15.0, p_rotate: float = 0.75,
+                flip: bool = True) -> torch.Tensor:
+    """Training views float (N, 3, S, S) in 0..255: RandomResizedCrop, rotation, flip in one resampling per image."""
+    # Draws, in this order, from `generator` only: the boxes (sample_crop_boxes), one angle uniform in
+    # [-max_rotate, max_rotate] per image, whether to rotate (p_rotate), whether to flip (0.5; drawn even if not flip).
+    S = _check_size(out_size)
+    _check_rotation(max_rotate, p_rotate)
+    boxes = sample_crop_boxes(sizes, min_scale, ratio, generator)
+    n, device = len(sizes), images.device
+    angles = _uniform(n, (), -float(max_rotate), float(max_rotate), generator, device)
+    angles = angles * (_uniform(n, (), 0.0, 1.0, generator, device) < p_rotate)
+    flips = _uniform(n, (), 0.0, 1.0, generator, device) < 0.5
+    maps = crop_affine(boxes.to(device), sizes, angles, flips if flip else None, S)
+    return resample(images, sizes, maps, S)
+
+
+def center_views(images: torch.Tensor, sizes: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Evaluation views float (N, 3, S, S) in 0..255: each image's central square resized (antialiased) to S x S."""
+    S = _check_size(out_size)
+    maps = crop_affine(center_boxes(sizes).to(images.device), sizes, None, None, S)
+    return resample(images, sizes, maps, S)
+
+
+def flip_views(x: torch.Tensor) -> torch.Tensor:
+    """Left-right mirror of a batch of views (N, C, H, W), e.g. for flip test-time augmentation."""
+    return x.flip(3)

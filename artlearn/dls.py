@@ -4,16 +4,19 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import torch
 from fastai.callback.data import WeightedDL
+from fastai.data.core import TfmdDL
+from fastai.torch_core import TensorCategory, TensorImage
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize, Transform
 from fastai.vision.augment import aug_transforms
 from fastai.vision.core import PILImage
 
-from .augment import ArtistCrop
+from .augment import ArtistCrop, center_views, train_views
 from .device import default_workers, resolve_device
 from .folds import StratifiedFoldSplitter, assign_folds, check_fold, fold_column
-from .recipe import REFERENCE, SAMPLERS
+from .recipe import PIPELINES, REFERENCE, SAMPLERS
 from .rng import keep_global_rng
 from .store import PresizeCache, presize_for
 from .tables import ON_BAD_CHOICES, bad_images_message, check_images, normalise_labels
@@ -40,6 +43,64 @@ class SeededWeightedDL(WeightedDL):
             return super().get_idxs()
         rng = np.random.default_rng(self.rng.getrandbits(64))
         return list(rng.choice(self.n, self.n, p=self.wgts))
+
+
+class StoreBatchDL(TfmdDL):
+    """A fastai DataLoader that gathers whole batches from the image store by index and augments them on the device.
+
+    The pattern of fastai's `TabDataLoader`: `do_item` passes the index through and `create_batch` builds the
+    batch at once — the stored uint8 pixels of the batch (on the GPU when the store fits there, else pinned host
+    memory copied without blocking), then one resampling per image (`augment.train_views`: RandomResizedCrop,
+    rotation and flip; validation and test: `augment.center_views`). No worker processes, nothing restarted per
+    epoch. The random draws come from a torch Generator seeded from the loader's own `rng` (shuffling, sampling
+    and crops follow `Reproducible`'s seed). `wgts` samples training rows with replacement (balanced/sqrt).
+    """
+
+    def __init__(self, dataset=None, cache: PresizeCache | None = None, size: int = REFERENCE.size,
+                 min_scale: float = REFERENCE.min_scale, max_rotate: float = REFERENCE.max_rotate,
+                 flip: bool = REFERENCE.flip, wgts=None, **kwargs):
+        self.cache, self.size, self.min_scale = cache, int(size), min_scale
+        self.max_rotate, self.flip = max_rotate, flip
+        self.wgts = None if wgts is None else np.asarray(wgts, dtype=np.float64) / np.sum(wgts)
+        kwargs["num_workers"] = 0  # the batch is gathered in the main process: no worker start-up per epoch
+        super().__init__(dataset, **kwargs)
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        """A copy of this loader (e.g. `test_dl`) with the same store and augmentation settings."""
+        for name in ("cache", "size", "min_scale", "max_rotate", "flip"):
+            kwargs.setdefault(name, getattr(self, name))
+        if dataset is not None and dataset is not self.dataset:
+            kwargs.setdefault("wgts", None)
+        else:
+            kwargs.setdefault("wgts", self.wgts)
+        return super().new(dataset, cls, **kwargs)
+
+    def get_idxs(self):
+        """Training order: a seeded shuffle, or a seeded weighted draw with replacement when `wgts` is set."""
+        if self.wgts is None or self.n == 0 or not self.shuffle:
+            return super().get_idxs()
+        rng = np.random.default_rng(self.rng.getrandbits(64))
+        return list(rng.choice(self.n, self.n, p=self.wgts))
+
+    def do_item(self, s):
+        """The sample index itself (the batch is gathered in `create_batch`)."""
+        return 0 if s is None else s
+
+    def create_batch(self, b):
+        """(TensorImage float in 0..1 on the device[, TensorCategory]) for the dataset rows `b`."""
+        rows = [self.dataset[i] for i in b]
+        device = self.device if self.device is not None else torch.device("cpu")
+        canvas, sizes = self.cache.batch([r[0] for r in rows], device)
+        if getattr(self.dataset, "split_idx", None) == 0:
+            generator = torch.Generator(device=canvas.device).manual_seed(self.rng.getrandbits(63))
+            x = train_views(canvas, sizes, self.size, generator, min_scale=self.min_scale,
+                            max_rotate=self.max_rotate, flip=self.flip)
+        else:
+            x = center_views(canvas, sizes, self.size)
+        x = TensorImage(x.div_(255.0))
+        if len(rows[0]) < 2:
+            return (x,)
+        return x, TensorCategory(torch.stack([torch.as_tensor(r[1]) for r in rows]).to(canvas.device))
 
 
 def sample_weights(labels: pd.Series, sampler: str) -> np.ndarray:
@@ -103,6 +164,12 @@ def _artist_block(cache: PresizeCache, vocab: list, crop, splitter, batch_tfms: 
         batch_tfms=batch_tfms)
 
 
+def _store_block(vocab: list, splitter, normalize) -> DataBlock:
+    """The DataBlock of the device pipeline: items stay paths (StoreBatchDL gathers the pixels), artist -> label."""
+    return DataBlock(blocks=(TransformBlock(), CategoryBlock(vocab=vocab)), get_x=ColReader("img_path"),
+                     get_y=ColReader("artist"), splitter=splitter, batch_tfms=[normalize])
+
+
 def _all_valid(items):
     """Splitter of evaluation loaders: every item in the validation set (and, unused, in the training set)."""
     every = list(range(len(items)))
@@ -128,11 +195,18 @@ def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache 
     cache = cache if cache is not None else PresizeCache(presize_for(size))
     cache.fill(table["img_path"], source="items")
     device = resolve_device(device)
-    block = _artist_block(cache, vocab, ArtistCrop(size), _all_valid,
-                          [Normalize.from_stats(meta["mean"], meta["std"], cuda=device.type == "cuda")])
+    normalize = Normalize.from_stats(meta["mean"], meta["std"], cuda=device.type == "cuda")
+    kwargs = dict(bs=bs, device=device)
+    if meta.get("pipeline", "items") == "device":
+        block = _store_block(vocab, _all_valid, normalize)
+        kwargs.update(dl_type=StoreBatchDL, cache=cache, size=size)
+    else:
+        block = _artist_block(cache, vocab, ArtistCrop(size), _all_valid, [normalize])
+        kwargs.update(num_workers=0)
     with keep_global_rng():
-        dls = block.dataloaders(table, bs=bs, num_workers=0, device=device)
-    dls.artlearn_meta = {k: meta.get(k) for k in ("size", "mean", "std", "vocab", "fold", "class_counts", "n_folds")}
+        dls = block.dataloaders(table, **kwargs)
+    dls.artlearn_meta = {k: meta.get(k) for k in ("size", "mean", "std", "vocab", "fold", "class_counts", "n_folds",
+                                                   "pipeline")}
     return dls
 
 
@@ -140,15 +214,20 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
                n_folds: int | None = None, seed: int = 42, cache: PresizeCache | None = None,
                workers: int | None = None, min_scale: float = REFERENCE.min_scale, ratio=(3 / 4, 4 / 3),
                max_rotate: float = REFERENCE.max_rotate, flip: bool = REFERENCE.flip,
-               sampler: str | None = REFERENCE.sampler, device=None, on_bad: str = "raise"):
+               sampler: str | None = REFERENCE.sampler, device=None, on_bad: str = "raise",
+               pipeline: str = REFERENCE.pipeline):
     """fastai DataLoaders for one fold: DataBlock(ImageBlock, CategoryBlock) + StratifiedFoldSplitter.
 
-    Training: RandomResizedCrop at `size` (item), then flip and rotation as batch transforms (on the GPU when there
-    is one). Validation: the centre square resized to `size`. Both normalised with the training split's own
-    per-channel mean/std (nothing is pretrained, so no ImageNet statistics). Images come from a PresizeCache,
-    decoded once and shared by every epoch and fold that passes the same cache.
+    pipeline='device' (default): `StoreBatchDL` gathers each batch from the store and does crop, rotation and flip
+    in one resampling per image on the device. pipeline='items' (fastai's per-item pipeline, kept for comparison
+    and for runs trained with it): RandomResizedCrop at `size` per item (PIL), then flip and rotation as batch
+    transforms. Validation: the centre square resized to
+    `size`. Both normalised with the training split's own per-channel mean/std (nothing is pretrained, so no
+    ImageNet statistics). Images come from a PresizeCache, decoded once and shared by every epoch and fold.
     """
     _check_dls_args(size, bs, sampler, on_bad)
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline={pipeline!r}: use one of {list(PIPELINES)}")
     df, n_folds = _prepare_table(df, fold, n_folds, seed)
     cache = cache if cache is not None else PresizeCache(presize_for(size))
     df = fill_store(df, cache, on_bad)
@@ -160,12 +239,19 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
     mean, std = cache.channel_stats(df["img_path"].iloc[train_idx])
     vocab = sorted(df["artist"].unique())
     device = resolve_device(device)
-    augment = aug_transforms(do_flip=flip, max_rotate=max_rotate, min_zoom=1.0, max_zoom=1.0, max_lighting=0.0,
-                             max_warp=0.0, p_affine=0.75)
-    block = _artist_block(cache, vocab, ArtistCrop(size, min_scale, ratio), splitter,
-                          [*augment, Normalize.from_stats(mean, std, cuda=device.type == "cuda")])
-    workers = default_workers() if workers is None else workers
-    kwargs = dict(bs=bs, num_workers=workers, device=device, pin_memory=device.type == "cuda")
+    normalize = Normalize.from_stats(mean, std, cuda=device.type == "cuda")
+    if pipeline == "device":
+        block = _store_block(vocab, splitter, normalize)
+        kwargs = dict(bs=bs, device=device, dl_type=StoreBatchDL, cache=cache, size=size, min_scale=min_scale,
+                      max_rotate=max_rotate, flip=flip)
+    else:
+        augment = aug_transforms(do_flip=flip, max_rotate=max_rotate, min_zoom=1.0, max_zoom=1.0, max_lighting=0.0,
+                                 max_warp=0.0, p_affine=0.75)
+        block = _artist_block(cache, vocab, ArtistCrop(size, min_scale, ratio), splitter, [*augment, normalize])
+        workers = default_workers() if workers is None else workers
+        kwargs = dict(bs=bs, num_workers=workers, device=device, pin_memory=device.type == "cuda")
+        if sampler is not None:
+            kwargs["dl_type"] = SeededWeightedDL
     train_kw = {}
     if len(train_idx) < bs:  # fastai drops the incomplete last training batch: nothing would be trained
         warnings.warn(f"fold {fold}: the training split has {len(train_idx)} rows, fewer than bs={bs}; each epoch "
@@ -173,15 +259,13 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
         train_kw["drop_last"] = False
     with keep_global_rng():  # building loaders runs transforms and seeds fastai's RNGs from the global ones
         if sampler is not None:
-            weights = sample_weights(df["artist"], sampler)
-            dls = block.dataloaders(df, dl_type=SeededWeightedDL,
-                                    dl_kwargs=[{"wgts": weights[train_idx], **train_kw}, {}], **kwargs)
-        else:
-            dls = block.dataloaders(df, dl_kwargs=[train_kw, {}], **kwargs)
+            train_kw["wgts"] = sample_weights(df["artist"], sampler)[train_idx]
+        dls = block.dataloaders(df, dl_kwargs=[train_kw, {}], **kwargs)
     dls.train.rng = random.Random(seed)
     counts = df["artist"].iloc[train_idx].value_counts().reindex(vocab, fill_value=0)
     dls.artlearn_meta = dict(size=int(size), mean=mean, std=std, vocab=list(vocab), fold=int(fold),
                              class_counts=[int(c) for c in counts],
-                             n_folds=int(n_folds), seed=int(seed), min_scale=min_scale, max_rotate=max_rotate)
+                             n_folds=int(n_folds), seed=int(seed), min_scale=min_scale, max_rotate=max_rotate,
+                             pipeline=pipeline)
     dls.cache = cache
     return dls

@@ -10,9 +10,9 @@ import pandas as pd
 from PIL import Image
 
 from .checkpoint import META_NAME, atomic_write_csv, load_fold
-from .augment import valid_crop
+from .augment import center_views, valid_crop
 from .device import autocast, resolve_device, to_memory_format
-from .store import PresizeCache, presize_for
+from .store import PresizeCache, pad_batch, presize_for
 from .tables import read_artworks
 # and, inside _fold_dirs: from .run import KFoldRun, load_run
 
@@ -55,11 +55,12 @@ def _fold_dirs(source, folds) -> list:
 
 
 def _check_compatible(metas: list, dirs: list) -> None:
-    """Folds must share vocabulary and input size."""
-    for key in ("vocab", "size"):
-        values = {str(m.get(key)) for m in metas}
+    """Folds must share vocabulary, input size and evaluation pipeline."""
+    defaults = {"pipeline": "items"}  # folds trained before the device pipeline existed
+    for key in ("vocab", "size", "pipeline"):
+        values = {str(m.get(key, defaults.get(key))) for m in metas}
         if len(values) > 1:
-            detail = "; ".join(f"{d}: {m.get(key) if key == 'size' else len(m.get(key) or [])}"
+            detail = "; ".join(f"{d}: {len(m.get(key) or []) if key == 'vocab' else m.get(key, defaults.get(key))}"
                                for d, m in zip(dirs, metas))
             if key == "vocab":
                 sets = [set(m.get(key) or []) for m in metas]
@@ -182,6 +183,19 @@ def crop_batch(cache: PresizeCache, paths, size: int, tta=None, pool=None):
     return torch.from_numpy(views).permute(0, 1, 4, 2, 3).contiguous()
 
 
+def _crops(cache, paths, size: int, tta, pool, device, pipeline: str) -> list:
+    """The evaluation crops of a batch, as training validated them: the device pipeline's centre view
+    (`augment.center_views` of the stored pixels, float 0..255) or PIL's, plus the multicrop windows."""
+    import torch
+    if pipeline != "device":
+        return list(crop_batch(cache, paths, size, tta, pool).to(device))
+    stored = [torch.from_numpy(np.ascontiguousarray(cache.get(p))).permute(2, 0, 1) for p in paths]
+    views = [center_views(*pad_batch(stored, device), size)]
+    if tta == "multicrop":
+        views += list(crop_batch(cache, paths, size, tta, pool)[1:].to(device))
+    return views
+
+
 def _views(x, tta):
     """The test-time views of one crop batch: the crop, and its horizontal flip unless TTA is off."""
     return [x, x.flip(3)] if tta in ("flip", "multicrop") else [x]
@@ -227,8 +241,8 @@ def fold_stats(meta: dict, device="cpu") -> tuple:
 
 
 def normalise(crops, mean, std):
-    """uint8 crops (n, 3, s, s) as the float input of a fold: (x / 255 - mean) / std."""
-    return (crops.float().div_(255) - mean) / std
+    """Crops (n, 3, s, s) in 0..255 (uint8, or float views) as the float input of a fold: (x / 255 - mean) / std."""
+    return (crops.float() / 255 - mean) / std  # never in place: the same crops feed every fold
 
 
 def _progress(starts, progress: bool):
@@ -252,7 +266,8 @@ def _probs(models, metas, table, cache, device, tta=None, average="prob", bs=64,
     pool = ThreadPoolExecutor(max_workers=cache.workers)
     with pool, torch.inference_mode(), autocast(device, precision):
         for start in _progress(range(0, len(table), bs), progress):
-            crops = crop_batch(cache, table["img_path"].iloc[start:start + bs], size, tta, pool).to(device)
+            paths = table["img_path"].iloc[start:start + bs]
+            crops = _crops(cache, paths, size, tta, pool, device, metas[0].get("pipeline", "items"))
             acc, n_views = 0, 0
             for model, (mean, std), shift in zip(models, stats, shifts):
                 for x in crops:
@@ -260,7 +275,7 @@ def _probs(models, metas, table, cache, device, tta=None, average="prob", bs=64,
                         logits = model(to_memory_format(view, device)).float() - shift
                         acc, n_views = acc + (logits.softmax(1) if average == "prob" else logits), n_views + 1
             acc = acc / n_views
-            out[start:start + crops.shape[1]] = (acc if average == "prob" else acc.softmax(1)).cpu().numpy()
+            out[start:start + len(paths)] = (acc if average == "prob" else acc.softmax(1)).cpu().numpy()
     return out
 
 

@@ -18,13 +18,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc where possible (setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
+    """Write `data` to a temp file next to `path` (mode 0o666 less the umask, as `open` would), fsync, `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -62,11 +77,12 @@ def atomic_write_csv(path, df) -> Path:
     return atomic_write_text(path, df.to_csv(index=False))
 
 
-def read_json(path) -> dict:
-    """A JSON file, with an error naming it when unreadable."""
+def read_json(path, fix: str = "delete the fold folder to retrain") -> dict:
+    """A JSON file, with an error naming it (and `fix`) when it is unreadable or not valid JSON."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged — delete the fold folder to "
-                         "retrain") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged — {fix}") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror}); {fix}") from None

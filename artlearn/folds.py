@@ -1,10 +1,12 @@
-"""Stratified K-fold assignment, the fastai fold splitter and stratified subsets."""
+"""Stratified K-fold assignment (identical images kept in one fold), the fastai fold splitter, stratified subsets."""
+import os
 import warnings
 
 import numpy as np
 import pandas as pd
 
 from .checks import listing
+from .tables import content_digests, normalise_labels
 
 
 def check_n_folds(n_folds, n_rows: int) -> None:
@@ -45,29 +47,136 @@ def stratified_fold_ids(labels, n_folds: int = 4, seed: int = 42, keys=None) -> 
     return folds
 
 
+def stratified_group_fold_ids(labels, groups, n_folds: int = 4, seed: int = 42, keys=None) -> np.ndarray:
+    """Fold number per row with each group (identical images, one label each) kept whole in one fold.
+
+    sklearn's StratifiedGroupKFold semantics: groups are never split, each label's rows are spread as evenly as the
+    group sizes allow (greedy: largest group first, to the fold with the fewest rows of that label, then the least
+    filled). Rows are ordered as in `stratified_fold_ids` (by keys, then a seeded shuffle).
+    """
+    labels, groups = pd.Series(list(labels)), pd.Series(list(groups))
+    n_groups = groups.nunique()
+    check_n_folds(n_folds, len(labels))
+    if n_groups < n_folds:
+        raise ValueError(f"n_folds={n_folds} is larger than the number of distinct images ({n_groups}); use at "
+                         f"most {n_groups} folds")
+    keys = pd.Series(range(len(labels)) if keys is None else list(keys))
+    rng = np.random.default_rng(seed)
+    folds = np.full(len(labels), -1, dtype=np.int64)
+    fold_sizes = np.zeros(n_folds, dtype=np.int64)
+    counts = labels.value_counts()
+    for artist in sorted(counts.index, key=lambda a: (-counts[a], str(a))):
+        idx = np.flatnonzero((labels == artist).to_numpy())
+        idx = idx[np.argsort(keys.iloc[idx].astype(str).to_numpy(), kind="stable")]
+        idx = idx[rng.permutation(len(idx))]
+        units = list(pd.Series(idx).groupby(groups.iloc[idx].to_numpy(), sort=False).apply(list))
+        units.sort(key=len, reverse=True)
+        tie_break, per_label = rng.permutation(n_folds), np.zeros(n_folds, dtype=np.int64)
+        for unit in units:
+            f = min(range(n_folds), key=lambda f: (per_label[f], fold_sizes[f], tie_break[f]))
+            folds[unit] = f
+            per_label[f] += len(unit)
+            fold_sizes[f] += len(unit)
+    return folds
+
+
 def rare_artists(df: pd.DataFrame, n_folds: int) -> list:
     """Artists with fewer works than folds."""
     counts = df["artist"].value_counts()
-    return sorted(counts[counts < n_folds].index)
+    return sorted(counts[counts < n_folds].index, key=str)
 
 
-def assign_folds(df: pd.DataFrame, n_folds: int = 4, seed: int = 42) -> pd.DataFrame:
+def content_keys(paths) -> list:
+    """One key per image: its content digest when the file exists, else its absolute path (identical = same key)."""
+    paths = [str(p) for p in paths]
+    exists = [os.path.isfile(p) for p in paths]
+    digests = iter(content_digests([p for p, e in zip(paths, exists) if e]))
+    return [next(digests) if e else "path:" + os.path.abspath(p) for p, e in zip(paths, exists)]
+
+
+def duplicate_sets(df: pd.DataFrame, keys) -> list:
+    """Row positions of every set of rows sharing a key (identical images), largest first."""
+    keys = pd.Series(list(keys))
+    dup = keys[keys.duplicated(keep=False)]
+    return sorted((list(v) for v in dup.groupby(dup, sort=False).groups.values()), key=len, reverse=True)
+
+
+def _describe_set(df: pd.DataFrame, rows: list, with_artist: bool) -> str:
+    """'a.jpg = b.jpg' (with each row's artist when asked)."""
+    parts = [f"{df['img_path'].iloc[r]}" + (f" ({df['artist'].iloc[r]!r})" if with_artist else "") for r in rows]
+    return " = ".join(parts)
+
+
+def check_duplicates(df: pd.DataFrame, keys, source="table") -> list:
+    """Refuse identical images labelled with different artists; warn about the others; returns the sets."""
+    sets = duplicate_sets(df, keys)
+    conflicts = [r for r in sets if df["artist"].iloc[r].nunique() > 1]
+    if conflicts:
+        named = [_describe_set(df, r, True) for r in conflicts]
+        raise ValueError(f"{source}: {len(conflicts)} image(s) appear more than once with different artists: "
+                         f"{listing(named, len(named))}; an image has one artist: fix or remove the wrong rows")
+    if sets:
+        named = [_describe_set(df, r, False) for r in sets]
+        warnings.warn(f"{source}: {len(sets)} image(s) appear more than once (identical files, "
+                      f"{sum(map(len, sets)) - len(sets)} extra row(s)): {listing(named, len(named))}; each set is "
+                      "kept in one fold, so no copy is validated by a model trained on another (remove the copies "
+                      "to silence this)", stacklevel=3)
+    return sets
+
+
+def check_fold_groups(df: pd.DataFrame, keys, source="table") -> None:
+    """Refuse a given 'fold' column that puts copies of one image in different folds (their OOF would be inflated)."""
+    split = [r for r in duplicate_sets(df, keys) if df["fold"].iloc[r].nunique() > 1]
+    if split:
+        named = [f"{_describe_set(df, r, False)} (folds {sorted(set(int(f) for f in df['fold'].iloc[r]))})"
+                 for r in split]
+        raise ValueError(f"{source}: column 'fold' puts copies of {len(split)} image(s) in different folds: "
+                         f"{listing(named, len(named))}; give each set of copies one fold, remove the copies, or drop "
+                         "the column to let artlearn assign the folds")
+
+
+def _group_keys(df: pd.DataFrame, groups) -> list | None:
+    """The per-row keys of identical images: 'content' (file digests), None (no grouping) or given keys."""
+    if groups is None:
+        return None
+    if isinstance(groups, str):
+        if groups != "content":
+            raise ValueError(f"groups={groups!r}: use 'content' (identical files), None, or one key per row")
+        return content_keys(df["img_path"]) if "img_path" in df.columns else None
+    keys = list(groups)
+    if len(keys) != len(df):
+        raise ValueError(f"groups: {len(keys)} key(s) for {len(df)} row(s); give one key per row")
+    return keys
+
+
+def assign_folds(df: pd.DataFrame, n_folds: int = 4, seed: int = 42, groups="content",
+                 source="assign_folds") -> pd.DataFrame:
     """Copy of df with an integer 'fold' column: stratified by artist, balanced, deterministic for a seed.
 
     Rule for rare artists (fewer works than folds): each of their works goes to a different fold (the least filled
     ones), so such an artist is validated in only some folds, and an artist with a single work is absent from the
-    training split of the fold that validates it. A warning names these artists; nothing is dropped.
+    training split of the fold that validates it. A warning names these artists; nothing is dropped. Labels are
+    normalised (`tables.normalise_label`). Identical images (`groups='content'`: same file bytes; or one key per
+    row) are kept in one fold (warned about), and refused when their artists differ. `source` names the table in
+    messages.
     """
-    if "artist" not in df.columns:
-        raise ValueError(f"assign_folds needs an 'artist' column (columns are {list(df.columns)})")
+    if not isinstance(df, pd.DataFrame) or "artist" not in df.columns:
+        cols = list(df.columns) if isinstance(df, pd.DataFrame) else type(df).__name__
+        raise ValueError(f"assign_folds needs a DataFrame with an 'artist' column (got {cols})")
     check_n_folds(n_folds, len(df))
+    df = normalise_labels(df, source)
+    keys = _group_keys(df, groups)
+    sets = check_duplicates(df, keys, source) if keys is not None else []
     rare = rare_artists(df, n_folds)
     if rare:
         warnings.warn(f"{len(rare)} artist(s) have fewer works than n_folds={n_folds}: {listing(rare, len(rare))}; "
                       "each of their works goes to a different fold, so they are missing from some validation "
                       "splits (and single-work artists from one training split)", stacklevel=2)
     out = df.copy()
-    out["fold"] = stratified_fold_ids(df["artist"], n_folds, seed, keys=df["img_path"])
+    if sets:
+        out["fold"] = stratified_group_fold_ids(df["artist"], keys, n_folds, seed, keys=df.get("img_path"))
+    else:
+        out["fold"] = stratified_fold_ids(df["artist"], n_folds, seed, keys=df.get("img_path"))
     return out
 
 

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,25 +17,31 @@ import pandas as pd
 from .distributed import DistContext, init_distributed, single_process_view
 from .ensemble import TTA_CHOICES, ensemble
 from .files import atomic_write_csv, atomic_write_json
-from .folds import assign_folds
+from .folds import assign_folds, check_duplicates, check_fold_groups, check_n_folds
 from .recipe import Recipe
 from .run import (
+    CONFIG_NAME,
     FOLDS_NAME,
     OOF_NAME,
     SUMMARY_NAME,
     KFoldRun,
     best_row,
     check_config,
+    check_out_dir,
     clear_fold,
+    clear_run,
+    data_fingerprint,
     fold_dir,
     fold_is_complete,
     load_run,
     majority_baseline,
+    read_folds,
     run_config,
+    run_lock,
     write_run_dir,
 )
 from .store import PresizeCache, default_memory_budget, presize_for
-from .tables import validate_table
+from .tables import content_digests, validate_table
 
 logger = logging.getLogger("artlearn")
 
@@ -85,52 +92,107 @@ def select_folds(run, folds=None, max_volatility_ratio: float = 2.0, min_volatil
     for k in sorted(run.metas):
         h = run.histories.get(k)
         best = best_row(k, h, run.metas[k])
+        usable = h is not None and len(h) and "valid_loss" in h.columns
         rows[k] = dict(status=best["status"], best=best.get(score, np.nan),
-                       volatility=_volatility(h) if h is not None and len(h) else float("nan"))
+                       volatility=_volatility(h) if usable else float("nan"))
     table = pd.DataFrame.from_dict(rows, orient="index")
     if folds is not None:
-        chosen = [int(f) for f in folds]
-        unknown = [f for f in chosen if f not in run.folds]
-        if unknown or not chosen:
-            raise ValueError(f"folds {unknown or chosen} have no complete checkpoint in {run.path}; "
-                             f"complete folds: {run.folds}")
+        chosen = _hand_picked(folds, run)
         excluded = {k: "not named by hand" for k in run.metas if k not in chosen}
         return FoldSelection(chosen, excluded, "folds named by hand", table)
     excluded = {k: f"fold is {r['status']}" for k, r in rows.items() if r["status"] != "complete"}
     ok = table[table["status"] == "complete"] if len(table) else table
     if ok.empty:
         raise ValueError(f"{run.path}: no fold has a complete checkpoint; train the run first (train_kfold)")
+    problems = getattr(run, "history_problems", {})
     med_vol, med_best = float(np.nanmedian(ok["volatility"])), float(np.nanmedian(ok["best"]))
     for k, r in ok.iterrows():
         limit = max(min_volatility, max_volatility_ratio * med_vol)
-        if not np.isfinite(r["volatility"]) or r["volatility"] > limit:
+        if k in problems or k not in run.histories:
+            excluded[k] = (f"its history cannot be judged ({problems.get(k, 'no history.csv')}); name it by hand "
+                           "(select_folds(folds=...), --select) to use it")
+        elif not np.isfinite(r["volatility"]) or r["volatility"] > limit:
             excluded[k] = (f"unstable valid loss: volatility {r['volatility']:.3f} > {limit:.3f} "
                            f"({max_volatility_ratio:g} x median {med_vol:.3f}, floor {min_volatility:g})")
         elif r["best"] < med_best - max_gap:
             excluded[k] = f"best {score} {r['best']:.3f} is more than {max_gap:g} below the median {med_best:.3f}"
     chosen = [int(k) for k in ok.index if k not in excluded]
-    if not chosen:
+    if not chosen and ok["best"].notna().any():
         keep = int(ok["best"].idxmax())
         chosen, excluded = [keep], {k: v for k, v in excluded.items() if k != keep}
+    elif not chosen:  # no fold has a usable history: nothing to judge, so every complete fold is kept
+        logger.warning(f"{run.path}: no complete fold has a usable history.csv; every complete fold is selected")
+        chosen = [int(k) for k in ok.index]
+        excluded = {k: v for k, v in excluded.items() if k not in chosen}
     rule = (f"exclude incomplete folds; volatility > max({min_volatility:g}, {max_volatility_ratio:g} x median); "
             f"best {score} < median - {max_gap:g}; keep at least the best fold")
     return FoldSelection(chosen, dict(sorted(excluded.items())), rule, table)
 
 
+def _hand_picked(folds, run) -> list:
+    """Folds named by hand, validated: integers with a complete checkpoint, at least one."""
+    try:
+        chosen = [int(f) for f in folds]
+    except (TypeError, ValueError):
+        raise ValueError(f"folds={folds!r}: need fold numbers such as [0, 2]") from None
+    unknown = [f for f in chosen if f not in run.folds]
+    if unknown or not chosen:
+        raise ValueError(f"folds {unknown or chosen} have no complete checkpoint in {run.path}; "
+                         f"complete folds: {run.folds}")
+    return sorted(set(chosen))
+
+
 # ---------------------------------------------------------------- the run's inputs, checked before anything is written
 
 
-def _prepare_folds(df: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
-    """The training table (labels, ids and files checked) with a validated fold column."""
-    df = validate_table(df, "training table", kind="train")
-    if "fold" in df.columns:
-        folds = pd.to_numeric(df["fold"], errors="coerce")
-        bad = sorted({str(v) for v, f in zip(df["fold"], folds) if pd.isna(f) or f != int(f)
-                      or not 0 <= int(f) < n_folds})
-        if bad:
-            raise ValueError(f"column 'fold' has values {bad[:5]} outside 0..{n_folds - 1} (n_folds={n_folds})")
-        return df.assign(fold=folds.astype(int)).reset_index(drop=True)
-    return assign_folds(df, n_folds, seed).reset_index(drop=True)
+def _given_folds(df: pd.DataFrame, n_folds: int) -> pd.DataFrame:
+    """A table's own 'fold' column (integers, as numbers or text) checked against n_folds."""
+    folds = pd.to_numeric(df["fold"].astype(str).str.strip(), errors="coerce")
+    bad = sorted({str(v) for v, f in zip(df["fold"], folds) if pd.isna(f) or f != int(f) or not 0 <= int(f) < n_folds})
+    if bad:
+        raise ValueError(f"column 'fold' has values {bad[:5]} outside 0..{n_folds - 1} (n_folds={n_folds}); use "
+                         "integers 0..n_folds-1, or drop the column to let artlearn assign the folds")
+    return df.assign(fold=folds.astype(int))
+
+
+def _prepare_folds(df: pd.DataFrame, n_folds: int, seed: int) -> tuple[pd.DataFrame, list]:
+    """The training table checked (labels, ids, files, identical images) with a fold column, and its digests."""
+    df = validate_table(df, "training table", kind="train").reset_index(drop=True)
+    check_n_folds(n_folds, len(df))
+    digests = content_digests(df["img_path"], source="training table")
+    if "fold" not in df.columns:
+        return assign_folds(df, n_folds, seed, groups=digests, source="training table").reset_index(drop=True), digests
+    df = _given_folds(df, n_folds)
+    check_duplicates(df, digests, "training table")
+    check_fold_groups(df, digests, "training table")
+    return df, digests
+
+
+def _uses_batchnorm(arch: str) -> bool:
+    """True when the architecture has BatchNorm layers (built on the 'meta' device: nothing allocated)."""
+    import torch
+    from torch import nn
+
+    from .models import build_model
+    with torch.device("meta"):
+        model = build_model(arch, n_classes=2)
+    return any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)) for m in model.modules())
+
+
+def _check_splits(df: pd.DataFrame, n_folds: int, recipe: Recipe, per_process_bs: int) -> None:
+    """Refuse empty validation splits and (BatchNorm) batches or training splits of a single image."""
+    sizes = df["fold"].value_counts().reindex(range(n_folds), fill_value=0)
+    empty = [k for k in range(n_folds) if sizes[k] == 0]
+    if empty:
+        raise ValueError(f"column 'fold' leaves fold(s) {empty} without validation rows (n_folds={n_folds}); number "
+                         "the folds 0..n_folds-1 with rows in each, or use fewer folds")
+    smallest = int(len(df) - sizes.max())
+    if (per_process_bs < 2 or smallest < 2) and _uses_batchnorm(recipe.arch):
+        what = (f"bs={recipe.bs}" + (f" ({per_process_bs} per process)" if per_process_bs != recipe.bs else "")
+                if per_process_bs < 2 else f"the smallest training split ({smallest} image)")
+        raise ValueError(f"{what}: {recipe.arch} uses BatchNorm, which needs at least 2 images per training batch; "
+                         "use bs >= 2 and at least 2 training images per fold (fewer folds or more images), or a "
+                         "convnext (LayerNorm)")
 
 
 def _folds_to_train(folds, n_folds: int) -> list:
@@ -145,24 +207,38 @@ def _folds_to_train(folds, n_folds: int) -> list:
     return chosen
 
 
-def _check_run_args(n_folds, seed, tta) -> None:
-    """ValueError for a bad fold count, seed or TTA choice (before anything is written)."""
+def _check_run_args(n_folds, seed, tta, workers, overwrite) -> None:
+    """ValueError for a bad fold count, seed, TTA choice, worker count or overwrite flag (before any write)."""
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds={n_folds!r}: need an integer of at least 2")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r}: need an integer >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed={seed!r}: need an integer in 0..2**32-1")
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop' or None")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0):
+        raise ValueError(f"workers={workers!r}: need None (automatic) or an integer >= 0")
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite={overwrite!r}: need True or False")
 
 
 def _callback_factories(cbs) -> list:
-    """Per-fold callback makers: a class or zero-argument factory is called per fold, an instance copied."""
+    """Per-fold callback makers: a Callback class or factory (called once here to check it), an instance copied."""
+    from fastai.callback.core import Callback
+    if cbs is None:
+        return []
+    if isinstance(cbs, (Callback, type, str)) or callable(cbs) or not hasattr(cbs, "__iter__"):
+        cbs = [cbs]
     makers = []
-    for cb in list(cbs or []):
-        if isinstance(cb, type) or (callable(cb) and not hasattr(cb, "order")):
-            makers.append(cb)
-        elif hasattr(cb, "order"):
+    for cb in cbs:
+        if isinstance(cb, Callback):
             makers.append(lambda cb=cb: copy.deepcopy(cb))
+        elif isinstance(cb, type) and issubclass(cb, Callback):
+            makers.append(cb)
+        elif callable(cb) and not isinstance(cb, type):
+            made = cb()
+            if not isinstance(made, Callback):
+                raise ValueError(f"cbs: the factory {cb!r} returned {made!r}, not a fastai Callback")
+            makers.append(cb)
         else:
             raise ValueError(f"cbs: {cb!r} is neither a fastai Callback nor a factory returning one")
     return makers
@@ -184,6 +260,7 @@ class _FoldJob:
     workers: int | None
     progress: bool
     cbs: list
+    config: dict
 
 
 def _train_fold(job: _FoldJob, k: int, **learner_kw) -> None:
@@ -237,14 +314,14 @@ def _write_oof(job: _FoldJob, k: int) -> None:
 def _write_missing_oof(job: _FoldJob, k: int) -> None:
     """Write fold<k>/oof.csv when the fold is complete and its OOF is not there yet."""
     folder = fold_dir(job.out, k)
-    if not (folder / OOF_NAME).is_file() and fold_is_complete(folder):
+    if not (folder / OOF_NAME).is_file() and fold_is_complete(folder, job.config):
         _write_oof(job, k)
 
 
 def _run_fold(job: _FoldJob, k: int) -> None:
     """Fold k, resumably: skip it when its checkpoint is complete, else train it afresh; then write its OOF."""
     folder = fold_dir(job.out, k)
-    if fold_is_complete(folder):
+    if fold_is_complete(folder, job.config):
         logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")
     else:
         clear_fold(folder)
@@ -307,19 +384,22 @@ class _Forward(logging.Handler):
 def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str | None = "reference",
                 seed: int = 42, tta: str | None = "flip", workers: int | None = None, progress: bool = True,
                 cache: PresizeCache | None = None, cbs=None, log=None, ddp: bool = False,
-                sync_bn: bool | None = None, **overrides) -> KFoldRun:
+                sync_bn: bool | None = None, overwrite: bool = False, protect=(), **overrides) -> KFoldRun:
     """Train the folds one after another into `out` (resumable), then write OOF scores and summary.json.
 
     `preset` ('reference' or 'best') supplies every `Recipe` setting; `overrides` (the same names: arch, size,
-    epochs, lr, min_scale, ...) replace them. Everything is validated before anything is written. A fold whose
-    checkpoint is complete is not retrained; an interrupted fold restarts from scratch; a run directory made with
-    another configuration or other data is refused. `cbs`: extra fastai callbacks (classes or factories, made
-    anew for every fold). Messages go to the 'artlearn' logger (`log=callable` receives them too).
+    epochs, lr, min_scale, ...) replace them. Everything (arguments, table, identical images, every image's pixels,
+    the run directory) is validated before anything is written. A fold whose checkpoint is complete is not
+    retrained; an interrupted fold restarts from scratch; a run directory made with another configuration or other
+    data is refused (`overwrite=True` deletes the files artlearn wrote there first, after every check). `out` must
+    be a new or empty folder or an artlearn run, and never holds the images (or the `protect` paths); a lock file
+    refuses a second process training into it. `cbs`: extra fastai callbacks (classes or factories, made anew for
+    every fold). Messages go to the 'artlearn' logger (`log=callable` receives them too).
 
     Launched by torchrun (WORLD_SIZE > 1), the processes share the work (see `artlearn.distributed`): by default
     each process trains its own folds (fold-parallel); with `ddp=True` every fold is trained by all processes
     together (DistributedDataParallel, `bs` is the global batch; `sync_bn`: SyncBatchNorm, default on CUDA).
-    Rank 0 writes config.json, folds.csv and summary.json; every rank returns the finished run.
+    Rank 0 holds the lock and writes config.json, folds.csv and summary.json; every rank returns the finished run.
     """
     if log is not None and not callable(log):
         raise ValueError(f"log={log!r}: pass None (the 'artlearn' logger) or a callable taking each message")
@@ -330,62 +410,89 @@ def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str
             logger.setLevel(logging.INFO)
     try:
         return _train_kfold(df, Path(out), n_folds, folds, preset, seed, tta, workers, progress, cache, cbs, ddp,
-                            sync_bn, overrides)
+                            sync_bn, overwrite, list(protect or ()), overrides)
     finally:
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(level)
 
 
-def _train_kfold(df, out, n_folds, folds, preset, seed, tta, workers, progress, cache, cbs, ddp, sync_bn,
-                 overrides) -> KFoldRun:
-    """train_kfold's sequence: check everything, fill the store, write the run dir, run the folds, finish."""
-    _check_run_args(n_folds, seed, tta)
+def _check_out(out: Path, config: dict, legacy: dict, protect: list, overwrite: bool) -> None:
+    """Refuse a run directory artlearn may not use, or (unless overwriting) one made with other settings or data."""
+    if check_out_dir(out, protect) and not overwrite:
+        check_config(out, config, legacy)
+
+
+def _open_run(stack: ExitStack, out: Path, config: dict, legacy: dict, protect: list, overwrite: bool,
+              df: pd.DataFrame) -> None:
+    """Take the run's lock (held until `stack` closes), check the directory again under it, write config and folds."""
+    stack.enter_context(run_lock(out))
+    if check_out_dir(out, protect):
+        if overwrite:
+            logger.info(f"--overwrite: deleting the run in {out}")
+            clear_run(out)
+        else:
+            check_config(out, config, legacy)
+    write_run_dir(out, config, df)
+
+
+def _train_kfold(df, out, n_folds, folds, preset, seed, tta, workers, progress, cache, cbs, ddp, sync_bn, overwrite,
+                 protect, overrides) -> KFoldRun:
+    """train_kfold's sequence: check everything, fill the store, lock and write the run dir, run the folds, finish."""
+    _check_run_args(n_folds, seed, tta, workers, overwrite)
     recipe = Recipe.preset("reference" if preset is None else preset).replace(**overrides).validate()
-    df = _prepare_folds(df, n_folds, seed)
     todo = _folds_to_train(folds, n_folds)
     makers = _callback_factories(cbs)
-    config = run_config(recipe.as_dict(), df, preset=preset, n_folds=n_folds, seed=seed, tta=tta)
     ctx = init_distributed()
     if ddp and ctx.enabled:
         ctx.check_ddp(recipe.bs, sync_bn)
-    ctx.everywhere(lambda: check_config(out, config) if (out / "config.json").is_file() else None)
+    df, digests = _prepare_folds(df, n_folds, seed)
+    _check_splits(df, n_folds, recipe, recipe.bs // ctx.world_size if ddp and ctx.enabled else recipe.bs)
+    config = run_config(recipe.as_dict(), df, digests, preset=preset, n_folds=n_folds, seed=seed, tta=tta)
+    legacy, protect = {"data": data_fingerprint(df)}, [*df["img_path"], *protect]
+    ctx.everywhere(lambda: _check_out(out, config, legacy, protect, overwrite))
     if cache is None:
         cache = PresizeCache(presize_for(recipe.size), max_memory=default_memory_budget() // ctx.local_world_size)
     ctx.everywhere(lambda: cache.fill(df["img_path"], source="training table"))  # unreadable images refused here
-    ctx.on_main(lambda: write_run_dir(out, config, df))
-    if ctx.enabled:
-        ctx.everywhere(lambda: check_config(out, config))
-    job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed, tta=tta,
-                   workers=workers, progress=bool(progress and ctx.is_main), cbs=makers)
-    pending = ctx.broadcast([k for k in todo if not fold_is_complete(fold_dir(out, k))] if ctx.is_main else None)
-    with ctx.tagged_logs(logger):
-        if ddp and ctx.enabled:
-            _data_parallel(ctx, job, todo, pending, sync_bn)
-        else:
-            _fold_parallel(ctx, job, todo, pending)
-        ctx.barrier()
-        run = ctx.on_main(lambda: (ctx.await_files(out, todo), finish_run(out, df))[1])
+    with ExitStack() as stack:
+        ctx.on_main(lambda: _open_run(stack, out, config, legacy, protect, overwrite, df))
+        if ctx.enabled:
+            ctx.everywhere(lambda: check_config(out, config, legacy))
+        job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed, tta=tta,
+                       workers=workers, progress=bool(progress and ctx.is_main), cbs=makers, config=config)
+        pending = ctx.broadcast([k for k in todo if not fold_is_complete(fold_dir(out, k), config)]
+                                if ctx.is_main else None)
+        with ctx.tagged_logs(logger):
+            if ddp and ctx.enabled:
+                _data_parallel(ctx, job, todo, pending, sync_bn)
+            else:
+                _fold_parallel(ctx, job, todo, pending)
+            ctx.barrier()
+            run = ctx.on_main(lambda: (ctx.await_files(out, todo), finish_run(out, df))[1])
     return run if ctx.is_main else load_run(out)
 
 
 def finish_run(out, df: pd.DataFrame | None = None, select: list | None = None) -> KFoldRun:
     """Score the out-of-fold predictions, write them all to oof.csv, select the folds, write summary.json."""
     from . import __version__
-    run = load_run(out)
-    if run.oof is not None:
-        atomic_write_csv(run.path / OOF_NAME, run.oof)
-    if df is None and (run.path / FOLDS_NAME).is_file():
-        df = pd.read_csv(run.path / FOLDS_NAME, dtype={"id": str, "img_path": str, "artist": str},
-                         keep_default_na=False)
-    selection = select_folds(run, folds=select) if run.folds else None
-    best = run.best
-    summary = dict(
-        folds=json.loads(best.to_json(orient="index")) if len(best) else {},
-        oof=run.oof_scores,
-        majority_baseline=majority_baseline(df) if df is not None else None,
-        selection=selection.as_dict() if selection is not None else None,
-        library_version=__version__)
-    atomic_write_json(run.path / SUMMARY_NAME, summary)
+    out = Path(out)
+    if not (out / CONFIG_NAME).is_file():
+        raise ValueError(f"{out}: not an artlearn run directory (no config.json); train one with train_kfold")
+    with run_lock(out):
+        run = load_run(out)
+        selection = select_folds(run, folds=select) if run.folds or select is not None else None
+        if df is None and (run.path / FOLDS_NAME).is_file():
+            df = read_folds(run.path / FOLDS_NAME)
+        if run.oof is not None:
+            atomic_write_csv(run.path / OOF_NAME, run.oof)
+        best = run.best
+        summary = dict(
+            folds=json.loads(best.to_json(orient="index")) if len(best) else {},
+            oof=run.oof_scores,
+            majority_baseline=majority_baseline(df) if df is not None else None,
+            selection=selection.as_dict() if selection is not None else None,
+            ignored=dict(run.ignored),
+            library_version=__version__)
+        atomic_write_json(run.path / SUMMARY_NAME, summary)
     run.summary = summary
     return run

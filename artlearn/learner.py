@@ -148,6 +148,8 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     """
     _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
                 ema, logit_adjust, monitor, seed)
+    if getattr(dls.train, "bs", 2) < 2:
+        raise ValueError(f"bs={dls.train.bs}: BatchNorm needs at least 2 images per training batch; use bs >= 2")
     if model is None:
         if arch.startswith("resnet"):
             model_kw["zero_init_residual"] = zero_init_residual
@@ -179,11 +181,11 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
 
 def _fold_validation_rows(fold_dir, meta: dict):
     """The fold's own validation rows from the run's folds.csv (None when the fold is not inside a run)."""
-    import pandas as pd
-    folds_csv = Path(fold_dir).parent / "folds.csv"
+    from .run import FOLDS_NAME, read_folds
+    folds_csv = Path(fold_dir).parent / FOLDS_NAME
     if not folds_csv.is_file():
         return None
-    table = pd.read_csv(folds_csv, dtype={"id": str, "img_path": str, "artist": str}, keep_default_na=False)
+    table = read_folds(folds_csv)
     return table[table["fold"] == int(meta["fold"])]
 
 

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
 from .run import HISTORY_COLUMNS  # noqa: F401  (the columns plots read; re-exported)
-from .run import CONFIG_NAME, load_run, read_config, read_history
+from .run import CONFIG_NAME, load_run, read_config, read_history, read_oof
 
 METRICS = ("train_acc", "train_loss", "valid_loss", "valid_acc", "lr")
 TITLES = {"train_loss": "train loss", "valid_loss": "valid loss", "train_acc": "train accuracy",
@@ -552,7 +552,7 @@ def _oof(source) -> pd.DataFrame:
 def _read_oof(path: Path) -> pd.DataFrame:
     """An oof.csv file, or the out-of-fold predictions of a run directory (`load_run`: its complete folds)."""
     if path.is_file():
-        return pd.read_csv(path)
+        return read_oof(path)
     oof = load_run(path).oof if (path / CONFIG_NAME).is_file() else None
     if oof is None or oof.empty:
         raise ValueError(f"{path}: no out-of-fold predictions found (oof.csv or fold<k>/oof.csv)")

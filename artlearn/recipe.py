@@ -17,6 +17,7 @@ OPTIMIZERS = ("adam", "adamw")
 MONITORS = ("valid_loss", "valid_acc", "f1_macro")
 SAMPLERS = (None, "balanced", "sqrt")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PIPELINES = ("device", "items")
 
 
 def _setting(default, stage: str, to: str, help: str, choices=None):
@@ -34,6 +35,9 @@ class Recipe:
     max_rotate: float = _setting(15.0, "data", "dls", "largest rotation in degrees (0: none)")
     flip: bool = _setting(True, "data", "dls", "random horizontal flips")
     sampler: str | None = _setting(None, "data", "dls", "training sampler: none, balanced or sqrt", SAMPLERS)
+    pipeline: str = _setting("device", "data", "dls", "images to batches: 'device' (store gathered per batch, one "
+                             "resampling per image on the device) or 'items' (fastai's per-item PIL pipeline)",
+                             PIPELINES)
     # model: what learns
     arch: str = _setting("resnet50", "model", "learner", "architecture (resnet18/34/50/101, convnext_nano/tiny)")
     pool: str = _setting("avg", "model", "learner", "global pooling: avg or gem")

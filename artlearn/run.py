@@ -1,21 +1,45 @@
-"""The run-directory format: file names, `KFoldRun`/`load_run`, fold status, the data fingerprint, config checks.
+"""The run-directory format: file names, `KFoldRun`/`load_run`, fold status, the data fingerprint, config checks,
+ownership (what artlearn may write into or delete) and the run lock.
 
 A run directory is artlearn's when its `config.json` says so (`format: "artlearn-run"` with a `format_version`;
-runs written before the version existed carry `library_version` and read as version 1).
+runs written before the version existed carry `library_version` and read as version 1). Version 3 adds the image
+content to the data fingerprint. artlearn writes only into a new or empty folder or one of its own runs, deletes
+only the files it writes there, and never touches a folder that holds the data.
 """
 import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME
+from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, check_meta
+from .checks import listing
 from .files import atomic_write_csv, atomic_write_json, read_json
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks
+    fcntl = None
+
+logger = logging.getLogger("artlearn")
+
 CONFIG_NAME, FOLDS_NAME, SUMMARY_NAME, OOF_NAME = "config.json", "folds.csv", "summary.json", "oof.csv"
-SUBMISSION_NAME = "submission.csv"
-RUN_FORMAT, RUN_FORMAT_VERSION = "artlearn-run", 2
+SUBMISSION_NAME, LOCK_NAME = "submission.csv", ".lock"
+RUN_FIGURES = ("history.png", "confusion.png", "recall.png")  # plots.save_run_figures writes these into a run
+RUN_FILES = (CONFIG_NAME, FOLDS_NAME, SUMMARY_NAME, OOF_NAME, SUBMISSION_NAME, *RUN_FIGURES)
+FOLD_FILES = (WEIGHTS_NAME, META_NAME, HISTORY_NAME, OOF_NAME)
+RUN_FORMAT, RUN_FORMAT_VERSION = "artlearn-run", 3
+CONTENT_VERSION = 3  # the first format version whose 'data' fingerprint covers the image content
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds")
+TEXT_COLUMNS = ("id", "img_path", "artist", "pred")  # read back as text, never as numbers or NaN
+# config.json keys added after runs were first written, and the value their absence stands for
+ABSENT_MEANS = {"pipeline": "items"}
 # settings of a run that may differ between a run and its resume
 RUNTIME_KEYS = ("folds", "library_version", "format", "format_version")
 
@@ -23,6 +47,14 @@ RUNTIME_KEYS = ("folds", "library_version", "format", "format_version")
 def fold_dir(run_dir, fold: int) -> Path:
     """The folder of one fold."""
     return Path(run_dir) / f"fold{int(fold)}"
+
+
+def fold_index(name: str) -> int | None:
+    """k for a folder named exactly 'fold<k>' ('fold0', 'fold12'; not 'fold01' or 'fold-1'), else None."""
+    digits = name[4:]
+    if not name.startswith("fold") or not digits.isdigit() or not digits.isascii() or str(int(digits)) != digits:
+        return None
+    return int(digits)
 
 
 @dataclass
@@ -34,6 +66,8 @@ class KFoldRun:
     metas: dict = field(default_factory=dict)
     oof: pd.DataFrame | None = None
     summary: dict = field(default_factory=dict)
+    ignored: dict = field(default_factory=dict)  # folder name -> why load_run left it out
+    history_problems: dict = field(default_factory=dict)  # fold -> why its history.csv could not be used
 
     def fold_dir(self, fold: int) -> Path:
         """The folder of one fold."""
@@ -68,10 +102,10 @@ def best_row(fold: int, history: pd.DataFrame | None, meta: dict) -> dict:
     """Scores of a fold's best (checkpointed) epoch."""
     row = dict(fold=fold, epoch=meta.get("epoch"), monitor=meta.get("monitor"), score=meta.get("score"),
                status=fold_status(meta))
-    if history is not None and len(history) and meta.get("epoch") is not None:
+    if history is not None and len(history) and meta.get("epoch") is not None and "epoch" in history.columns:
         at = history[history["epoch"] == meta["epoch"]]
         if len(at):
-            row.update({c: float(at.iloc[0][c]) for c in ("valid_loss", "valid_acc", "f1_macro")})
+            row.update({c: float(at.iloc[0][c]) for c in ("valid_loss", "valid_acc", "f1_macro") if c in at.columns})
     return row
 
 
@@ -82,17 +116,23 @@ def fold_status(meta: dict) -> str:
     return "complete" if meta.get("complete") else "incomplete"
 
 
+# ---------------------------------------------------------------- config.json
+
+
 def run_format_version(config: dict) -> int | None:
     """The format version of a config.json (1 for runs written before versions), None when not artlearn's."""
     if config.get("format") == RUN_FORMAT:
-        return int(config.get("format_version", 0))
+        version = config.get("format_version", 0)
+        return version if isinstance(version, int) and not isinstance(version, bool) else 0
     return 1 if "library_version" in config and "format" not in config else None
 
 
 def read_config(path) -> dict:
     """config.json of a run directory, refused when it is not artlearn's or of a newer format."""
     path = Path(path)
-    config = read_json(path / CONFIG_NAME)
+    if not (path / CONFIG_NAME).is_file():
+        raise ValueError(f"{path}: not an artlearn run directory (no {CONFIG_NAME}); train one with train_kfold")
+    config = read_json(path / CONFIG_NAME, fix="restore it, or use another --out folder")
     version = run_format_version(config) if isinstance(config, dict) else None
     if version is None:
         raise ValueError(f"{path / CONFIG_NAME} is not an artlearn run config (no 'format': '{RUN_FORMAT}'); "
@@ -103,90 +143,379 @@ def read_config(path) -> dict:
     return config
 
 
+def data_fingerprint(df: pd.DataFrame, digests=None) -> str:
+    """Hash of the (img_path, artist, fold[, content digest]) assignment, to refuse mixing runs over other data."""
+    cols = [c for c in ("img_path", "artist", "fold") if c in df.columns]
+    table = df[cols].astype(str)
+    if digests is not None:
+        table = table.assign(digest=list(digests))
+        cols = [*cols, "digest"]
+    text = table.sort_values(cols).to_csv(index=False)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def run_config(settings: dict, df: pd.DataFrame, digests=None, **run_args) -> dict:
+    """The content of config.json: format, the run's arguments, every recipe setting and the data's fingerprint."""
+    from . import __version__
+    return dict(format=RUN_FORMAT, format_version=RUN_FORMAT_VERSION, **run_args, **settings, n_images=len(df),
+                n_artists=int(df["artist"].nunique()), data=data_fingerprint(df, digests), library_version=__version__)
+
+
+def check_config(out: Path, config: dict, legacy: dict | None = None) -> None:
+    """Refuse a run directory made with different settings or data.
+
+    `legacy`: values to compare instead for runs of an older format (their 'data' fingerprint without content).
+    """
+    old = read_config(out)
+    if run_format_version(old) < CONTENT_VERSION and legacy:
+        config = {**config, **legacy}
+        logger.warning(f"{out}: a run of format version {run_format_version(old)}; its fingerprint does not cover "
+                       "the image content, so changed pixels cannot be detected when resuming it")
+    old = {**ABSENT_MEANS, **old}  # settings added since the run was written: what their absence meant
+    diffs = [f"{k}: {old.get(k)!r} in the run dir, {config.get(k)!r} now" for k in sorted(set(old) | set(config))
+             if k not in RUNTIME_KEYS and old.get(k) != config.get(k)]
+    if diffs:
+        raise ValueError(f"{out} was made with a different configuration ({'; '.join(diffs)}); use another --out "
+                         "folder, or delete this one to start over (--overwrite)")
+
+
+# ---------------------------------------------------------------- reading a run back
+
+
 def read_history(path) -> pd.DataFrame:
     """A fold's history.csv (numeric columns), with errors that name the file."""
     try:
         return pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable history CSV ({e})") from None
+        raise ValueError(f"{path}: not a readable history CSV ({str(e).strip()})") from None
+
+
+def _read_text_csv(path, what: str) -> pd.DataFrame:
+    """A CSV read as text (no type or NA inference), with errors that name the file."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable {what} CSV ({e}); the file is damaged") from None
+
+
+def _as_numbers(df: pd.DataFrame, path, columns, kind) -> pd.DataFrame:
+    """Convert the named columns to int or float, naming the file and column when a value is not such a number."""
+    for c in columns:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = values.isna() if kind is int else values.isna() & (df[c].str.strip().str.lower() != "nan")
+        if kind is int:
+            bad |= values.notna() & (values != values.round())
+        if bad.any():
+            raise ValueError(f"{path}: column {c!r} holds {int(bad.sum())} value(s) that are not "
+                             f"{'integers' if kind is int else 'numbers'} ({listing(map(repr, df[c][bad]))}); "
+                             "the file is damaged")
+        df[c] = values.astype(kind)
+    return df
+
+
+def read_folds(path) -> pd.DataFrame:
+    """A run's folds.csv: ids, paths and artists as text, 'fold' as integers."""
+    df = _read_text_csv(path, "folds")
+    missing = [c for c in ("img_path", "artist", "fold") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file is damaged (delete the run to start over)")
+    return _as_numbers(df, path, ["fold"], int)
+
+
+def read_oof(path) -> pd.DataFrame:
+    """An oof.csv: id, img_path, artist, pred as text ('07' is not '7', 'NA' is an artist), fold int, p_* floats."""
+    df = _read_text_csv(path, "out-of-fold")
+    missing = [c for c in ("artist", "pred", "fold") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file is damaged (delete it to have it rewritten)")
+    _as_numbers(df, path, ["fold"], int)
+    return _as_numbers(df, path, [c for c in df.columns if c.startswith("p_")], float)
+
+
+def _fold_folders(run: KFoldRun) -> dict:
+    """k -> folder of every fold folder of the run (fold<k> with 0 <= k < n_folds); the others noted in ignored."""
+    n_folds = run.config.get("n_folds")
+    found = {}
+    for folder in sorted(p for p in run.path.iterdir() if p.name.startswith("fold") and p.is_dir()):
+        k = fold_index(folder.name)
+        if k is None:
+            run.ignored[folder.name] = "not a fold folder name (fold0, fold1, ...)"
+        elif isinstance(n_folds, int) and k >= n_folds:
+            run.ignored[folder.name] = f"outside this run's folds 0..{n_folds - 1} (n_folds={n_folds})"
+        else:
+            found[k] = folder
+    return found
+
+
+def fold_problem(meta: dict, k: int, config: dict) -> str | None:
+    """Why a fold's meta.json does not belong to this run (another fold, fold count or split seed), or None."""
+    expected = dict(fold=k, n_folds=config.get("n_folds"), split_seed=config.get("seed"))
+    for key, want in expected.items():
+        have = meta.get(key)
+        if want is not None and have is not None and have != want:
+            return f"its meta.json says {key}={have!r}, this run has {key}={want!r} (copied from another run?)"
+    return None
+
+
+def _read_fold(run: KFoldRun, k: int, folder: Path) -> None:
+    """Fold k's meta.json (checked) and history.csv into run; a fold of another run is noted in ignored."""
+    if not (folder / META_NAME).is_file():
+        return
+    meta = read_json(folder / META_NAME)
+    check_meta(meta, folder / META_NAME)
+    problem = fold_problem(meta, k, run.config)
+    if problem:
+        run.ignored[folder.name] = problem
+        return
+    run.metas[k] = meta
+    history = folder / HISTORY_NAME
+    if not history.is_file():
+        run.history_problems[k] = f"no {HISTORY_NAME} in {folder}"
+        return
+    try:
+        frame = read_history(history)
+    except ValueError as e:
+        run.history_problems[k] = str(e)
+        return
+    run.histories[k] = frame
+    lacking = [c for c in ("epoch", "valid_loss", "valid_acc", "f1_macro") if c not in frame.columns]
+    if lacking:
+        run.history_problems[k] = f"{history}: missing column(s) {lacking}"
+    elif frame.empty:
+        run.history_problems[k] = f"{history}: no epochs recorded"
 
 
 def load_run(path) -> KFoldRun:
-    """Read a run directory written by train_kfold."""
+    """Read a run directory written by train_kfold (stray or foreign fold folders are left out, with a warning)."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise ValueError(f"{path}: not an artlearn run directory (no config.json); train one with train_kfold")
     run = KFoldRun(path=path, config=read_config(path))
-    for folder in sorted(path.glob("fold*"), key=lambda p: (len(p.name), p.name)):
-        if not folder.name[4:].isdigit():
-            continue
-        k = int(folder.name[4:])
-        if (folder / META_NAME).is_file():
-            run.metas[k] = read_json(folder / META_NAME)
-        if (folder / HISTORY_NAME).is_file():
-            run.histories[k] = read_history(folder / HISTORY_NAME)
-    oofs = [pd.read_csv(run.fold_dir(k) / OOF_NAME) for k in run.folds if (run.fold_dir(k) / OOF_NAME).is_file()]
+    for k, folder in sorted(_fold_folders(run).items()):
+        _read_fold(run, k, folder)
+    if run.ignored:
+        logger.warning(f"{path}: left out {len(run.ignored)} folder(s) that are not folds of this run: "
+                       + "; ".join(f"{name} ({why})" for name, why in sorted(run.ignored.items())))
+    oofs = [read_oof(run.fold_dir(k) / OOF_NAME) for k in run.folds if (run.fold_dir(k) / OOF_NAME).is_file()]
     run.oof = pd.concat(oofs, ignore_index=True) if oofs else None
     if (path / SUMMARY_NAME).is_file():
-        run.summary = read_json(path / SUMMARY_NAME)
+        summary = read_json(path / SUMMARY_NAME, fix="delete it: train_kfold or finish_run rewrites it")
+        run.summary = summary if isinstance(summary, dict) else {}
     return run
 
 
 def oof_scores(oof: pd.DataFrame) -> dict:
-    """Accuracy and macro-F1 of out-of-fold predictions."""
+    """Accuracy and macro-F1 of out-of-fold predictions (labels compared as text)."""
     from sklearn.metrics import accuracy_score, f1_score
-    return dict(accuracy=float(accuracy_score(oof["artist"], oof["pred"])),
-                f1_macro=float(f1_score(oof["artist"], oof["pred"], average="macro", zero_division=0)),
+    truth, pred = oof["artist"].astype(str), oof["pred"].astype(str)
+    return dict(accuracy=float(accuracy_score(truth, pred)),
+                f1_macro=float(f1_score(truth, pred, average="macro", zero_division=0)),
                 n=int(len(oof)), folds=sorted(int(f) for f in oof["fold"].unique()))
 
 
 def majority_baseline(df: pd.DataFrame) -> dict:
     """Scores of always predicting the most frequent artist."""
     from sklearn.metrics import f1_score
-    top = df["artist"].value_counts().index[0]
-    return dict(artist=str(top), accuracy=float((df["artist"] == top).mean()),
-                f1_macro=float(f1_score(df["artist"], [top] * len(df), average="macro", zero_division=0)))
+    labels = df["artist"].astype(str)
+    top = labels.value_counts().index[0]
+    return dict(artist=str(top), accuracy=float((labels == top).mean()),
+                f1_macro=float(f1_score(labels, [top] * len(labels), average="macro", zero_division=0)))
 
 
-def data_fingerprint(df: pd.DataFrame) -> str:
-    """Hash of the (img_path, artist, fold) assignment, to refuse mixing runs over different data."""
-    cols = [c for c in ("img_path", "artist", "fold") if c in df.columns]
-    text = df[cols].astype(str).sort_values(cols).to_csv(index=False)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+# ---------------------------------------------------------------- folds on disk
 
 
-def run_config(settings: dict, df: pd.DataFrame, **run_args) -> dict:
-    """The content of config.json: format, the run's arguments, every recipe setting and the data's fingerprint."""
-    from . import __version__
-    return dict(format=RUN_FORMAT, format_version=RUN_FORMAT_VERSION, **run_args, **settings, n_images=len(df),
-                n_artists=int(df["artist"].nunique()), data=data_fingerprint(df), library_version=__version__)
-
-
-def check_config(out: Path, config: dict) -> None:
-    """Refuse a run directory made with different settings or data."""
-    old = read_config(out)
-    diffs = [f"{k}: {old.get(k)!r} in the run dir, {config.get(k)!r} now" for k in sorted(set(old) | set(config))
-             if k not in RUNTIME_KEYS and old.get(k) != config.get(k)]
-    if diffs:
-        raise ValueError(f"{out} was made with a different configuration ({'; '.join(diffs)}); use another --out "
-                         "folder, or delete this one to start over")
-
-
-def fold_is_complete(folder: Path) -> bool:
-    """A fold is done when meta.json says complete (or stopped) and its weights file exists."""
+def fold_is_complete(folder: Path, config: dict | None = None) -> bool:
+    """True when meta.json says complete (or stopped), the weights exist and (config given) the fold is this run's."""
+    folder = Path(folder)
     meta_path = folder / META_NAME
     if not meta_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
         return False
     meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        return False
+    k = fold_index(folder.name)
+    if config is not None and k is not None and fold_problem(meta, k, config):
+        return False
     return bool(meta.get("complete") or meta.get("stopped"))
 
 
-def clear_fold(folder: Path) -> None:
-    """Remove the files of an interrupted fold so it restarts cleanly."""
-    if folder.is_dir():
-        for f in folder.iterdir():
-            if f.is_file():
-                f.unlink()
+def _is_temp(name: str) -> bool:
+    """A temp file of an atomic write ('.<name>.<random>.tmp')."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def clear_fold(folder: Path, remove_empty: bool = False) -> list:
+    """Remove the files artlearn writes in a fold folder (and temp files of killed writes); returns the others."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    kept = []
+    for f in folder.iterdir():
+        if (f.name in FOLD_FILES or _is_temp(f.name)) and (f.is_file() or f.is_symlink()):
+            f.unlink()
+        else:
+            kept.append(f)
+    if kept:
+        logger.warning(f"{folder}: kept {len(kept)} file(s) artlearn did not write: {listing(p.name for p in kept)}")
+    elif remove_empty:
+        folder.rmdir()
+    return kept
+
+
+# ---------------------------------------------------------------- ownership: where artlearn may write and delete
+
+
+def _contents(out: Path) -> list:
+    """Names in a folder, leaving out the lock file and temp files of atomic writes."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not _is_temp(p.name))
+
+
+def _both(path) -> set:
+    """The path as written (absolute) and with symlinks resolved."""
+    return {os.path.abspath(path), os.path.realpath(path)}
+
+
+def check_not_data(out: Path, protect=()) -> None:
+    """Refuse an --out that is, or contains, one of the `protect` paths (the data folder, its images)."""
+    outs = _both(out)
+    for p in protect:
+        for q in _both(p):
+            hit = next((o for o in outs if q == o or q.startswith(o.rstrip(os.sep) + os.sep)), None)
+            if hit is not None:
+                raise ValueError(f"{out} holds the data ({p}); artlearn never writes into or deletes the data folder "
+                                 "or a folder that contains it: use another --out folder")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be created or written (checked on its nearest existing folder)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{out}: {probe} is a file, so the run directory cannot be created there; use another "
+                         "--out folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: {probe} is not writable by this user; use another --out folder")
+
+
+def check_out_dir(out: Path, protect=()) -> bool:
+    """Refuse an --out that is a file, unwritable, holds the data, or is neither empty nor a run; True for a run."""
+    out = Path(out)
+    check_not_data(out, protect)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; --out must be a new or empty folder, or an artlearn run")
+    _check_writable(out)
+    if not out.is_dir():
+        return False
+    if (out / CONFIG_NAME).is_file():
+        read_config(out)
+        return True
+    entries = _contents(out)
+    if entries:
+        raise ValueError(f"{out} is not empty and not an artlearn run directory (no config.json; it holds "
+                         f"{listing(entries)}); artlearn writes only into a new or empty folder or one of its own "
+                         "runs, and deletes only there: use another --out folder")
+    return False
+
+
+def clear_run(out: Path) -> list:
+    """Delete what artlearn wrote in a run directory marked by its config.json (--overwrite); returns what was kept.
+
+    Files artlearn did not write are kept (and named in a warning); config.json goes last, so an interrupted clean-up
+    still leaves a marked directory.
+    """
+    out = Path(out)
+    read_config(out)
+    kept = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in (LOCK_NAME, CONFIG_NAME):
+            continue
+        if fold_index(entry.name) is not None and entry.is_dir() and not entry.is_symlink():
+            kept += clear_fold(entry, remove_empty=True)
+        elif (entry.name in RUN_FILES or _is_temp(entry.name)) and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
+        else:
+            kept.append(entry)
+    (out / CONFIG_NAME).unlink()
+    if kept:
+        logger.warning(f"{out}: --overwrite kept {len(kept)} entr(ies) artlearn did not write: "
+                       f"{listing(p.name for p in kept)}")
+    return kept
+
+
+# ---------------------------------------------------------------- the run lock
+
+_HELD: dict = {}  # resolved run directory -> [file descriptor, depth] of the locks this process holds
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(fd: int) -> str:
+    """What the lock file says about the process holding it."""
+    try:
+        text = os.pread(fd, 300, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "a process that has not written its pid yet"
+
+
+def _acquire(out: Path) -> int | None:
+    """Take the advisory lock of a run directory (non-blocking); ValueError naming the holder when it is held."""
+    if fcntl is None:
+        return None
+    path = out / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot create the run's lock file ({e.strerror}); the run directory must be "
+                         "writable (use another --out folder)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise ValueError(f"{out} is in use by another artlearn process ({holder}); wait for it to finish, or train "
+                         f"into another --out folder (the lock {path} is released when that process ends)") from None
+    except OSError as e:  # a filesystem without locks (some network mounts)
+        logger.warning(f"{path}: cannot lock the run directory ({e.strerror}); make sure no other process trains here")
+        return fd
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              .encode(), 0)
+    return fd
+
+
+@contextmanager
+def run_lock(out):
+    """Hold a run directory's lock (`.lock`, flock; re-entrant within this process) for the block; creates `out`.
+
+    A second process is refused with the holder's pid and host. The kernel releases the lock when its holder dies, so
+    a lock file left by a killed run never blocks.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{out}: cannot create the run directory ({e.strerror}); use another --out folder") from None
+    key = os.path.realpath(out)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        fd = _acquire(out)
+        with _HELD_GUARD:
+            held = _HELD[key] = [fd, 1]
+    try:
+        yield out
+    finally:
+        with _HELD_GUARD:
+            held[1] -= 1
+            done = held[1] == 0
+            if done:
+                del _HELD[key]
+        if done and held[0] is not None:
+            os.close(held[0])
 
 
 def write_run_dir(out: Path, config: dict, df: pd.DataFrame) -> None:

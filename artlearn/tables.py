@@ -1,6 +1,9 @@
 """Reading and validating artwork tables (CSV or artist folders) and checking/decoding their images."""
 import hashlib
+import logging
 import os
+import re
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +16,8 @@ from .checks import csv_rows, listing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ON_BAD_CHOICES = ("raise", "drop")
+COMPETITION_PARTS = ("train", "test")  # sub-folders of a competition root (train.csv + train/ + test/)
+logger = logging.getLogger("artlearn")
 
 
 # ---------------------------------------------------------------- reading tables
@@ -26,40 +31,122 @@ def _read_csv(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: the CSV is empty (no header, no rows); it needs an 'img_path' column") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); save the CSV as UTF-8") from None
+    except pd.errors.ParserError as e:
         raise ValueError(f"{path}: not a readable CSV ({e})") from None
     df.columns = [c.strip() for c in df.columns]
     return df
 
 
-def _from_folders(folder: Path) -> pd.DataFrame:
-    """One row per image file in folder/<artist>/; sub-folders without images are ignored."""
+def _refuse_competition_root(folder: Path) -> None:
+    """A competition folder (train.csv/test.csv next to train/ and test/) is not a folder of artists."""
+    csvs = [n for n in ("train.csv", "test.csv") if (folder / n).is_file()]
+    parts = [n for n in COMPETITION_PARTS if (folder / n).is_dir()]
+    if csvs and parts:
+        raise ValueError(f"{folder} is a competition folder ({', '.join(csvs)} with {'/, '.join(parts)}/ image "
+                         "folders), not a folder of artist sub-folders: read its tables instead, "
+                         f"read_artworks('{folder / 'train.csv'}', kind='train') (examples/run_kfold.py --data "
+                         "does this for such a folder)")
+
+
+def _scan_artist(sub: Path, skipped: dict) -> list:
+    """(path, artist) of every image file in one artist folder; everything else is noted in `skipped`."""
     rows = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(sub.iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                rows.append((str(f.resolve()), sub.name))
+    try:
+        entries = sorted(sub.iterdir())
+    except OSError as e:
+        skipped.setdefault("unreadable folder", []).append(f"{sub} ({e.strerror})")
+        return rows
+    for f in entries:
+        if f.name.startswith("."):
+            continue  # hidden files (.DS_Store, ._*): never images
+        if f.is_symlink() and not f.exists():
+            skipped.setdefault("broken symlink", []).append(str(f))
+        elif f.is_dir():
+            skipped.setdefault("nested folder (not read)", []).append(str(f))
+        elif f.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.setdefault("unknown extension", []).append(str(f))
+        else:
+            rows.append((str(f.resolve()), sub.name))
+    if not rows:
+        skipped.setdefault("artist folder without images (artist left out)", []).append(str(sub))
+    return rows
+
+
+def _warn_skipped(folder: Path, skipped: dict) -> None:
+    """One warning listing the skipped files by reason: counts and examples."""
+    if not skipped:
+        return
+    parts = [f"{len(v)} {why}: {listing(v, len(v))}" for why, v in sorted(skipped.items())]
+    warnings.warn(f"{folder}: skipped {sum(map(len, skipped.values()))} entr(ies) that are not images in artist "
+                  f"sub-folders: {'; '.join(parts)} (images: {', '.join(IMAGE_EXTENSIONS)})", stacklevel=3)
+
+
+def _from_folders(folder: Path) -> pd.DataFrame:
+    """One row per image file in folder/<artist>/; whatever is skipped is reported in one warning."""
+    _refuse_competition_root(folder)
+    rows, skipped = [], {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            rows.extend(_scan_artist(entry, skipped))
+        elif entry.is_symlink() and not entry.exists():
+            skipped.setdefault("broken symlink", []).append(str(entry))
+        else:
+            skipped.setdefault("file outside the artist folders", []).append(str(entry))
     if not rows:
         hint = " (it holds a train.csv: pass that file instead)" if (folder / "train.csv").exists() else ""
         raise ValueError(f"{folder}: no images found in artist sub-folders (<folder>/<Artist_Name>/*.jpg){hint}")
+    _warn_skipped(folder, skipped)
     return pd.DataFrame(rows, columns=["img_path", "artist"])
 
 
+def _escapes(root: Path, path: str) -> bool:
+    """True when a relative path, as written (symlinks not followed), leads outside root."""
+    joined = os.path.normpath(os.path.join(root, path))
+    return os.path.commonpath([root, joined]) != str(root)
+
+
 def _resolve_paths(df: pd.DataFrame, root: Path, source: Path) -> pd.Series:
-    """Absolute image paths; relative ones must stay inside root."""
-    root = root.resolve()
+    """Absolute image paths; relative ones must stay inside root (judged as written: a symlinked folder is fine)."""
+    root = Path(os.path.abspath(root))
     resolved, escaping = [], []
     for i, p in zip(df.index, df["img_path"]):
         path = Path(p)
         if not path.is_absolute():
-            path = (root / path).resolve()
-            if root not in path.parents:
+            if _escapes(root, p):
                 escaping.append(f"row {i} ({p})")
+            path = (root / path).resolve()
         resolved.append(str(path))
     if escaping:
         raise ValueError(f"{source}: column 'img_path' has {len(escaping)} path(s) that escape the data folder {root}: "
                          f"{listing(escaping)}; keep images inside the folder or use absolute paths")
     return pd.Series(resolved, index=df.index)
+
+
+def check_img_paths(df: pd.DataFrame, source) -> pd.DataFrame:
+    """Refuse empty or non-path cells in 'img_path' (naming the rows); returns df with the paths as text."""
+    values = list(df["img_path"])
+    empty = [i for i, v in zip(df.index, values) if _is_blank(v)]
+    if empty:
+        raise ValueError(f"{source}: column 'img_path' is empty in {len(empty)} row(s): {csv_rows(empty)}; fill in "
+                         "the image path or remove those rows")
+    odd = [f"row {i} ({v!r})" for i, v in zip(df.index, values) if not isinstance(v, (str, os.PathLike))]
+    if odd:
+        raise ValueError(f"{source}: column 'img_path' holds {len(odd)} value(s) that are not paths: {listing(odd)}; "
+                         "use file paths (text)")
+    out = df.copy()
+    out["img_path"] = [os.fspath(v) for v in values]
+    return out
+
+
+def _is_blank(value) -> bool:
+    """None, NaN, NA or text made of whitespace only."""
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (not isinstance(value, os.PathLike) and bool(pd.isna(value)))
 
 
 def check_labels(df: pd.DataFrame, source) -> None:
@@ -71,12 +158,29 @@ def check_labels(df: pd.DataFrame, source) -> None:
                          "fill in the artist or remove those rows")
 
 
+def normalise_label(label) -> str:
+    """A label as text: Unicode NFC, surrounding whitespace removed, inner runs of whitespace as one space."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", str(label))).strip()
+
+
 def normalise_labels(df: pd.DataFrame, source) -> pd.DataFrame:
-    """Copy of df whose 'artist' labels are text with surrounding whitespace removed (the rule of every entry)."""
+    """Copy of df whose 'artist' labels are normalised text (`normalise_label`: the rule of every entry)."""
     check_labels(df, source)
     out = df.copy()
-    out["artist"] = out["artist"].astype(str).str.strip()
+    out["artist"] = pd.Series([normalise_label(a) for a in df["artist"]], index=df.index).astype(str)
+    _warn_case_variants(out["artist"], source)
     return out
+
+
+def _warn_case_variants(labels: pd.Series, source) -> None:
+    """Warn about artists whose names differ only in upper/lower case (kept apart: they may be typos)."""
+    names = pd.Series(labels.unique())
+    folded = names.str.casefold()
+    clash = names[folded.duplicated(keep=False)]
+    if len(clash):
+        groups = clash.groupby(folded[clash.index]).apply(lambda g: " / ".join(map(repr, sorted(g))))
+        warnings.warn(f"{source}: {len(groups)} artist name(s) differ only in upper/lower case: {listing(groups)}; "
+                      "they are kept as different artists (fix the labels if they are the same)", stacklevel=3)
 
 
 def validate_table(df: pd.DataFrame, source, kind: str = "train") -> pd.DataFrame:
@@ -90,6 +194,7 @@ def validate_table(df: pd.DataFrame, source, kind: str = "train") -> pd.DataFram
                          "use read_artworks(train.csv)")
     if df.empty:
         raise ValueError(f"{source}: the table has no rows")
+    df = check_img_paths(df, source)
     if "artist" in df.columns and kind == "train":
         df = normalise_labels(df, source)
     if "id" in df.columns:
@@ -120,10 +225,24 @@ def content_digest(path) -> str:
     return h.hexdigest()
 
 
-def content_digests(paths, workers: int | None = None) -> list:
-    """`content_digest` of every path, read on threads (file reads release the GIL)."""
+def _digest_or_error(path):
+    """content_digest(path), or the OSError reading it raised."""
+    try:
+        return content_digest(path)
+    except OSError as e:
+        return e
+
+
+def content_digests(paths, workers: int | None = None, source="images") -> list:
+    """`content_digest` of every path, read on threads (file reads release the GIL); unreadable files listed."""
+    paths = list(paths)
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(content_digest, paths))
+        digests = list(pool.map(_digest_or_error, paths))
+    bad = [f"{p} ({d.strerror or d})" for p, d in zip(paths, digests) if isinstance(d, OSError)]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} image file(s) cannot be read: {listing(bad, len(bad))}; fix their "
+                         "permissions or remove those rows")
+    return digests
 
 
 def check_files_exist(df: pd.DataFrame, source) -> None:
@@ -133,6 +252,16 @@ def check_files_exist(df: pd.DataFrame, source) -> None:
         raise ValueError(f"{source}: {len(missing)} of {len(df)} image file(s) in 'img_path' do not exist: "
                          f"{listing(missing, len(missing))}; fix the paths (relative paths are read from the CSV's "
                          "folder or `root=`)")
+
+
+def _header_hint(columns) -> str:
+    """Why the expected columns may be missing: another separator, or other capitalisation."""
+    columns = [str(c) for c in columns]
+    if len(columns) == 1 and any(sep in columns[0] for sep in (";", "\t", "|")):
+        return " (is the file separated by ';', tabs or '|'? artlearn reads comma-separated CSV)"
+    near = [c for c in columns if c.strip().lower() in ("id", "img_path", "artist") and c not in ("id", "img_path",
+                                                                                                  "artist")]
+    return f" (column names are lower case: found {near})" if near else ""
 
 
 def read_artworks(source, root=None, kind: str | None = None, on_bad: str | None = None) -> pd.DataFrame:
@@ -148,13 +277,14 @@ def read_artworks(source, root=None, kind: str | None = None, on_bad: str | None
         df = _read_csv(source)
         if "img_path" not in df.columns:
             raise ValueError(f"{source}: missing column 'img_path' (columns are {list(df.columns)}); "
-                             "expected id,img_path[,artist]")
+                             f"expected id,img_path[,artist]{_header_hint(df.columns)}")
         if df.empty:
             raise ValueError(f"{source}: the table has a header but no rows")
+        df = check_img_paths(df, source)
         df["img_path"] = _resolve_paths(df, Path(root) if root is not None else source.parent, source)
     if kind == "train" and "artist" not in df.columns:
         raise ValueError(f"{source}: missing column 'artist' (columns are {list(df.columns)}); a training table "
-                         "needs id,img_path,artist")
+                         f"needs id,img_path,artist{_header_hint(df.columns)}")
     if kind == "test" and "artist" in df.columns:
         warnings.warn(f"{source}: a test table with an 'artist' column; the column is ignored", stacklevel=2)
         df = df.drop(columns="artist")

@@ -4,7 +4,15 @@
     python examples/bench.py --data ../shared/data/artworks --arch resnet18 --size 128 --bs 32
     python examples/bench.py --data DIR --arch resnet50 --size 288 --bs 64 --precision bf16    # on a GPU
 
-Prints, in one process, warm-up excluded, medians over --reps repetitions of --batches batches:
+With --epochs N (the headline): N whole training epochs exactly as train_kfold runs them (fold 0 of a 4-fold split:
+training + validation, per-epoch start-up included), for each --pipelines entry, against the model-only time for
+the same images (forward+backward+step on tensors already on the device for the training batches, forward only
+for the validation batches), printed as `epoch ratio: X`; the plain torchvision loop (train + validation epochs,
+decoding from disk in a DataLoader) is timed side by side in the same run.
+
+    python examples/bench.py --data ../shared/data/artworks --images 0 --size 64 --epochs 2
+
+Without --epochs it prints, in one process, warm-up excluded, medians over --reps repetitions of --batches batches:
   ceiling     model-only training step on tensors already in memory (images/s)
   artlearn    artist_dls + artist_learner: cached decode, crop, flip/rotate, normalise and the step
   torchvision a plain PyTorch DataLoader (PIL decode, RandomResizedCrop, flip, rotation, Normalize) + the step
@@ -45,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, help="loader workers for both pipelines (default: artlearn's)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--skip", default="", help="comma-separated sections to skip: torchvision,ensemble,cache")
+    p.add_argument("--epochs", type=int, default=0, help="time N whole epochs (train + valid) per pipeline instead")
+    p.add_argument("--pipelines", default="device,items", help="artist_dls pipelines timed by --epochs")
     return p.parse_args(argv)
 
 
@@ -194,6 +204,119 @@ def bench_torchvision(args, df, n_classes, device, dtype, channels_last, mean, s
     return statistics.median(timed_reps(run, args, device))
 
 
+def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype, channels_last):
+    """A function timing one epoch's model work alone: n_train images of training steps, n_valid of forwards."""
+    model = fresh_model(args, n_classes, device, channels_last)
+    step = make_step(model, device, dtype, channels_last)
+    x = torch.randn(args.bs, 3, args.size, args.size, device=device)
+    y = torch.randint(0, n_classes, (args.bs,), device=device)
+    step(x, y)  # warm-up
+
+    def epoch() -> float:
+        sync(device)
+        start = time.perf_counter()
+        model.train()
+        for _ in range(n_train // args.bs):
+            step(x, y)
+        model.eval()
+        with torch.inference_mode(), autocast(device, dtype):
+            for i in range(0, n_valid, args.bs):
+                model(x[:min(args.bs, n_valid - i)])
+        sync(device)
+        return time.perf_counter() - start
+    return epoch
+
+
+def artlearn_epochs(args, df, cache, pipeline: str):
+    """(function timing one epoch of artist_learner.fit on fold 0, training images per epoch, validation images)."""
+    dls = artlearn.artist_dls(df, fold=0, size=args.size, bs=args.bs, cache=cache, workers=args.workers, n_folds=4,
+                              pipeline=pipeline)
+    learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision)
+    learn.fit(1)  # warm-up epoch (allocator, cuDNN autotuning), not timed
+
+    def epoch() -> float:
+        start = time.perf_counter()
+        learn.fit(1)  # training + validation, with the fit's own start-up, as every epoch of train_kfold
+        return time.perf_counter() - start
+    return epoch, len(dls.train) * args.bs, len(dls.valid_ds)
+
+
+def torchvision_epochs(args, df, n_classes, device, dtype, channels_last, mean, std) -> float:
+    """A function timing one epoch of the plain PyTorch + torchvision loop on the same fold (train + validation)."""
+    from torchvision import transforms as T
+    folds = artlearn.assign_folds(df, 4, seed=42)
+    vocab = {a: i for i, a in enumerate(sorted(df["artist"].unique()))}
+    train_tfm = T.Compose([T.RandomResizedCrop(args.size), T.RandomHorizontalFlip(), T.RandomRotation(15),
+                           T.ToTensor(), T.Normalize(mean, std)])
+    valid_tfm = T.Compose([T.Resize(args.size), T.CenterCrop(args.size), T.ToTensor(), T.Normalize(mean, std)])
+
+    class Paintings(torch.utils.data.Dataset):
+        """Decodes each image from disk on every access."""
+
+        def __init__(self, table, tfm):
+            self.table, self.tfm = table.reset_index(drop=True), tfm
+
+        def __len__(self):
+            return len(self.table)
+
+        def __getitem__(self, i):
+            with Image.open(self.table["img_path"].iloc[i]) as img:
+                return self.tfm(img.convert("RGB")), vocab[self.table["artist"].iloc[i]]
+
+    workers = default_workers() if args.workers is None else args.workers
+    kw = dict(batch_size=args.bs, num_workers=workers, pin_memory=device.type == "cuda")
+    train = torch.utils.data.DataLoader(Paintings(folds[folds["fold"] != 0], train_tfm), shuffle=True,
+                                        drop_last=True, **kw)
+    valid = torch.utils.data.DataLoader(Paintings(folds[folds["fold"] == 0], valid_tfm), **kw)
+    model = fresh_model(args, n_classes, device, channels_last)
+    step = make_step(model, device, dtype, channels_last)
+
+    def epoch() -> float:
+        start = time.perf_counter()
+        model.train()
+        for x, y in train:
+            step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        model.eval()
+        with torch.inference_mode(), autocast(device, dtype):
+            for x, _ in valid:
+                model(x.to(device, non_blocking=True))
+        sync(device)
+        return time.perf_counter() - start
+    epoch()  # warm-up (workers, allocator)
+    return epoch
+
+
+def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean, std) -> None:
+    """The headline: whole epochs per pipeline against the model-only time for the same images.
+
+    The timings are interleaved (one epoch of each, --epochs rounds) and medians compared, so load from other
+    processes on a shared machine hits every contender alike.
+    """
+    contenders, floors = {}, {}
+    for pipeline in filter(None, args.pipelines.split(",")):
+        epoch, n_train, n_valid = artlearn_epochs(args, df, cache, pipeline)
+        contenders[f"artlearn {pipeline}"] = epoch
+        floors[f"artlearn {pipeline}"] = model_only_epoch(args, n_train, n_valid, n_classes, device, dtype,
+                                                          channels_last)
+    if "torchvision" not in set(args.skip.split(",")):
+        contenders["torchvision"] = torchvision_epochs(args, df, n_classes, device, dtype, channels_last, mean, std)
+    times = {name: [] for name in [*contenders, *(f"model-only/{k}" for k in floors)]}
+    for _ in range(args.epochs):
+        for name, epoch in contenders.items():
+            times[name].append(epoch())
+            if name in floors:
+                times[f"model-only/{name}"].append(floors[name]())
+    med = {name: statistics.median(v) for name, v in times.items()}
+    print(f"epoch: fold 0 of 4 ({n_train} train + {n_valid} valid images), medians of {args.epochs} interleaved "
+          "epochs")
+    for name in floors:
+        print(f"{name:<16}: {med[name]:7.2f} s/epoch, model-only {med['model-only/' + name]:.2f} s: "
+              f"epoch ratio: {med['model-only/' + name] / med[name]:.2f}")
+    if "torchvision" in med:
+        print(f"{'torchvision':<16}: {med['torchvision']:7.2f} s/epoch; " + ", ".join(
+            f"{name} speed / torchvision {med['torchvision'] / med[name]:.2f}" for name in floors))
+
+
 def write_random_folds(args, n_classes, vocab, mean, std, root: Path) -> list:
     """k fold folders holding from-scratch weights, as train_kfold writes them."""
     dirs = []
@@ -243,7 +366,7 @@ def load_table(args):
     """(training table subset, full training table, test items)."""
     root = args.data if args.data is not None else artlearn.make_synthetic_artworks(Path("data") / "synthetic")
     full = artlearn.read_artworks(root / "train.csv", kind="train")
-    df = artlearn.stratified_subset(full, args.images, seed=0)
+    df = artlearn.stratified_subset(full, args.images, seed=0) if args.images else full
     test_csv = root / "test.csv"
     items = (artlearn.read_artworks(test_csv, kind="test") if test_csv.is_file() else df)
     return df, full, items.iloc[:args.infer_images].reset_index(drop=True)
@@ -273,6 +396,10 @@ def main(argv=None):
     print(f"decode once  : {len(df)} images in {time.perf_counter() - start:.1f} s "
           f"({cache.n_decodes} decodes, {cache.nbytes / 2 ** 20:.0f} MiB cached)")
     mean, std = cache.channel_stats(df["img_path"])
+    if args.epochs:
+        bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean, std)
+        print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB")
+        return
     ceiling = bench_ceiling(args, n_classes, device, dtype, channels_last)
     print(f"ceiling      : {ceiling:8.1f} images/s  (model-only training step)")
     ours = bench_artlearn(args, df, device, cache)

@@ -4,7 +4,10 @@
     python examples/run_kfold.py --data ../shared/data/artworks    # the reference recipe on a competition folder
     python examples/run_kfold.py --data DIR --preset best --epochs 40 --out runs/best
 
-Rerunning the same command resumes: folds whose checkpoint is complete are not retrained.
+Rerunning the same command resumes: folds whose checkpoint is complete are not retrained. Every flag, the train and
+test tables and every image are checked before anything is written; a problem ends the script with `error: ...` and
+exit status 2. `--out` must be a new or empty folder or an artlearn run (never the data folder); `--overwrite`
+deletes only the files artlearn wrote there, after those checks.
 
 More than one GPU or machine (torchrun starts one process per GPU; see docs/distributed.md):
 
@@ -14,7 +17,7 @@ More than one GPU or machine (torchrun starts one process per GPU; see docs/dist
 import argparse
 import dataclasses
 import logging
-import shutil
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import artlearn
 import artlearn.distributed
 from artlearn.recipe import PRESET_NAMES, Recipe, field_type
+from artlearn.tables import bad_images_message
 
 DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32, lr=2e-3)  # CPU-sized demo on the synthetic data
 SYNTHETIC_DIR = Path("data") / "synthetic"
@@ -68,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="data-loader workers (default: 0 on CPU, up to 8 on GPU)")
     p.add_argument("--limit", type=int, help="train on a stratified subset of N images (smoke runs)")
     p.add_argument("--resume", action="store_true", help="require an existing run directory and continue it")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing artlearn run in --out first (only "
+                   "the files artlearn wrote; after every check passed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--ddp", action="store_true", help="under torchrun: train each fold with every process "
                    "(DistributedDataParallel; --bs is the global batch); default under torchrun: each process "
@@ -80,13 +85,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _csv_list(text):
-    """'0,1,2' -> [0, 1, 2]; None stays None."""
-    return None if text in (None, "auto") else [int(t) for t in text.split(",") if t.strip()]
+def _csv_list(text, flag: str = "--folds"):
+    """'0,1,2' -> [0, 1, 2]; None or 'auto' -> None; anything else is a ValueError naming the flag."""
+    if text in (None, "auto"):
+        return None
+    parts = [t.strip() for t in text.split(",")]
+    if not [t for t in parts if t] or not all(t.isdigit() for t in parts if t):
+        raise ValueError(f"{flag} {text!r}: need comma-separated fold numbers such as 0,2")
+    return sorted({int(t) for t in parts if t})
 
 
-def load_data(args, say=print):
-    """(train table, test table or None, test solution or None, data name)."""
+def check_args(args) -> None:
+    """ValueError naming the first flag that cannot work, before any data is read or built."""
+    if args.n_folds < 2:
+        raise ValueError(f"--n-folds {args.n_folds}: need at least 2 folds")
+    for flag, text in (("--folds", args.folds), ("--select", args.select)):
+        chosen = _csv_list(text, flag) or []
+        if any(k >= args.n_folds for k in chosen):
+            raise ValueError(f"{flag} {text!r}: with --n-folds {args.n_folds} use folds 0..{args.n_folds - 1}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed {args.seed}: need an integer in 0..{2 ** 32 - 1}")
+    if args.limit is not None and args.limit < args.n_folds:
+        raise ValueError(f"--limit {args.limit}: need at least --n-folds ({args.n_folds}) images")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: need 0 or more")
+    if not (math.isfinite(args.prior_adjust) and args.prior_adjust >= 0):
+        raise ValueError(f"--prior-adjust {args.prior_adjust}: need a finite number >= 0 (0: off)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    if args.data is not None and not args.data.exists():
+        raise ValueError(f"--data {args.data}: no such folder or file")
+
+
+def load_test(base: Path, decode: bool = True):
+    """The test table next to train.csv (None when there is none): ids required, every image decoded once."""
+    if not (base / "test.csv").is_file():
+        return None
+    test = artlearn.read_artworks(base / "test.csv", kind="test")
+    if "id" not in test.columns:
+        raise ValueError(f"{base / 'test.csv'}: no 'id' column (columns are {list(test.columns)}); the submission "
+                         "needs id,img_path")
+    if not decode:
+        return test
+    report = artlearn.check_images(test)
+    bad = report[~report["ok"]]
+    if len(bad):
+        raise ValueError(bad_images_message(bad, base / "test.csv") + "; fix or remove them before "
+                         "training (the submission needs every test image)")
+    return test
+
+
+def load_data(args, say=print, decode: bool = True):
+    """(train table, test table or None, test solution or None, data name); `decode`: check the test images."""
     if args.data is None:
         root = artlearn.make_synthetic_artworks(SYNTHETIC_DIR)
         say(f"data: built-in synthetic artworks in {root}")
@@ -96,9 +146,8 @@ def load_data(args, say=print):
         return artlearn.read_artworks(root), None, None, root.name
     train = artlearn.read_artworks(root / "train.csv" if root.is_dir() else root, kind="train")
     base = root if root.is_dir() else root.parent
-    test = artlearn.read_artworks(base / "test.csv", kind="test") if (base / "test.csv").is_file() else None
     solution = base / "test_solution.csv"
-    return train, test, (solution if solution.is_file() else None), base.name
+    return train, load_test(base, decode), (solution if solution.is_file() else None), base.name
 
 
 def settings_from(args) -> dict:
@@ -132,7 +181,7 @@ def score_submission(sub_path, solution_path) -> None:
     """Accuracy/macro-F1 of a submission against known labels (synthetic data only)."""
     import pandas as pd
     from sklearn.metrics import accuracy_score, f1_score
-    sub, sol = pd.read_csv(sub_path), pd.read_csv(solution_path)
+    sub, sol = (pd.read_csv(p, dtype=str, keep_default_na=False) for p in (sub_path, solution_path))
     merged = sol.merge(sub, on="id", suffixes=("_true", "_pred"))
     acc = accuracy_score(merged["artist_true"], merged["artist_pred"])
     f1 = f1_score(merged["artist_true"], merged["artist_pred"], average="macro", zero_division=0)
@@ -143,26 +192,29 @@ def main(argv=None) -> int:
     """Run the whole workflow and print where every output went (under torchrun: on every process)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    dist = artlearn.distributed.init_distributed()  # torchrun: joins the other processes; one process: nothing
     try:
-        return _main(args, dist)
-    finally:
-        artlearn.distributed.shutdown()
+        check_args(args)
+        dist = artlearn.distributed.init_distributed()  # torchrun: joins the other processes; one process: nothing
+        try:
+            return _main(args, dist)
+        finally:
+            artlearn.distributed.shutdown()
+    except (ValueError, FileNotFoundError) as e:  # every refusal names the problem and the fix: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _main(args, dist) -> int:
-    """The workflow; rank 0 prints, prepares the run directory and does everything after training."""
+    """The workflow; rank 0 prints, reads and checks the data and does everything after training."""
     started = time.time()
     say = print if dist.is_main else (lambda *a, **k: None)
-    train, test, solution, data_name = dist.main_first(lambda: load_data(args, say))  # rank 0 builds the data once
+    chosen = settings_from(args)
+    recipe = Recipe.preset(args.preset).replace(**chosen).validate()
+    train, test, solution, data_name = dist.main_first(lambda: load_data(args, say, decode=dist.is_main))
     if args.limit:
         train = artlearn.stratified_subset(train, args.limit, seed=args.seed)
         say(f"--limit {args.limit}: stratified subset of {len(train)} images, {train['artist'].nunique()} artists")
-    chosen = settings_from(args)
-    recipe = Recipe.preset(args.preset).replace(**chosen).validate()
     out = args.out or Path("runs") / f"{data_name}-{args.preset}-{recipe.arch}-{recipe.size}"
-    if args.overwrite:
-        dist.on_main(lambda: shutil.rmtree(out) if out.exists() else None)
     if args.resume and not (out / "config.json").is_file():
         print(f"--resume: {out} has no run to resume", file=sys.stderr)
         return 2
@@ -174,12 +226,14 @@ def _main(args, dist) -> int:
     elif args.ddp:
         say("--ddp: not launched by torchrun (WORLD_SIZE unset), so one process trains every fold")
     tta = None if args.tta == "none" else args.tta
+    protect = [p for p in (args.data, solution) if p is not None] + (list(test["img_path"]) if test is not None else [])
     run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds), preset=args.preset,
                                seed=args.seed, tta=tta, workers=args.workers, progress=not args.no_progress,
-                               ddp=args.ddp, sync_bn=args.sync_bn, **chosen)
+                               ddp=args.ddp, sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect,
+                               **chosen)
     if not dist.is_main:
         return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
-    hand_picked = _csv_list(args.select)
+    hand_picked = _csv_list(args.select, "--select")
     if hand_picked is not None:  # train_kfold's summary.json holds the automatic rule; record the hand choice
         run = artlearn.kfold.finish_run(out, select=hand_picked)
     selection = artlearn.select_folds(run, folds=hand_picked)

@@ -175,7 +175,7 @@ def broken_dataset(dataset):
     return csv, broken
 
 
-def make_tiny_run(base, n_test: int = 8, seed: int = 1, folds=None):
+def make_tiny_run(base, n_test: int = 8, seed: int = 1, folds=None, **overrides):
     """A 2-fold x 1-epoch ResNet-18 run at 32 px on 4 synthetic artists under `base`: (run, train table, data root)."""
     import warnings
 
@@ -185,5 +185,5 @@ def make_tiny_run(base, n_test: int = 8, seed: int = 1, folds=None):
         warnings.simplefilter("ignore")
         df = al.read_artworks(root / "train.csv", kind="train")
         run = al.train_kfold(df, Path(base) / "run", n_folds=2, folds=folds, arch="resnet18", size=32, epochs=1,
-                             bs=8, progress=False)
+                             bs=8, progress=False, **overrides)
     return run, df, root

@@ -355,6 +355,9 @@ def test_load_fold_unknown_arch(fold_dir):
 
 def test_load_fold_wrong_shape_names_key_and_shapes(fold_dir):
     edit_meta(fold_dir, n_classes=5)
+    meta = json.loads((fold_dir / "meta.json").read_text())
+    meta.update(n_classes=5, vocab=[*meta["vocab"], "Dee", "Eve"])  # a consistent meta.json, weights of 3 classes
+    (fold_dir / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"best.safetensors: tensor 'fc.weight' has shape \(3, 4\) .*expects \(5, 4\)"):
         load_fold(fold_dir)
 

@@ -118,8 +118,8 @@ def test_dls_cache_shared_across_epochs(dataset):
 
 
 def test_dls_reproducible_with_seeded_globals(dataset, no_rng_leak):
-    """Same seed -> identical first training batch, once the global RNGs (crop: `random`; flip/rotate: torch) are
-    seeded; the shuffle order alone is seeded by artist_dls itself."""
+    """pipeline='items' (fastai's): same seed -> identical first training batch once the global RNGs (crop:
+    `random`; flip/rotate: torch) are seeded; the shuffle order alone is seeded by artist_dls itself."""
     import fastai.vision.all  # noqa: F401 - importing fastai draws from the global RNG: do it before seeding
     import torch
     df = read_artworks(dataset([6, 5, 4], size=(40, 30)))
@@ -128,7 +128,8 @@ def test_dls_reproducible_with_seeded_globals(dataset, no_rng_leak):
     def first_batch(seed, global_seed):
         random.seed(global_seed)
         torch.manual_seed(global_seed)
-        return next(iter(artist_dls(df, fold=0, size=16, bs=6, seed=seed, cache=cache, n_folds=3).train))
+        return next(iter(artist_dls(df, fold=0, size=16, bs=6, seed=seed, cache=cache, n_folds=3,
+                                    pipeline="items").train))
 
     (xa, ya), (xb, yb) = first_batch(42, 0), first_batch(42, 0)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -137,17 +138,42 @@ def test_dls_reproducible_with_seeded_globals(dataset, no_rng_leak):
     orders = {tuple(first_batch(42, g)[1].tolist()) for g in range(3)}
     assert len(orders) == 1  # the shuffle follows `seed` only
 
+
+def test_device_pipeline_follows_its_own_seed_only(dataset, no_rng_leak):
+    """pipeline='device': shuffling AND crops come from the loader's own seeded RNG; the global RNGs neither
+    change the batches nor are touched."""
+    import torch
+    df = read_artworks(dataset([6, 5, 4], size=(40, 30)))
+    cache = PresizeCache(19)
+
+    def first_batch(seed, global_seed):
+        random.seed(global_seed)
+        torch.manual_seed(global_seed)
+        dl = artist_dls(df, fold=0, size=16, bs=6, seed=seed, cache=cache, n_folds=3, pipeline="device").train
+        state = torch.get_rng_state()
+        dl.create_batch([0, 1, 2])  # gathering and augmenting draw from the loader's RNG only
+        assert torch.equal(state, torch.get_rng_state())  # (torch's DataLoader iterator itself draws a base seed)
+        dl.rng = random.Random(seed)
+        return next(iter(dl))
+
+    (xa, ya), (xb, yb) = first_batch(42, 0), first_batch(42, 1)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    xc, _ = first_batch(7, 0)
+    assert not torch.equal(xa, xc)
+    assert xa.shape == (6, 3, 16, 16) and type(xa).__name__ == "TensorImage"
+
     def epoch_labels(seed):
         dls = artist_dls(df, fold=0, size=16, bs=6, seed=seed, cache=cache, n_folds=3)
         return [int(i) for _, y in dls.train for i in y]
     assert epoch_labels(42) == epoch_labels(42) != epoch_labels(7)
 
 
-def test_dls_balanced_sampler(dataset, no_rng_leak):
+@pytest.mark.parametrize("pipeline", ["device", "items"])
+def test_dls_balanced_sampler(dataset, no_rng_leak, pipeline):
     counts = {"big": 30, "mid": 10, "rare": 4}
     df = read_artworks(dataset(counts))
     df = df.assign(fold=np.arange(len(df)) % 2)
-    dls = artist_dls(df, fold=0, n_folds=2, size=16, bs=11, sampler="balanced", max_rotate=0.0)
+    dls = artist_dls(df, fold=0, n_folds=2, size=16, bs=11, sampler="balanced", max_rotate=0.0, pipeline=pipeline)
     drawn = Counter()
     for _ in range(10):
         for _, y in dls.train:

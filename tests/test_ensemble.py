@@ -30,9 +30,47 @@ def _shrink(img, presize):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 2-fold x 1-epoch ResNet-18 run at 32 px on tiny synthetic data (shared by the tests of this file)."""
-    run, df, root = make_tiny_run(tmp_path_factory.mktemp("ens"), n_test=12, seed=3)
+    """A 2-fold x 1-epoch ResNet-18 run at 32 px on tiny synthetic data, fastai's per-item pipeline (PIL oracle)."""
+    run, df, root = make_tiny_run(tmp_path_factory.mktemp("ens"), n_test=12, seed=3, pipeline="items")
     return run, df, al.read_artworks(root / "test.csv", kind="test")
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory):
+    """The same tiny run trained with the device pipeline (the default)."""
+    run, df, root = make_tiny_run(tmp_path_factory.mktemp("ens-device"), n_test=12, seed=3)
+    return run, df, al.read_artworks(root / "test.csv", kind="test")
+
+
+def test_device_run_ensemble_equals_its_centre_view_oracle(device_run):
+    from artlearn.augment import center_views
+    from artlearn.store import pad_batch
+    run, _, test = device_run
+    assert all(run.metas[k]["pipeline"] == "device" for k in (0, 1))
+    probs, _ = al.ensemble(run, test, folds=[0, 1], tta="flip")
+    total = 0
+    for k in (0, 1):
+        model, meta = load_fold(run.fold_dir(k))
+        store = PresizeCache(presize_for(32))  # the store's own decoding is tested against PIL in test_store
+        store.fill(test["img_path"])
+        stored = [torch.from_numpy(store.get(p).copy()).permute(2, 0, 1) for p in test["img_path"]]
+        x = center_views(*pad_batch(stored), 32) / 255
+        x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            total = total + model(x).softmax(1) + model(x.flip(3)).softmax(1)
+    np.testing.assert_allclose(probs, (total / 4).numpy(), atol=1e-5)
+
+
+def test_device_ensemble_view_equals_the_device_validation_loader(device_run):
+    run, df, _ = device_run
+    folds = pd.read_csv(run.path / "folds.csv")
+    dls = al.artist_dls(folds.assign(img_path=df["img_path"]), fold=0, size=32, bs=64, n_folds=2)
+    x_loader = torch.cat([xb for xb, _ in dls.valid]).cpu()
+    model, meta = load_fold(run.fold_dir(0))
+    with torch.no_grad():
+        from_loader = model(x_loader).softmax(1).numpy()
+    probs, _ = al.ensemble([run.fold_dir(0)], dls.valid.items, tta=None)
+    np.testing.assert_allclose(probs, from_loader, atol=1e-5)  # OOF sees exactly what validation saw
 
 
 def reference_probs(fold_dirs, paths, flip=True):
@@ -72,7 +110,7 @@ def test_tta_none_and_logit_average(tiny_run):
 def test_ensemble_view_equals_the_validation_loader(tiny_run):
     run, df, _ = tiny_run
     folds = pd.read_csv(run.path / "folds.csv")
-    dls = al.artist_dls(folds.assign(img_path=df["img_path"]), fold=0, size=32, bs=64, n_folds=2)
+    dls = al.artist_dls(folds.assign(img_path=df["img_path"]), fold=0, size=32, bs=64, n_folds=2, pipeline="items")
     x_fastai = torch.cat([xb for xb, _ in dls.valid]).cpu()
     valid_paths = dls.valid.items["img_path"]
     mean = torch.tensor(dls.artlearn_meta["mean"]).view(1, 3, 1, 1)

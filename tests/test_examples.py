@@ -56,3 +56,92 @@ def test_run_kfold_without_data_builds_the_synthetic_set(tmp_path):
 def test_resume_without_a_run_is_an_error(tiny_data, tmp_path):
     done = _run(["--data", str(tiny_data), "--resume", "--out", str(tmp_path / "none")], tmp_path)
     assert done.returncode == 2 and "no run to resume" in done.stderr
+
+
+# ---------------------------------------------------------------- refusals in-process, before anything is written
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path, capsys):
+    """run_kfold.main in this process (cwd tmp_path): (exit status, stdout, stderr); the root logger is restored."""
+    import importlib.util
+    import logging
+    spec = importlib.util.spec_from_file_location("run_kfold_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def call(*args):
+        try:
+            status = module.main([*args, "--no-progress"])
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return call
+
+
+BAD_FLAGS = {
+    "--folds 0,abc": (["--folds", "0,abc"], "--folds '0,abc': need comma-separated fold numbers"),
+    "--select ,": (["--select", ","], "--select ',': need comma-separated fold numbers"),
+    "--select 9": (["--select", "9"], "--select '9': with --n-folds 4 use folds 0..3"),
+    "--seed -1": (["--seed", "-1"], "--seed -1: need an integer in 0..4294967295"),
+    "--limit 0": (["--limit", "0"], "--limit 0: need at least --n-folds (4) images"),
+    "--workers -1": (["--workers", "-1"], "--workers -1: need 0 or more"),
+    "--prior-adjust nan": (["--prior-adjust", "nan"], "--prior-adjust nan: need a finite number >= 0"),
+    "--resume --overwrite": (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    "--n-folds 1": (["--n-folds", "1"], "--n-folds 1: need at least 2 folds"),
+    "--data nowhere": (["--data", "nowhere"], "--data nowhere: no such folder or file"),
+    "--epochs 0": (["--epochs", "0"], "epochs=0: need an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_end_with_a_message_before_anything_is_built(cli, tmp_path, case):
+    args, message = BAD_FLAGS[case]
+    status, _, err = cli(*args)
+    assert status == 2 and f"error: {message}" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no synthetic data built, no run folder
+
+
+def _tree(folder) -> dict:
+    return {str(p): p.read_bytes() if p.is_file() else None for p in sorted(Path(folder).rglob("*"))}
+
+
+def test_out_is_the_data_folder_with_overwrite(cli, tiny_data):
+    before = _tree(tiny_data)
+    status, _, err = cli("--data", str(tiny_data), "--out", str(tiny_data), "--overwrite", "--epochs", "1")
+    assert status == 2 and "holds the data" in err and _tree(tiny_data) == before, err
+
+
+def _competition_copy(tiny_data, dst, change_test) -> Path:
+    """A copy of the tiny competition folder whose test table or images are changed."""
+    import shutil
+    shutil.copytree(tiny_data, dst)
+    change_test(dst)
+    return dst
+
+
+def _drop_test_ids(root):
+    test = pd.read_csv(root / "test.csv")
+    test.drop(columns="id").to_csv(root / "test.csv", index=False)
+
+
+def _truncate_a_test_image(root):
+    victim = root / pd.read_csv(root / "test.csv")["img_path"].iloc[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("test.csv without id", _drop_test_ids, "test.csv: no 'id' column"),
+    ("a truncated test image", _truncate_a_test_image, "test.csv: 1 unreadable image(s)"),
+])
+def test_test_table_and_images_are_checked_before_training(cli, tiny_data, tmp_path, case, change, message):
+    data = _competition_copy(tiny_data, tmp_path / "data", change)
+    status, _, err = cli("--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--size", "32",
+                         "--arch", "resnet18")
+    assert status == 2 and message in err and not (tmp_path / "run").exists(), err

@@ -9,7 +9,13 @@ import pytest
 from conftest import raises_with
 from sklearn.model_selection import StratifiedKFold
 
-from artlearn.folds import StratifiedFoldSplitter, assign_folds, stratified_fold_ids
+from artlearn.folds import (
+    StratifiedFoldSplitter,
+    assign_folds,
+    check_fold_groups,
+    stratified_fold_ids,
+    stratified_group_fold_ids,
+)
 from artlearn.tables import read_artworks
 
 LONG_TAIL = [40, 23, 15, 11, 9, 7, 6, 5, 4, 3, 2, 2, 1, 1]  # counts per artist (A00..A13)
@@ -172,3 +178,52 @@ def test_splitter_bad_fold():
         StratifiedFoldSplitter(0, n_folds=4)(df)
 
 
+
+
+# ---------------------------------------------------------------- identical images
+
+
+def test_without_copies_the_folds_are_unchanged():
+    df = long_tail_table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grouped = assign_folds(df, 4, seed=3, groups=[f"k{i}" for i in range(len(df))])
+        plain = assign_folds(df, 4, seed=3, groups=None)
+    assert grouped["fold"].tolist() == plain["fold"].tolist() == list(stratified_fold_ids(df["artist"], 4, 3,
+                                                                                          keys=df["img_path"]))
+
+
+def test_copies_share_a_fold_and_stratification_holds():
+    df = long_tail_table([12, 10, 8])
+    keys = [f"k{i // 3}" if i < 9 else f"u{i}" for i in range(len(df))]  # 3 sets of 3 copies among A00's works
+    with pytest.warns(UserWarning, match=r"t: 3 image\(s\) appear more than once \(identical files, 6 extra"):
+        out = assign_folds(df, 4, seed=0, groups=keys, source="t")
+    for k in ("k0", "k1", "k2"):
+        assert out["fold"][[key == k for key in keys]].nunique() == 1
+    counts = per_fold_counts(out["fold"], out["artist"], 4)
+    assert counts["A00"][-1] - counts["A00"][0] <= 3 and all(c[-1] - c[0] <= 1 for a, c in counts.items() if a != "A00")
+    again = stratified_group_fold_ids(df["artist"], keys, 4, 0, keys=df["img_path"])
+    assert again.tolist() == out["fold"].tolist()  # deterministic for a seed
+
+
+def test_copies_with_different_artists_are_refused():
+    df = long_tail_table([4, 4])
+    keys = ["same"] + [f"u{i}" for i in range(1, 4)] + ["same"] + [f"v{i}" for i in range(1, 4)]
+    with raises_with("1 image(s) appear more than once with different artists", "('A00')", "('A01')"):
+        assign_folds(df, 2, groups=keys)
+    with raises_with("groups: 2 key(s) for 8 row(s)"):
+        assign_folds(df, 2, groups=["a", "b"])
+
+
+def test_a_given_fold_column_must_keep_copies_together():
+    df = long_tail_table([4]).assign(fold=[0, 1, 0, 1])
+    check_fold_groups(df, ["a", "b", "a", "c"], "t")
+    with raises_with("t: column 'fold' puts copies of 1 image(s) in different folds", "(folds [0, 1])"):
+        check_fold_groups(df, ["a", "a", "b", "c"], "t")
+
+
+def test_mixed_int_and_text_artists_are_text():
+    df = pd.DataFrame({"img_path": [f"/x/{i}.jpg" for i in range(8)], "artist": [7, "7", " 7", 8, "8", 9, "9", "x"]})
+    with pytest.warns(UserWarning, match="x"):
+        out = assign_folds(df, 2)
+    assert sorted(out["artist"].unique()) == ["7", "8", "9", "x"]

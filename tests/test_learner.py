@@ -91,7 +91,7 @@ def test_defaults_reproduce_the_reference_recipe():
         arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e-3, optimizer="adam", wd=0.0, epochs=None,
         eta_min=0.0, warmup=0, seed=None, out=None, fold=None, monitor="valid_loss", progress=True,
         precision="auto", channels_last=None, grad_accum=1, mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0,
-        zero_init_residual=False, cbs=None)
+        zero_init_residual=False, cbs=None, model=None)
     learn = artist_learner(image_dls(), arch="resnet18", progress=False)
     assert isinstance(learn, Learner) and isinstance(learn, ArtistLearner)
     learn.create_opt()

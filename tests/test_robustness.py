@@ -1,8 +1,11 @@
 """The robustness matrix in one place: bad tables, bad images, degenerate splits, interruptions (Ctrl-C, SIGKILL
-while saving), numerical faults, safe loading and reproducibility. docs/robustness.md lists every case with the
-message recorded here (set ARTLEARN_ROBUSTNESS_MESSAGES=path.json to dump them).
+while saving), numerical faults, safe loading, reproducibility, then ownership of run directories, the run lock,
+checks before anything is written, content fingerprints and identical images, text that stays text, folder layouts,
+run-directory consistency, and a red-team pass. docs/robustness.md lists every case with the message recorded here
+(set ARTLEARN_ROBUSTNESS_MESSAGES=path.json to dump them).
 
-Every run is ResNet-18 at 32 px on ~20 tiny images, 1-2 epochs, with one intra-op thread (2 shared cores).
+Every run is ResNet-18 at 32 px on ~20 tiny images, 1-2 epochs, with one intra-op thread (2 shared cores); most
+refusals happen before training (`dry`: train_kfold with its fold training replaced by a no-op).
 """
 import json
 import os
@@ -68,7 +71,7 @@ def train(df, out, **kw):
     lines = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run = al.train_kfold(df, out, log=lines.append, **{**TINY, **kw})
+        run = al.train_kfold(df, out, **{"log": lines.append, **TINY, **kw})
     return run, lines, [str(w.message) for w in caught]
 
 
@@ -632,18 +635,54 @@ def test_library_never_unpickles():
         assert not re.search(pattern, source), pattern
 
 
-@pytest.mark.parametrize("case", ["wrong shapes", "unknown arch", "not JSON", "no model entry"])
-def test_tampered_meta_is_a_clear_error_naming_the_file(base_run, tmp_path, case):
-    changes = {"wrong shapes": lambda m: m["model"].update(n_classes=7),
-               "unknown arch": lambda m: m["model"].update(arch="resnet9000"),
-               "no model entry": lambda m: m.pop("model")}
-    folder = fold_copy(base_run.run.fold_dir(0), tmp_path / "fold0", changes.get(case))
+def forbid_real_models(monkeypatch):
+    """Fail the test when a model is built anywhere but on the 'meta' device (which allocates nothing)."""
+    import artlearn.models
+    real = artlearn.models.build_model
+
+    def build(**kw):
+        if torch.empty(0).device.type != "meta":
+            pytest.fail("a model was allocated")
+        return real(**kw)
+
+    monkeypatch.setattr(artlearn.models, "build_model", build)
+
+
+def _seven_classes(meta):
+    """A consistent meta.json for 7 artists (so only the weights disagree)."""
+    meta["model"].update(n_classes=7)
+    meta.update(n_classes=7, vocab=[f"A{i}" for i in range(7)])
+
+
+TAMPERED = {  # case: (change to meta.json, parts of the message)
+    "wrong shapes": (_seven_classes, ["best.safetensors: tensor", "but the model in meta.json expects"]),
+    "unknown arch": (lambda m: m["model"].update(arch="resnet9000"), ["meta.json: unknown architecture 'resnet9000'"]),
+    "not JSON": (None, ["meta.json is not valid JSON", "retrain this fold or delete its folder"]),
+    "no model entry": (lambda m: m.pop("model"), ["meta.json has no 'model' entry"]),
+    "vocab length != n_classes": (lambda m: m.update(vocab=m["vocab"][:3]),
+                                  ["'vocab' has 3 artist(s)", "the model has 4 classes", "edited or damaged"]),
+    "size 20000": (lambda m: m.update(size=20000), ["'size' is 20000", "8..4096"]),
+    "n_classes 1e8": (lambda m: (m["model"].update(n_classes=10 ** 8), m.update(n_classes=10 ** 8)),
+                      ["'model.n_classes' is 100000000", "1..100000"]),
+    "n_classes a float": (lambda m: m["model"].update(n_classes=4.0), ["'model.n_classes' is 4.0"]),
+    "vocab with a duplicate": (lambda m: m.update(vocab=["Ana", "Ana", "Bo", "Cy"]),
+                               ["'vocab' lists 1 artist(s) twice"]),
+    "std 0 / NaN mean": (lambda m: m.update(std=[0.2, 0.0, 0.2]), ["'std' must be positive"]),
+    "mean not numbers": (lambda m: m.update(mean=["a", 0.5, 0.5]), ["'mean' must be 3 finite numbers"]),
+    "meta.json is a list": (lambda m: None, ["meta.json has no 'model' entry"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_meta_is_a_clear_error_naming_the_file(base_run, tmp_path, case, monkeypatch):
+    change, parts = TAMPERED[case]
+    folder = fold_copy(base_run.run.fold_dir(0), tmp_path / "fold0", change)
     if case == "not JSON":
         (folder / "meta.json").write_text('{"model": {"arch": "resnet18", ')
-    parts = {"wrong shapes": ["best.safetensors: tensor", "but the model in meta.json expects"],
-             "unknown arch": ["meta.json: unknown architecture 'resnet9000'"],
-             "not JSON": ["meta.json is not valid JSON", "retrain this fold or delete its folder"],
-             "no model entry": ["meta.json has no 'model' entry"]}[case]
+    if case == "meta.json is a list":
+        (folder / "meta.json").write_text("[1, 2]")
+    if case != "wrong shapes":  # refused before any model is allocated
+        forbid_real_models(monkeypatch)
     with refused(f"safe: tampered meta.json ({case})", str(folder), *parts):
         load_fold(folder)
 
@@ -675,3 +714,796 @@ def test_same_seed_same_folds_and_first_epoch_losses(base_run, data, tmp_path):
         a, b, c = (pd.read_csv(r / f"fold{k}" / "history.csv").iloc[0] for r in (first, twin.path, other.path))
         assert (a["train_loss"], a["valid_loss"]) == (b["train_loss"], b["valid_loss"])  # bit-identical on CPU
         assert a["train_loss"] != c["train_loss"]
+
+
+# ---------------------------------------------------------------- 8. ownership, the lock, checks first (issue #14)
+
+
+def tree(*folders) -> dict:
+    """Everything under the folders: files (bytes and mode), folders and symlinks (their targets); a run's lock file
+    (which records its last holder) is left out."""
+    state = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.name == ".lock":
+                continue
+            if p.is_symlink():
+                state[str(p)] = ("link", os.readlink(p))
+            elif p.is_dir():
+                state[str(p)] = ("dir",)
+            else:
+                state[str(p)] = (p.read_bytes(), p.stat().st_mode)
+    return state
+
+
+@contextmanager
+def unchanged(*folders):
+    """Assert that nothing under the folders changed during the block."""
+    before = tree(*folders)
+    yield
+    assert tree(*folders) == before, "files outside the run directory changed"
+
+
+@pytest.fixture
+def dry(monkeypatch):
+    """train_kfold without training: every check, config.json, folds.csv and summary.json, but no fold is fitted."""
+    fitted = []
+    monkeypatch.setattr(kfold_module, "_train_fold", lambda job, k, **kw: fitted.append(k))
+    return fitted
+
+
+def refused_run(case, df, out, *parts, watch=(), **kw):
+    """train_kfold refused before anything is written: out not created (or unchanged) and `watch` unchanged."""
+    existed = Path(out).exists()
+    with unchanged(*watch, *([out] if existed else [])), refused(case, *parts):
+        train(df, out, **kw)
+    assert existed or not Path(out).exists()
+
+
+def test_overwrite_never_deletes_the_data_folder_or_a_folder_of_runs(base_run, data, tmp_path):
+    with unchanged(data.root):
+        refused_run("own: --overwrite with --out = the data folder", data.train, data.root, "holds the data",
+                    "never writes into or deletes the data folder", overwrite=True)
+        refused_run("own: --out = a folder containing the data folder", data.train, data.root.parent,
+                    "holds the data", overwrite=True)
+    runs = tmp_path / "runs"  # several runs and the user's notes
+    for name in ("a", "b"):
+        shutil.copytree(base_run.run.path, runs / name, ignore=shutil.ignore_patterns("*.safetensors"))
+    (runs / "notes.txt").write_text("my notes")
+    refused_run("own: --overwrite on a folder holding several runs", data.train, runs,
+                "is not empty and not an artlearn run directory (no config.json; it holds a, b, notes.txt)",
+                "use another --out folder", overwrite=True)
+
+
+def test_overwrite_deletes_only_what_artlearn_wrote(base_run, data, tmp_path, dry):
+    out = tmp_path / "run"
+    shutil.copytree(base_run.run.path, out)
+    (out / "notes.txt").write_text("keep me")
+    (out / "fold0" / "my_plot.png").write_bytes(b"png")
+    run, lines, _ = train(data.train, out, overwrite=True, epochs=2)  # another configuration: allowed with overwrite
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "fold0" / "my_plot.png").is_file()
+    assert not (out / "fold1").exists() and not (out / "fold0" / "best.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    note("own: --overwrite keeps files artlearn did not write (log)", next(x for x in lines if "kept" in x))
+
+
+def test_overwrite_with_a_bad_table_deletes_nothing(base_run, data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run.run.path, out)
+    df = data.train.copy()
+    df.loc[0, "artist"] = None
+    refused_run("own: --overwrite with a bad table", df, out, "column 'artist' is empty", overwrite=True)
+
+
+def test_a_folder_that_is_not_a_run_is_never_taken_over(data, tmp_path):
+    out = tmp_path / "mine"
+    (out / "fold0").mkdir(parents=True)
+    (out / "fold0" / "best.safetensors").write_bytes(b"my own weights")
+    (out / "folds.csv").write_text("my,own\n1,2\n")
+    (out / "summary.json").write_text("{}")
+    refused_run("own: a non-empty --out that is not an artlearn run", data.train, out,
+                "is not empty and not an artlearn run directory", "fold0, folds.csv, summary.json")
+    (out / "config.json").write_text(json.dumps({"name": "another tool's config"}))
+    refused_run("own: --out with another tool's config.json", data.train, out,
+                "config.json is not an artlearn run config")
+
+
+def test_out_that_is_a_file_or_not_writable(data, tmp_path, monkeypatch):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    refused_run("own: --out is a file", data.train, target, "exists and is not a folder")
+    refused_run("own: --out under a file", data.train, target / "run", "is a file, so the run directory cannot be "
+                "created there")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    refused_run("own: --out not writable", data.train, tmp_path / "run", "is not writable by this user")
+
+
+HOLDER = r"""
+import sys, time
+from artlearn.run import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_process_is_refused_naming_the_holder_and_a_stale_lock_does_not_block(data, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with refused("lock: a second process trains into the same run", f"pid {holder.pid} on",
+                     "is in use by another artlearn process", "released when that process ends"):
+            train(data.train, out)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written by the refused call
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").is_file()  # the holder died: its lock file stays, but the kernel released the lock
+    with al.run.run_lock(out):
+        assert f"pid {os.getpid()}" in (out / ".lock").read_text()
+
+
+BAD_ARGS = {  # case: (train_kfold keywords, parts of the message)
+    "--arch resnet9": (dict(arch="resnet9"), ["arch='resnet9' is not supported"]),
+    "--epochs 0": (dict(epochs=0), ["epochs=0: need an integer >= 1"]),
+    "--lr 0": (dict(lr=0.0), ["lr=0.0: need a number > 0"]),
+    "--bs 0": (dict(bs=0), ["bs=0: need an integer >= 1"]),
+    "label_smoothing=1": (dict(label_smoothing=1.0), ["label_smoothing=1.0: need a number in [0, 1)"]),
+    "pool='max'": (dict(pool="max"), ["pool='max' is not supported"]),
+    "preset best with epochs <= warmup": (dict(preset="best", epochs=2), ["warmup=2 must be shorter than epochs=2"]),
+    "tta='bogus'": (dict(tta="bogus"), ["tta='bogus'"]),
+    "seed=-1": (dict(seed=-1), ["seed=-1: need an integer in 0..2**32-1"]),
+    "folds=[0, 'abc']": (dict(folds=[0, "abc"]), ["need fold numbers such as [0, 2]"]),
+    "folds=[]": (dict(folds=[]), ["out of range"]),
+    "n_folds=1": (dict(n_folds=1), ["n_folds=1: need an integer of at least 2"]),
+    "workers=-1": (dict(workers=-1), ["workers=-1"]),
+    "cbs=5": (dict(cbs=5), ["cbs: 5 is neither a fastai Callback"]),
+    "cbs=[a factory returning 3]": (dict(cbs=[lambda: 3]), ["returned 3, not a fastai Callback"]),
+    "--bs 1 (BatchNorm)": (dict(bs=1), ["bs=1: resnet18 uses BatchNorm", "use bs >= 2"]),
+    "overwrite='yes'": (dict(overwrite="yes"), ["overwrite='yes': need True or False"]),
+    "log='print'": (dict(log="print"), ["log='print'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_bad_arguments_are_refused_before_anything_is_written_or_trained(data, tmp_path, monkeypatch, case):
+    kw, parts = BAD_ARGS[case]
+    trained = record_fits(monkeypatch)
+    refused_run(f"args: {case}", data.train, tmp_path / "run", *parts, watch=[data.root], **kw)
+    assert trained == []
+
+
+def test_a_one_image_training_split_is_refused_with_the_fix(data, tmp_path):
+    two = data.train[data.train["artist"].isin(["Ana"])].head(2)
+    refused_run("args: a training split of one image (BatchNorm)", two, tmp_path / "run",
+                "the smallest training split (1 image): resnet18 uses BatchNorm", "fewer folds or more images")
+
+
+def test_replaced_pixels_are_a_different_run_and_old_runs_still_resume(data, tmp_path, dry):
+    root = tmp_path / "data"
+    shutil.copytree(data.root, root)
+    df = al.read_artworks(root / "train.csv", kind="train")
+    out = tmp_path / "run"
+    train(df, out)
+    victim = Path(df["img_path"].iloc[3])
+    stat = victim.stat()
+    with Image.open(victim) as img:
+        img.rotate(90).save(victim, quality=100)  # new pixels: the same name, the same mtime
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    refused_run("content: images replaced between runs (same names and mtimes)", df, out,
+                "was made with a different configuration (data: ")
+    config = json.loads((out / "config.json").read_text())  # a run written before content fingerprints (v2)
+    config.update(format_version=2, data=al.run.data_fingerprint(pd.read_csv(out / "folds.csv", dtype=str)
+                                                                    .assign(fold=lambda d: d["fold"].astype(int))))
+    (out / "config.json").write_text(json.dumps(config))
+    _, lines, _ = train(df, out)
+    note("content: resuming a run of format version 2 (log)", next(x for x in lines if "format version 2" in x))
+
+
+def test_identical_images_share_a_fold_and_conflicting_labels_are_refused(data, tmp_path, dry):
+    df = data.train.copy()
+    copy = tmp_path / "copy_of_3.jpg"
+    shutil.copy(df["img_path"].iloc[3], copy)
+    twin = pd.DataFrame([{"id": "TWIN", "img_path": str(copy), "artist": df["artist"].iloc[3]}])
+    with pytest.warns(UserWarning, match=r"1 image\(s\) appear more than once") as rec:
+        folds = al.assign_folds(pd.concat([df, twin], ignore_index=True), 2)
+    note("content: an image listed twice (same artist)", rec[0].message)
+    assert folds["fold"].iloc[3] == folds["fold"].iloc[-1]
+    run, _, caught = train(pd.concat([df, twin, twin.assign(id="TWIN2")], ignore_index=True), tmp_path / "run")
+    table = pd.read_csv(run.path / "folds.csv")
+    assert table.loc[table["id"].isin(["TWIN", "TWIN2", df["id"].iloc[3]]), "fold"].nunique() == 1
+    assert any("appear more than once" in w for w in caught)
+    other = twin.assign(artist="Bo" if twin["artist"].iloc[0] != "Bo" else "Ana")
+    refused_run("content: an image listed twice with different artists", pd.concat([df, other]), tmp_path / "r2",
+                "1 image(s) appear more than once with different artists", "copy_of_3.jpg", "fix or remove")
+    given = pd.concat([df, twin], ignore_index=True).assign(fold=lambda d: np.arange(len(d)) % 2)
+    given.loc[len(given) - 1, "fold"] = 1 - given.loc[3, "fold"]
+    refused_run("content: a given fold column splitting copies of an image", given, tmp_path / "r3",
+                "column 'fold' puts copies of 1 image(s) in different folds")
+
+
+TEXT_ARTISTS = {"7": 6, "07": 6, "NA": 5, "None": 5}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A run whose artists look like numbers or NaN ('7', '07', 'NA', 'None'), ids with leading zeros, a train.csv
+    that carries its own fold column, written under umask 0o022; a probe tries the lock while fold 0 trains."""
+    root = tmp_path_factory.mktemp("text") / "data"
+    csv = make_dataset(root, TEXT_ARTISTS, size=(36, 36))
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    table["id"] = [f"{i:05d}" for i in range(len(table))]
+    table["fold"] = [str(i % 2) for i in range(len(table))]
+    table.to_csv(csv, index=False)
+    df = al.read_artworks(csv, kind="train")
+    out, probes = root.parent / "run", []
+    probe = [sys.executable, "-c", "import sys; from artlearn.run import run_lock\ntry:\n with run_lock(sys.argv[1]):"
+             " print('acquired')\nexcept ValueError as e: print(e)", str(root.parent / "run")]
+    old_mask = os.umask(0o022)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            real_fit = kfold_module._fit_fold
+            mp.setattr(kfold_module, "_fit_fold", lambda learn, epochs, fold: (
+                probes.append(subprocess.run(probe, capture_output=True, text=True).stdout) if fold == 0 else None,
+                real_fit(learn, epochs, fold)))
+            run, lines, _ = train(df, out)
+    finally:
+        os.umask(old_mask)
+    return SimpleNamespace(df=df, run=run, probes=probes, lines=lines)
+
+
+def test_artists_that_look_like_numbers_or_nan_stay_text(text_run):
+    run = text_run.run
+    assert set(run.oof["artist"]) == set(TEXT_ARTISTS) and set(run.vocab) == set(TEXT_ARTISTS)
+    truth = run.oof["artist"] == run.oof["pred"]
+    assert run.summary["oof"]["accuracy"] == pytest.approx(truth.mean())
+    folds = al.run.read_folds(run.path / "folds.csv")
+    assert folds["id"].tolist() == text_run.df["id"].tolist() and folds["id"].iloc[1] == "00001"
+    assert (al.run.read_oof(run.path / "oof.csv")["id"].str.len() == 5).all()
+    again = finish_run(run.path)  # read back from disk, every rerun
+    assert again.summary["oof"] == run.summary["oof"] and again.summary["majority_baseline"]["artist"] in TEXT_ARTISTS
+
+
+def test_a_train_csv_with_its_own_fold_column_is_used(text_run):
+    folds = pd.read_csv(text_run.run.path / "folds.csv")
+    assert folds["fold"].tolist() == [i % 2 for i in range(len(folds))]
+
+
+def test_the_lock_is_held_while_training_and_files_follow_the_umask(text_run):
+    note("lock: probe while fold 0 trains", text_run.probes[0].strip())
+    assert "is in use by another artlearn process" in text_run.probes[0] and f"pid {os.getpid()}" in text_run.probes[0]
+    modes = {str(p.relative_to(text_run.run.path)): p.stat().st_mode & 0o777
+             for p in text_run.run.path.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes  # 0o666 less the umask, not mkstemp's 0o600
+
+
+def test_labels_are_normalised_at_every_entry_and_mixed_types_are_text(data, tmp_path, dry):
+    df = data.train.copy()
+    df.loc[df["artist"] == "Ana", "artist"] = ["Van Gogh", "Van Gogh ", " Van  Gogh", "Van\u00a0Gogh"] * 2
+    assert set(al.assign_folds(df, 2)["artist"]) == {"Van Gogh", "Bo", "Cy", "Solo"}
+    dls = al.artist_dls(df, fold=0, n_folds=2, size=32, bs=4)
+    assert list(dls.vocab) == sorted({"Van Gogh", "Bo", "Cy", "Solo"})
+    run, _, _ = train(df, tmp_path / "run")
+    assert run.config["n_artists"] == 4
+    mixed = data.train.copy()
+    mixed["artist"] = [7, "7", 8, "8 ", 9, "09"] * 3 + [7, 8, 9, "x"]
+    assert set(al.assign_folds(mixed, 2)["artist"]) == {"7", "8", "9", "09", "x"}
+
+
+def test_folder_layout_reports_every_skipped_file_and_a_competition_root(data, tmp_path):
+    root = tmp_path / "artists"
+    for artist in ("Ana", "Bo"):
+        for j in range(3):
+            write_image(root / artist / f"{j}.jpg", seed=j)
+    write_image(root / "Bo" / "x.jfif", fmt="JPEG")
+    (root / "Bo" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    write_image(root / "Bo" / "sketches" / "s.jpg")
+    (root / "Cy").mkdir()
+    (root / "README.txt").write_text("about")
+    with pytest.warns(UserWarning, match="skipped 5 entr") as rec:
+        df = al.read_artworks(root)
+    message = note("layout: skipped files (.jfif, broken symlink, nested folder, empty artist, loose file)",
+                   rec[0].message)
+    for part in ("1 unknown extension", "x.jfif", "1 broken symlink", "1 nested folder", "1 artist folder without "
+                 "images (artist left out)", "1 file outside the artist folders"):
+        assert part in message, part
+    assert sorted(df["artist"].unique()) == ["Ana", "Bo"] and len(df) == 6
+    with refused("layout: a competition root passed as a folder layout", "is a competition folder",
+                 "train.csv", "not a folder of artist sub-folders", "kind='train'"):
+        al.read_artworks(data.root)
+
+
+def test_a_symlinked_images_folder_is_not_escaping(data, tmp_path):
+    elsewhere = tmp_path / "other_disk" / "images"
+    shutil.copytree(data.root / "train", elsewhere)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train").symlink_to(elsewhere, target_is_directory=True)
+    shutil.copy(data.csv, root / "train.csv")
+    df = al.read_artworks(root / "train.csv", kind="train")
+    assert len(df) == len(data.train) and all(Path(p).is_file() for p in df["img_path"])
+
+
+def _run_copy(base_run, dst) -> Path:
+    """A copy of the finished base run (weights hard-linked)."""
+    shutil.copytree(base_run.run.path, dst, copy_function=link_or_copy)
+    return Path(dst)
+
+
+def test_stray_and_foreign_fold_folders_are_never_ensembled(base_run, data, tmp_path):
+    out = _run_copy(base_run, tmp_path / "run")
+    fold_copy(out / "fold0", out / "fold9")
+    (out / "fold9" / "oof.csv").write_bytes((out / "fold0" / "oof.csv").read_bytes())
+    fold_copy(out / "fold1", out / "fold01")
+    run = al.load_run(out)
+    assert run.folds == [0, 1] and len(run.oof) == len(data.train)
+    assert set(run.ignored) == {"fold9", "fold01"}
+    note("consistency: a stray fold9/ in a 2-fold run (load_run ignores it)",
+         run.ignored["fold9"] + " | " + run.ignored["fold01"])
+    shutil.rmtree(out / "fold1")
+    fold_copy(out / "fold0", out / "fold1")  # fold 0's checkpoint copied into fold1/
+    run = al.load_run(out)
+    assert run.folds == [0] and "fold=0" in run.ignored["fold1"]
+    note("consistency: a fold folder holding another fold's checkpoint", run.ignored["fold1"])
+    assert not al.run.fold_is_complete(out / "fold1", run.config)  # train_kfold retrains it
+
+
+def test_a_run_whose_config_was_deleted_is_not_taken_over(base_run, data, tmp_path):
+    out = _run_copy(base_run, tmp_path / "run")
+    (out / "config.json").unlink()
+    refused_run("consistency: rerun after config.json was deleted", data.train, out,
+                "is not empty and not an artlearn run directory", epochs=2)
+
+
+def test_a_missing_history_excludes_a_fold_with_the_right_reason(base_run, tmp_path):
+    out = _run_copy(base_run, tmp_path / "run")
+    (out / "fold1" / "history.csv").unlink()
+    selection = select_folds(out)
+    reason = note("consistency: a fold without history.csv in select_folds", selection.excluded[1])
+    assert selection.folds == [0] and "no history.csv in" in reason and "name it by hand" in reason
+    assert select_folds(out, folds=[0, 1]).folds == [0, 1]
+
+
+@pytest.mark.parametrize("where", ["CSV", "DataFrame"])
+def test_an_empty_img_path_cell_is_named(data, tmp_path, where):
+    table = pd.read_csv(data.csv)
+    table.loc[4, "img_path"] = None
+    csv = _write_csv(data.root, "empty_img_path.csv", table.to_numpy().tolist())
+    with refused(f"table: an empty img_path cell ({where})", "column 'img_path' is empty in 1 row(s): row 4 (line 6)"):
+        if where == "CSV":
+            al.read_artworks(csv, kind="train")
+        else:
+            train(data.train.assign(img_path=lambda d: d["img_path"].where(d.index != 4, None)), tmp_path / "run")
+    csv.unlink()
+
+
+# ---------------------------------------------------------------- 9. red team: careless users and hostile files
+
+RED = {}  # case -> (verdict, parts of the message, function)
+
+
+def red(case, verdict, *parts):
+    """Register a red-team case: 'refused' (fn returns the action, refused before anything is written) or 'handled'
+    (fn asserts the correct result and may return a note)."""
+    def register(fn):
+        RED[case] = (verdict, parts, fn)
+        return fn
+    return register
+
+
+def _csv_text(data, change) -> Path:
+    """A copy of the shared train.csv with its text changed (written next to it, removed by the test runner)."""
+    path = data.root / "red.csv"
+    path.write_bytes(change(data.csv.read_text()) if not isinstance(change, bytes) else change)
+    return path
+
+
+@red("CSV with a UTF-8 byte-order mark", "handled")
+def _(c):
+    csv = _csv_text(c.data, lambda t: b"\xef\xbb\xbf" + t.encode())
+    assert list(al.read_artworks(csv, kind="train").columns) == ["id", "img_path", "artist"]
+
+
+@red("CSV with Windows line endings", "handled")
+def _(c):
+    csv = _csv_text(c.data, lambda t: t.replace("\n", "\r\n").encode())
+    assert al.read_artworks(csv, kind="train")["artist"].tolist() == c.data.train["artist"].tolist()
+
+
+@red("CSV separated by ';'", "refused", "columns are ['id;img_path;artist']", "is the file separated by ';'")
+def _(c):
+    csv = _csv_text(c.data, lambda t: t.replace(",", ";").encode())
+    return lambda: al.read_artworks(csv, kind="train")
+
+
+@red("CSV with capitalised headers (IMG_PATH, Artist)", "refused", "column names are lower case")
+def _(c):
+    csv = _csv_text(c.data, lambda t: t.replace("img_path", "IMG_PATH", 1).encode())
+    return lambda: al.read_artworks(csv, kind="train")
+
+
+@red("CSV saved as Latin-1", "refused", "not UTF-8 text", "save the CSV as UTF-8")
+def _(c):
+    csv = _csv_text(c.data, lambda t: t.replace("Ana", "D\u00fcrer").encode("latin-1"))
+    return lambda: al.read_artworks(csv, kind="train")
+
+
+@red("Windows backslash paths", "refused", "do not exist", "train\\TRAIN_0000.jpg")
+def _(c):
+    csv = _csv_text(c.data, lambda t: t.replace("./train/TRAIN_0000", "train\\TRAIN_0000").encode())
+    return lambda: al.read_artworks(csv, kind="train")
+
+
+@red("a relative path with '..' that stays inside", "handled")
+def _(c):
+    csv = _csv_text(c.data, lambda t: t.replace("./train/TRAIN_0000", "train/../train/TRAIN_0000").encode())
+    assert al.read_artworks(csv, kind="train")["img_path"].iloc[0] == c.data.train["img_path"].iloc[0]
+
+
+@red("read_artworks on a path that does not exist", "refused", "no such CSV file")
+def _(c):
+    return lambda: al.read_artworks(c.tmp / "nowhere.csv")
+
+
+@red("read_artworks on an empty folder", "refused", "no images found in artist sub-folders")
+def _(c):
+    (c.tmp / "empty").mkdir()
+    return lambda: al.read_artworks(c.tmp / "empty")
+
+
+@red("artist labels in quotes with spaces, NFD accents, double spaces", "handled")
+def _(c):
+    df = c.data.train.copy()
+    df["artist"] = ["  D\u00fcrer", "Du\u0308rer ", "D\u00fcrer", "Van  Gogh", "Van Gogh", "x"] * 3 + ["y"] * 4
+    assert set(al.assign_folds(df, 2)["artist"]) == {"D\u00fcrer", "Van Gogh", "x", "y"}
+
+
+@red("artists that differ only in case", "handled")
+def _(c):
+    df = c.data.train.assign(artist=["Monet", "monet"] * 11)
+    with pytest.warns(UserWarning, match="differ only in upper/lower case") as rec:
+        out = al.assign_folds(df, 2)
+    assert set(out["artist"]) == {"Monet", "monet"}
+    return rec[0].message
+
+
+@red("float artist labels in a DataFrame (1.0, 2.0)", "handled")
+def _(c):
+    df = c.data.train.assign(artist=[1.0, 2.0] * 11)
+    assert set(al.assign_folds(df, 2)["artist"]) == {"1.0", "2.0"}
+
+
+@red("ids 1 and '1' in one DataFrame", "refused", "column 'id' has 1 duplicated id(s): '1'")
+def _(c):
+    df = c.data.train.copy()
+    df["id"] = [1, "1"] + [f"x{i}" for i in range(20)]
+    return lambda: train(df, c.tmp / "run")
+
+
+@red("img_path given as pathlib.Path objects", "handled")
+def _(c):
+    df = c.data.train.assign(img_path=[Path(p) for p in c.data.train["img_path"]])
+    assert al.validate_table(df, "t")["img_path"].tolist() == c.data.train["img_path"].tolist()
+
+
+@red("img_path given as integers (file descriptors!)", "refused", "column 'img_path' holds 22 value(s) that are not "
+     "paths")
+def _(c):
+    df = c.data.train.assign(img_path=range(22))
+    return lambda: train(df, c.tmp / "run")
+
+
+@red("img_path pointing to a folder", "refused", "1 of 22 image file(s) in 'img_path' do not exist")
+def _(c):
+    df = c.data.train.copy()
+    df.loc[0, "img_path"] = str(c.data.root / "train")
+    return lambda: train(df, c.tmp / "run")
+
+
+@red("a table that is a path string, not a DataFrame", "refused", "need a pandas DataFrame (got str)")
+def _(c):
+    return lambda: train(str(c.data.csv), c.tmp / "run")
+
+
+@red("an empty DataFrame", "refused", "the table has no rows")
+def _(c):
+    return lambda: train(c.data.train.iloc[:0], c.tmp / "run")
+
+
+@red("a fold column with 1.5, -1 and x", "refused", "column 'fold' has values", "'-1'", "'1.5'", "'x'")
+def _(c):
+    df = c.data.train.assign(fold=["1.5", "-1", "x"] + ["0", "1"] * 9 + ["0"])
+    return lambda: train(df, c.tmp / "run")
+
+
+@red("a fold column that leaves a fold without rows", "refused", "leaves fold(s) [1] without validation rows")
+def _(c):
+    df = c.data.train.assign(fold=[0, 2] * 11)
+    return lambda: train(df, c.tmp / "run", n_folds=3)
+
+
+@red("a fold column with ' 1' and '01'", "handled")
+def _(c):
+    out = kfold_module._given_folds(c.data.train.assign(fold=[" 1", "01", "0"] * 7 + ["0"]), 2)
+    assert out["fold"].tolist()[:3] == [1, 1, 0]
+
+
+@red("more folds than distinct images (copies)", "refused", "larger than the number of distinct images (2)")
+def _(c):
+    paths = list(c.data.train["img_path"].iloc[[0, 1]]) * 3
+    df = pd.DataFrame({"img_path": paths, "artist": ["Ana", "Bo"] * 3})
+    return lambda: al.assign_folds(df, 3)
+
+
+@red("artists and ids that look like CSV syntax or numbers", "handled")
+def _(c):
+    df = c.data.train.assign(artist=['Smith, "Jr."', "1e5", "0x1", "nan "] * 5 + ["1e5", "0x1"],
+                             id=[f"{i:03d}" for i in range(22)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kfold_module, "_train_fold", lambda job, k, **kw: None)
+        run, _, _ = train(df, c.tmp / "run")
+    folds = al.run.read_folds(run.path / "folds.csv")
+    assert set(folds["artist"]) == {'Smith, "Jr."', "1e5", "0x1", "nan"} and folds["id"].iloc[7] == "007"
+
+
+@red("a PNG named .jpg, an animated GIF, a 1x1 image", "handled")
+def _(c):
+    png = write_image(c.tmp / "png.jpg", fmt="PNG")
+    gif = c.tmp / "anim.gif"
+    frames = [Image.new("RGB", (20, 20), color) for color in ("red", "blue")]
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    tiny = write_image(c.tmp / "tiny.png", size=(1, 1))
+    report = al.check_images(pd.DataFrame({"img_path": [str(png), str(gif), str(tiny)]}))
+    assert report["ok"].all() and "small" in report["odd"].iloc[2]
+    assert al.load_rgb(gif).size == (20, 20)
+
+
+@red("folder layout: hidden files, upper-case .JPG, a symlinked artist folder", "handled")
+def _(c):
+    root = c.tmp / "layout"
+    write_image(root / "Ana" / "a.JPG")
+    write_image(root / "Ana" / "b.jpg")
+    (root / "Ana" / ".DS_Store").write_bytes(b"\0")
+    write_image(c.tmp / "elsewhere" / "c.png")
+    (root / "Bo").symlink_to(c.tmp / "elsewhere", target_is_directory=True)
+    df = al.read_artworks(root)
+    assert sorted(df["artist"]) == ["Ana", "Ana", "Bo"]
+
+
+@red("--out an empty existing folder", "handled")
+def _(c):
+    (c.tmp / "run").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kfold_module, "_train_fold", lambda job, k, **kw: None)
+        train(c.data.train, c.tmp / "run")
+    assert (c.tmp / "run" / "config.json").is_file()
+
+
+@red("--out holding only the stale lock of a killed run", "handled")
+def _(c):
+    (c.tmp / "run").mkdir()
+    (c.tmp / "run" / ".lock").write_text("pid 999999 on a-host, since 2020-01-01 00:00:00\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kfold_module, "_train_fold", lambda job, k, **kw: None)
+        train(c.data.train, c.tmp / "run")
+    assert f"pid {os.getpid()}" in (c.tmp / "run" / ".lock").read_text()
+
+
+def _marked(c, config_text) -> Path:
+    """A run folder holding only a config.json with the given text."""
+    out = c.tmp / "run"
+    out.mkdir()
+    (out / "config.json").write_text(config_text)
+    return out
+
+
+@red("config.json that is not JSON", "refused", "config.json: not valid JSON", "restore it, or use another --out")
+def _(c):
+    out = _marked(c, "{oops")
+    return lambda: train(c.data.train, out)
+
+
+@red("config.json that is a JSON list", "refused", "is not an artlearn run config")
+def _(c):
+    out = _marked(c, "[1, 2]")
+    return lambda: train(c.data.train, out)
+
+
+@red("config.json of a newer artlearn", "refused", "has run format version 99", "upgrade artlearn")
+def _(c):
+    out = _marked(c, json.dumps({"format": "artlearn-run", "format_version": 99}))
+    return lambda: train(c.data.train, out)
+
+
+@red("config.json that is a folder", "refused", "is not empty and not an artlearn run directory")
+def _(c):
+    (c.tmp / "run" / "config.json").mkdir(parents=True)
+    return lambda: train(c.data.train, c.tmp / "run")
+
+
+@red("--out a symlink to the data folder", "refused", "holds the data")
+def _(c):
+    (c.tmp / "link").symlink_to(c.data.root, target_is_directory=True)
+    return lambda: train(c.data.train, c.tmp / "link", overwrite=True)
+
+
+@red("--out inside the data folder (data/runs/x)", "handled")
+def _(c):
+    root = c.tmp / "data"
+    shutil.copytree(c.data.root, root)
+    df = al.read_artworks(root / "train.csv", kind="train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kfold_module, "_train_fold", lambda job, k, **kw: None)
+        train(df, root / "runs" / "x")
+    assert (root / "runs" / "x" / "config.json").is_file()
+
+
+@red("--overwrite while another process holds the lock", "refused", "is in use by another artlearn process")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    c.cleanup.append(lambda: (holder.kill(), holder.wait()))
+    return lambda: train(c.data.train, out, overwrite=True)
+
+
+def _damaged_run(c, fold_file, change) -> Path:
+    """A copy of the base run with one file changed."""
+    out = _run_copy(c.base, c.tmp / "run")
+    path = out / fold_file
+    path.unlink()
+    path.write_bytes(change)
+    return out
+
+
+@red("summary.json that is not JSON", "refused", "summary.json: not valid JSON", "finish_run rewrites it")
+def _(c):
+    out = _damaged_run(c, "summary.json", b"{")
+    return lambda: al.load_run(out)
+
+
+@red("oof.csv with a probability that is not a number", "refused", "oof.csv: column 'p_Ana' holds 1 value(s) that "
+     "are not numbers")
+def _(c):
+    text = (c.base.run.path / "fold0" / "oof.csv").read_text().splitlines()
+    header = text[0].split(",")
+    row = text[1].split(",")
+    row[header.index("p_Ana")] = "abc"
+    out = _damaged_run(c, "fold0/oof.csv", "\n".join([text[0], ",".join(row), *text[2:]]).encode())
+    return lambda: al.load_run(out)
+
+
+@red("oof.csv without its pred column", "refused", "oof.csv: missing column(s) ['pred']")
+def _(c):
+    oof = pd.read_csv(c.base.run.path / "fold0" / "oof.csv").drop(columns="pred")
+    out = _damaged_run(c, "fold0/oof.csv", oof.to_csv(index=False).encode())
+    return lambda: al.load_run(out)
+
+
+@red("folds.csv without its fold column", "refused", "folds.csv: missing column(s) ['fold']")
+def _(c):
+    folds = pd.read_csv(c.base.run.path / "folds.csv").drop(columns="fold")
+    out = _damaged_run(c, "folds.csv", folds.to_csv(index=False).encode())
+    return lambda: finish_run(out)
+
+
+@red("history.csv that is binary garbage", "handled")
+def _(c):
+    out = _damaged_run(c, "fold1/history.csv", bytes(range(256)) * 4)
+    reason = select_folds(out).excluded[1]
+    assert "history.csv: not a readable history CSV" in reason or "missing column" in reason
+    return reason
+
+
+@red("history.csv without its valid_loss column", "handled")
+def _(c):
+    hist = pd.read_csv(c.base.run.path / "fold1" / "history.csv").drop(columns="valid_loss")
+    out = _damaged_run(c, "fold1/history.csv", hist.to_csv(index=False).encode())
+    reason = select_folds(out).excluded[1]
+    assert "missing column(s) ['valid_loss']" in reason
+    return reason
+
+
+@red("best.safetensors of 0 bytes", "refused", "is truncated or not a safetensors file")
+def _(c):
+    out = _damaged_run(c, "fold0/best.safetensors", b"")
+    return lambda: load_fold(out / "fold0")
+
+
+@red("best.safetensors with an extra tensor", "refused", "unexpected tensor 'extra.weight'")
+def _(c):
+    from safetensors.torch import save_file
+    out = _run_copy(c.base, c.tmp / "run")
+    state = load_weights(out / "fold0" / "best.safetensors")
+    (out / "fold0" / "best.safetensors").unlink()
+    save_file({**state, "extra.weight": torch.zeros(2)}, out / "fold0" / "best.safetensors")
+    forbid_real_models(c.mp)
+    return lambda: load_fold(out / "fold0")
+
+
+@red("a fold folder from a run with another seed", "handled")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    meta = json.loads((out / "fold1" / "meta.json").read_text())
+    (out / "fold1" / "meta.json").unlink()
+    (out / "fold1" / "meta.json").write_text(json.dumps({**meta, "split_seed": 7}))
+    run = al.load_run(out)
+    assert run.folds == [0] and "split_seed=7" in run.ignored["fold1"]
+    return run.ignored["fold1"]
+
+
+@red("finish_run on a folder without config.json", "refused", "not an artlearn run directory (no config.json)")
+def _(c):
+    (c.tmp / "x").mkdir()
+    return lambda: finish_run(c.tmp / "x")
+
+
+@red("finish_run(select=[])", "refused", "folds [] have no complete checkpoint")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    return lambda: finish_run(out, select=[])
+
+
+@red("select_folds(folds=['x'])", "refused", "folds=['x']: need fold numbers")
+def _(c):
+    return lambda: select_folds(c.base.run, folds=["x"])
+
+
+@red("seed=2**40 and seed=1.5", "refused", "seed=1.5: need an integer")
+def _(c):
+    with raises_msg("seed=1099511627776"):
+        train(c.data.train, c.tmp / "run", seed=2 ** 40)
+    return lambda: train(c.data.train, c.tmp / "run", seed=1.5)
+
+
+@red("a DataFrame with a shuffled, duplicated index and numpy n_folds", "handled")
+def _(c):
+    df = c.data.train.sample(frac=1.0, random_state=0)
+    df.index = [5] * 11 + [7] * 11
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kfold_module, "_train_fold", lambda job, k, **kw: None)
+        run, _, _ = train(df, c.tmp / "run", n_folds=np.int64(2))
+    assert run.config["n_folds"] == 2 and len(al.run.read_folds(run.path / "folds.csv")) == 22
+
+
+@red("img_path cells with a leading space", "refused", "do not exist", " ./train/TRAIN_0000.jpg")
+def _(c):
+    csv = _csv_text(c.data, lambda t: t.replace(",./train/TRAIN_0000", ", ./train/TRAIN_0000").encode())
+    return lambda: al.read_artworks(csv, kind="train")
+
+
+@red("an artist named like a column or with a slash (pred, p_Ana, AC/DC)", "handled")
+def _(c):
+    df = c.data.train.assign(artist=["pred", "p_Ana", "AC/DC", "fold"] * 5 + ["pred", "fold"])
+    assert set(al.assign_folds(df, 2)["artist"]) == {"pred", "p_Ana", "AC/DC", "fold"}
+    oof = pd.DataFrame({"artist": ["pred", "AC/DC"], "pred": ["pred", "fold"], "fold": [0, 1], "p_pred": [0.5, 0.1]})
+    oof.to_csv(c.tmp / "oof.csv", index=False)
+    assert al.run.oof_scores(al.run.read_oof(c.tmp / "oof.csv"))["accuracy"] == 0.5
+
+
+@contextmanager
+def raises_msg(part):
+    """pytest.raises(ValueError) containing part."""
+    with pytest.raises(ValueError, match=re.escape(part)):
+        yield
+
+
+@pytest.mark.parametrize("case", list(RED))
+def test_red_team(case, data, base_run, tmp_path, monkeypatch):
+    verdict, parts, fn = RED[case]
+    c = SimpleNamespace(data=data, base=base_run, tmp=tmp_path, mp=monkeypatch, cleanup=[])
+    extra = set(data.root.iterdir())
+    try:
+        if verdict == "refused":
+            action = fn(c)
+            with unchanged(data.root, tmp_path), refused(f"red: {case}", *parts):
+                action()
+        else:
+            note(f"red: {case}", fn(c) or "handled correctly")
+    finally:
+        for undo in c.cleanup:
+            undo()
+        for p in set(data.root.iterdir()) - extra:  # red.csv and the like
+            p.unlink()

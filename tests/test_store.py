@@ -2,6 +2,7 @@
 import os
 
 import numpy as np
+import pytest
 from conftest import raises_with, write_broken, write_image
 
 from artlearn.store import PresizeCache
@@ -83,3 +84,49 @@ def test_cache_fill_lists_unreadable(tmp_path):
         cache.fill(list(broken.values()))
 
 
+
+
+def test_batch_gathers_stored_pixels_on_a_padded_canvas(tmp_path):
+    import torch
+
+    from artlearn.store import pad_batch
+    paths = [str(write_image(tmp_path / f"{i}.png", size, seed=i)) for i, size in enumerate([(30, 20), (18, 40)])]
+    cache = PresizeCache(16)
+    cache.fill(paths)
+    canvas, sizes = cache.batch(paths)
+    assert canvas.dtype == torch.uint8 and sizes.tolist() == [[16, 24], [36, 16]]  # (h, w), shorter side 16
+    assert canvas.shape == (2, 3, 36, 24)
+    for i, p in enumerate(paths):
+        h, w = sizes[i].tolist()
+        assert np.array_equal(canvas[i, :, :h, :w].permute(1, 2, 0).numpy(), cache.get(p))
+        assert int(canvas[i, :, h:, :].sum()) == 0 and int(canvas[i, :, :, w:].sum()) == 0
+    one, _ = pad_batch([torch.from_numpy(cache.get(paths[0])).permute(2, 0, 1)])
+    assert torch.equal(one[0], canvas[0, :, :16, :24])
+    assert cache.device_memory == 0 or torch.cuda.is_available()  # nothing is kept on a device without a GPU
+
+
+def test_new_images_are_read_not_stored(tmp_path):
+    stored = str(write_image(tmp_path / "a.png", (30, 20), seed=1))
+    new = str(write_image(tmp_path / "b.png", (30, 20), seed=2))
+    cache = PresizeCache(16)
+    cache.fill([stored])
+    canvas, _ = cache.batch([stored, new])
+    assert len(cache) == 1 and new not in cache  # predicting a new painting never grows the store
+    assert canvas.shape[0] == 2 and int(canvas[1].sum()) > 0
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="c.png: unreadable image"):
+        cache.view(str(tmp_path / "c.png"))
+
+
+def test_disk_store_never_serves_stale_pixels_of_a_replaced_image(tmp_path):
+    import os
+    path = write_image(tmp_path / "a.png", (30, 20), color=(200, 0, 0), seed=1)
+    stat = os.stat(path)
+    first = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    first.fill([str(path)])
+    old = first.get(str(path)).copy()
+    write_image(path, (30, 20), color=(0, 0, 200), seed=1)  # same size in bytes? force the same mtime too
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    again.fill([str(path)])
+    assert again.n_decodes == 1 and not np.array_equal(again.get(str(path)), old)

@@ -9,7 +9,16 @@ import pytest
 from conftest import MODES, broken_dataset, mode_suffix, raises_with, write_broken, write_image, write_mode_image
 from PIL import Image
 
-from artlearn.tables import check_images, load_rgb, read_artworks
+from artlearn.tables import (
+    check_images,
+    check_img_paths,
+    content_digest,
+    content_digests,
+    load_rgb,
+    normalise_label,
+    normalise_labels,
+    read_artworks,
+)
 
 
 # ---------------------------------------------------------------- read_artworks
@@ -53,7 +62,10 @@ def test_read_folder_layout(tmp_path):
     (tmp_path / "Claude_Monet" / "notes.txt").write_text("not an image")
     (tmp_path / "empty_dir").mkdir()
     write_image(tmp_path / ".hidden" / "x.jpg")
-    df = read_artworks(tmp_path)
+    with pytest.warns(UserWarning, match="skipped 2 entr") as rec:
+        df = read_artworks(tmp_path)
+    assert "1 unknown extension: " in str(rec[0].message) and "notes.txt" in str(rec[0].message)
+    assert "1 artist folder without images (artist left out)" in str(rec[0].message)
     assert Counter(df["artist"]) == {"Claude_Monet": 3, "Frida_Kahlo": 2}
     assert df["img_path"].map(lambda p: Path(p).is_absolute() and Path(p).suffix == ".jpg").all()
     with raises_with(str(tmp_path / "empty_dir"), "no images"):
@@ -198,3 +210,49 @@ def test_read_artworks_on_bad(dataset):
     assert len(df) == 15 and not set(broken.values()) & set(df["img_path"]) and df.index.tolist() == list(range(15))
 
 
+
+
+# ---------------------------------------------------------------- labels, paths, digests
+
+
+def test_normalise_label():
+    cases = {" Van Gogh ": "Van Gogh", "Van  Gogh": "Van Gogh", "Van\u00a0Gogh": "Van Gogh",
+             "Du\u0308rer": "D\u00fcrer", 7: "7", "07": "07", "NA": "NA", "None": "None", "\tA\nB ": "A B"}
+    assert {k: normalise_label(k) for k in cases} == cases
+    df = pd.DataFrame({"artist": [7, "7", " 7"]})
+    assert normalise_labels(df, "t")["artist"].tolist() == ["7", "7", "7"]
+    with pytest.warns(UserWarning, match="differ only in upper/lower case: 'Monet' / 'monet'"):
+        normalise_labels(pd.DataFrame({"artist": ["Monet", "monet", "Bo"]}), "t")
+
+
+def test_check_img_paths(tmp_path):
+    df = pd.DataFrame({"img_path": ["a.jpg", None, "  ", float("nan"), ""]})
+    with raises_with("t: column 'img_path' is empty in 4 row(s): row 1 (line 3), row 2 (line 4), row 3 (line 5)"):
+        check_img_paths(df, "t")
+    with raises_with("holds 1 value(s) that are not paths: row 1 (3)"):
+        check_img_paths(pd.DataFrame({"img_path": ["a.jpg", 3]}), "t")
+    out = check_img_paths(pd.DataFrame({"img_path": [tmp_path / "a.jpg"]}), "t")
+    assert out["img_path"].tolist() == [str(tmp_path / "a.jpg")]
+
+
+def test_content_digests(tmp_path):
+    a, b = write_image(tmp_path / "a.jpg", seed=1), write_image(tmp_path / "b.png", seed=2)
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(a.read_bytes())
+    digests = content_digests([a, b, copy])
+    assert digests[0] == digests[2] != digests[1] and digests[0] == content_digest(a) and len(digests[0]) == 32
+    with raises_with("imgs: 1 image file(s) cannot be read", str(tmp_path)):
+        content_digests([a, tmp_path], source="imgs")
+
+
+def test_escaping_is_judged_on_the_path_as_written(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    write_image(tmp_path / "elsewhere" / "x.jpg")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "imgs").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    pd.DataFrame({"img_path": ["imgs/x.jpg"], "artist": ["A"]}).to_csv(tmp_path / "data" / "t.csv", index=False)
+    assert read_artworks(tmp_path / "data" / "t.csv")["img_path"].tolist() == [str(tmp_path / "elsewhere" / "x.jpg")]
+    pd.DataFrame({"img_path": ["imgs/../../elsewhere/x.jpg"], "artist": ["A"]}).to_csv(tmp_path / "data" / "t.csv",
+                                                                                       index=False)
+    with raises_with("escape the data folder"):
+        read_artworks(tmp_path / "data" / "t.csv")
