@@ -58,8 +58,8 @@ class StoreBatchDL(TfmdDL):
 
     def __init__(self, dataset=None, cache: PresizeCache | None = None, size: int = REFERENCE.size,
                  min_scale: float = REFERENCE.min_scale, max_rotate: float = REFERENCE.max_rotate,
-                 flip: bool = REFERENCE.flip, wgts=None, **kwargs):
-        self.cache, self.size, self.min_scale = cache, int(size), min_scale
+                 flip: bool = REFERENCE.flip, ratio=(3 / 4, 4 / 3), wgts=None, **kwargs):
+        self.cache, self.size, self.min_scale, self.ratio = cache, int(size), min_scale, tuple(ratio)
         self.max_rotate, self.flip = max_rotate, flip
         self.wgts = None if wgts is None else np.asarray(wgts, dtype=np.float64) / np.sum(wgts)
         kwargs["num_workers"] = 0  # the batch is gathered in the main process: no worker start-up per epoch
@@ -67,7 +67,7 @@ class StoreBatchDL(TfmdDL):
 
     def new(self, dataset=None, cls=None, **kwargs):
         """A copy of this loader (e.g. `test_dl`) with the same store and augmentation settings."""
-        for name in ("cache", "size", "min_scale", "max_rotate", "flip"):
+        for name in ("cache", "size", "min_scale", "ratio", "max_rotate", "flip"):
             kwargs.setdefault(name, getattr(self, name))
         if dataset is not None and dataset is not self.dataset:
             kwargs.setdefault("wgts", None)
@@ -93,7 +93,7 @@ class StoreBatchDL(TfmdDL):
         canvas, sizes = self.cache.batch([r[0] for r in rows], device)
         if getattr(self.dataset, "split_idx", None) == 0:
             generator = torch.Generator(device=canvas.device).manual_seed(self.rng.getrandbits(63))
-            x = train_views(canvas, sizes, self.size, generator, min_scale=self.min_scale,
+            x = train_views(canvas, sizes, self.size, generator, min_scale=self.min_scale, ratio=self.ratio,
                             max_rotate=self.max_rotate, flip=self.flip)
         else:
             x = center_views(canvas, sizes, self.size)
@@ -243,7 +243,7 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
     if pipeline == "device":
         block = _store_block(vocab, splitter, normalize)
         kwargs = dict(bs=bs, device=device, dl_type=StoreBatchDL, cache=cache, size=size, min_scale=min_scale,
-                      max_rotate=max_rotate, flip=flip)
+                      ratio=ratio, max_rotate=max_rotate, flip=flip)
     else:
         augment = aug_transforms(do_flip=flip, max_rotate=max_rotate, min_zoom=1.0, max_zoom=1.0, max_lighting=0.0,
                                  max_warp=0.0, p_affine=0.75)

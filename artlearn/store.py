@@ -76,7 +76,8 @@ class PresizeCache:
     """Decode-once store of images resized to a shorter side of `presize`, as uint8 RGB arrays.
 
     mode='memory' keeps arrays in RAM, 'disk' keeps .npy files under `cache_dir` (keyed by the image's content digest
-    and presize, so a replaced image is never served stale), 'auto' picks memory when the estimate fits `max_memory` bytes (default: a quarter of RAM).
+    and presize, so a replaced image is never served stale), 'auto' picks memory when the estimate fits
+    `max_memory` bytes (default: a quarter of RAM).
     `n_decodes` counts image decodes, so callers can prove nothing is decoded twice.
     """
 

@@ -665,3 +665,16 @@ def make_synthetic_artworks(dest, n_artists=40, n_train=800, n_test=200, seed=0,
                          "pass overwrite=True to replace it, or choose another dest")
     _build(dest, params)
     return dest
+
+
+def texture_probe(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A natural-looking uint8 (h, w, 3) probe image with fine texture (gradients, sinusoids, a 3 px checker, noise):
+    what resampling tests and benchmarks shrink, because aliasing shows on it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None]
+    smooth = np.stack([70 + 110 * x / w + 0 * y, 60 + 120 * y / h + 0 * x, 120 + 50 * np.sin(x / 19 + y / 29)], -1)
+    fine = 28 * np.sin(2 * math.pi * (0.31 * x + 0.07 * y)) + 18 * np.sin(2 * math.pi * (0.05 * x - 0.37 * y))
+    checker = 14 * (((x // 3) + (y // 3)) % 2 * 2 - 1)
+    image = smooth + (fine + checker)[..., None] + 6 * rng.standard_normal((h, w, 3))
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+

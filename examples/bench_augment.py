@@ -12,7 +12,6 @@ sampled tent filter (turned boxes: torchvision's antialias filter along the view
 Last, with --data (or ../shared/data/artworks present): the uint8 memory the store_side rule implies for that table.
 """
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 
+from artlearn.synthetic import texture_probe
 from artlearn.augment import center_views, crop_affine, resample, store_side, train_views
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "artworks"
@@ -43,13 +43,8 @@ def parse_args(argv=None):
 
 
 def textured(h, w, seed=0) -> torch.Tensor:
-    """A natural-looking uint8 (3, h, w) image with fine texture: gradients, sinusoids, a 3 px checker, noise."""
-    g = torch.Generator().manual_seed(seed)
-    y, x = torch.arange(h, dtype=torch.float32)[:, None], torch.arange(w, dtype=torch.float32)[None]
-    smooth = torch.stack([70 + 110 * x / w + 0 * y, 60 + 120 * y / h + 0 * x, 120 + 50 * torch.sin(x / 19 + y / 29)])
-    fine = 28 * torch.sin(2 * math.pi * (0.31 * x + 0.07 * y)) + 18 * torch.sin(2 * math.pi * (0.05 * x - 0.37 * y))
-    checker = 14 * ((torch.div(x, 3, rounding_mode="floor") + torch.div(y, 3, rounding_mode="floor")) % 2 * 2 - 1)
-    return (smooth + fine + checker + 6 * torch.randn((3, h, w), generator=g)).clamp(0, 255).round().to(torch.uint8)
+    """`artlearn.synthetic.texture_probe` as a uint8 (3, h, w) tensor."""
+    return torch.from_numpy(texture_probe(h, w, seed)).permute(2, 0, 1).contiguous()
 
 
 def sync(device):
