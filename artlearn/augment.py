@@ -412,3 +412,22 @@ def center_views(images: torch.Tensor, sizes: torch.Tensor, out_size: int) -> to
 def flip_views(x: torch.Tensor) -> torch.Tensor:
     """Left-right mirror of a batch of views (N, C, H, W), e.g. for flip test-time augmentation."""
     return x.flip(3)
+
+
+def tent_reference(img: torch.Tensor, maps: torch.Tensor, S: int, taps: int = 8) -> torch.Tensor:
+    """Slow oracle of `resample` for tests and benchmarks: views (N, 3, S, S) of one uint8 (3, h, w) image by brute
+    force, taps^2 bilinear samples per output pixel tent-weighted over +-1 output pixel, reflected at its edges."""
+    h, w = img.shape[1:]
+    src = img.float()[None].expand(len(maps), -1, -1, -1)
+    offsets = (torch.arange(taps) + 0.5) / taps * 2 - 1
+    weights = (1 - offsets.abs()) / (1 - offsets.abs()).sum()
+    pixels = torch.arange(S, dtype=torch.float32)
+    out = 0
+    for dv, wv in zip(offsets, weights):
+        for du, wu in zip(offsets, weights):
+            u, v = (pixels + du)[None, None, :], (pixels + dv)[None, :, None]
+            x = maps[:, 0, 0, None, None] * u + maps[:, 0, 1, None, None] * v + maps[:, 0, 2, None, None]
+            y = maps[:, 1, 0, None, None] * u + maps[:, 1, 1, None, None] * v + maps[:, 1, 2, None, None]
+            grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)
+            out = out + wu * wv * F.grid_sample(src, grid, padding_mode="reflection", align_corners=False)
+    return out

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 
 from artlearn.synthetic import texture_probe
-from artlearn.augment import center_views, crop_affine, resample, store_side, train_views
+from artlearn.augment import tent_reference, center_views, crop_affine, resample, store_side, train_views
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "artworks"
 
@@ -111,22 +110,6 @@ def time_jobs(jobs: dict, reps: int, device) -> dict:
     return times
 
 
-def tent_oracle(img, maps, S, taps=8) -> torch.Tensor:
-    """Turned views by brute force: taps x taps bilinear samples per pixel, tent-weighted over +-1 output pixel."""
-    h, w = img.shape[1:]
-    offsets = (torch.arange(taps) + 0.5) / taps * 2 - 1
-    weights = (1 - offsets.abs()) / (1 - offsets.abs()).sum()
-    pixels, out = torch.arange(S, dtype=torch.float32), 0
-    for dv, wv in zip(offsets, weights):
-        for du, wu in zip(offsets, weights):
-            u, v = (pixels + du)[None, None, :], (pixels + dv)[None, :, None]
-            x = maps[:, 0, 0, None, None] * u + maps[:, 0, 1, None, None] * v + maps[:, 0, 2, None, None]
-            y = maps[:, 1, 0, None, None] * u + maps[:, 1, 1, None, None] * v + maps[:, 1, 2, None, None]
-            grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1)
-            out = out + wu * wv * F.grid_sample(img.float()[None], grid, padding_mode="reflection", align_corners=False)
-    return out[0]
-
-
 def quality(args):
     """Mean / max abs error (0..255) against torchvision's resized_crop and against the tent oracle when turned."""
     images = {"textured 256x256": textured(256, 256)}
@@ -149,7 +132,7 @@ def quality(args):
             for angle, target in ((0.0, ref), (9.0, None)):
                 maps = crop_affine(torch.tensor([box], dtype=torch.float32), None, torch.tensor([angle]), None, S)
                 if target is None:  # the tent only when shrinking: torchvision does not blur an upsampled view
-                    target = tent_oracle(img, maps, S, taps=8 if side > S else 1)
+                    target = tent_reference(img, maps, S, taps=8 if side > S else 1)[0]
                 errs = []
                 for antialias in (True, False):
                     d = (resample(img[None], torch.tensor([[h, w]]), maps, S, antialias=antialias)[0] - target).abs()
