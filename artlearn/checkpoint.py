@@ -27,7 +27,8 @@ def fold_meta(model_config: dict, data: dict, fold: int, epoch, monitor: str, sc
 
     `model` (the config for `build_model(**meta['model'])`), arch, depth, pool, n_classes, vocab, size, mean, std
     (0-1 scale), fold, epoch, monitor, score, complete, the data's n_folds, split_seed and class_counts, ema,
-    the format version; `stopped` when a fit was stopped; then the entries of `extra` (which cannot override these).
+    pipeline and store_side (the image store's shorter side, which evaluation reuses), the format version;
+    `stopped` when a fit was stopped; then the entries of `extra` (which cannot override these).
     """
     from . import __version__
     meta = dict(extra or {})
@@ -37,7 +38,7 @@ def fold_meta(model_config: dict, data: dict, fold: int, epoch, monitor: str, sc
                 mean=data.get("mean"), std=data.get("std"), fold=int(fold), epoch=epoch, monitor=monitor, score=score,
                 complete=bool(complete), artlearn_version=__version__, n_folds=data.get("n_folds"),
                 split_seed=data.get("seed"), class_counts=data.get("class_counts"), ema=ema,
-                pipeline=data.get("pipeline", "items"))
+                pipeline=data.get("pipeline", "items"), store_side=data.get("store_side"))
     if stopped:
         meta["stopped"] = stopped
     return meta
@@ -130,6 +131,9 @@ def _meta_problem(meta: dict) -> str | None:
     size = meta.get("size")
     if size is not None and not _is_int(size, 8, MAX_SIZE):
         return f"'size' is {size!r}; need an integer image size in 8..{MAX_SIZE}"
+    side = meta.get("store_side")
+    if side is not None and not _is_int(side, 8, MAX_SIZE):
+        return f"'store_side' is {side!r}; need an integer shorter side in 8..{MAX_SIZE}"
     for key in ("mean", "std"):
         if meta.get(key) is not None and not _stats_ok(meta[key]):
             return f"{key!r} must be 3 finite numbers (one per RGB channel), not {meta[key]!r}"

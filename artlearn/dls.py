@@ -16,9 +16,9 @@ from fastai.vision.core import PILImage
 from .augment import ArtistCrop, center_views, train_views
 from .device import default_workers, resolve_device
 from .folds import StratifiedFoldSplitter, assign_folds, check_fold, fold_column
-from .recipe import PIPELINES, REFERENCE, SAMPLERS
+from .recipe import PIPELINES, REFERENCE, SAMPLERS, STORES
 from .rng import keep_global_rng
-from .store import PresizeCache, presize_for
+from .store import PresizeCache, fold_store_side, store_presize
 from .tables import ON_BAD_CHOICES, bad_images_message, check_images, normalise_labels
 
 
@@ -192,7 +192,7 @@ def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache 
     unknown = sorted(set(table["artist"].astype(str)) - set(vocab))
     if unknown:
         raise ValueError(f"items: artists {unknown[:5]} are not in this fold's vocabulary ({len(vocab)} artists)")
-    cache = cache if cache is not None else PresizeCache(presize_for(size))
+    cache = cache if cache is not None else PresizeCache(fold_store_side(meta))
     cache.fill(table["img_path"], source="items")
     device = resolve_device(device)
     normalize = Normalize.from_stats(meta["mean"], meta["std"], cuda=device.type == "cuda")
@@ -207,6 +207,7 @@ def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache 
         dls = block.dataloaders(table, **kwargs)
     dls.artlearn_meta = {k: meta.get(k) for k in ("size", "mean", "std", "vocab", "fold", "class_counts", "n_folds",
                                                    "pipeline")}
+    dls.artlearn_meta["store_side"] = cache.presize
     return dls
 
 
@@ -215,7 +216,7 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
                workers: int | None = None, min_scale: float = REFERENCE.min_scale, ratio=(3 / 4, 4 / 3),
                max_rotate: float = REFERENCE.max_rotate, flip: bool = REFERENCE.flip,
                sampler: str | None = REFERENCE.sampler, device=None, on_bad: str = "raise",
-               pipeline: str = REFERENCE.pipeline):
+               pipeline: str = REFERENCE.pipeline, store: str = REFERENCE.store):
     """fastai DataLoaders for one fold: DataBlock(ImageBlock, CategoryBlock) + StratifiedFoldSplitter.
 
     pipeline='device' (default): `StoreBatchDL` gathers each batch from the store and does crop, rotation and flip
@@ -223,13 +224,16 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
     and for runs trained with it): RandomResizedCrop at `size` per item (PIL), then flip and rotation as batch
     transforms. Validation: the centre square resized to
     `size`. Both normalised with the training split's own per-channel mean/std (nothing is pretrained, so no
-    ImageNet statistics). Images come from a PresizeCache, decoded once and shared by every epoch and fold.
+    ImageNet statistics). Images come from a PresizeCache, decoded once and shared by every epoch and fold; without
+    one, `store` picks its shorter side (`store_presize`: 'crop' keeps a min_scale crop at `size` pixels or more).
     """
     _check_dls_args(size, bs, sampler, on_bad)
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline={pipeline!r}: use one of {list(PIPELINES)}")
+    if store not in STORES:
+        raise ValueError(f"store={store!r}: use one of {list(STORES)}")
     df, n_folds = _prepare_table(df, fold, n_folds, seed)
-    cache = cache if cache is not None else PresizeCache(presize_for(size))
+    cache = cache if cache is not None else PresizeCache(store_presize(store, size, min_scale, len(df)))
     df = fill_store(df, cache, on_bad)
     splitter = StratifiedFoldSplitter(fold, n_folds, seed)
     train_idx, valid_idx = splitter(df)
@@ -266,6 +270,6 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
     dls.artlearn_meta = dict(size=int(size), mean=mean, std=std, vocab=list(vocab), fold=int(fold),
                              class_counts=[int(c) for c in counts],
                              n_folds=int(n_folds), seed=int(seed), min_scale=min_scale, max_rotate=max_rotate,
-                             pipeline=pipeline)
+                             pipeline=pipeline, store_side=cache.presize)
     dls.cache = cache
     return dls

@@ -12,7 +12,7 @@ from PIL import Image
 from .checkpoint import META_NAME, atomic_write_csv, load_fold
 from .augment import center_views, valid_crop
 from .device import autocast, resolve_device, to_memory_format
-from .store import PresizeCache, pad_batch, presize_for
+from .store import PresizeCache, fold_store_side, pad_batch, presize_for
 from .tables import read_artworks
 # and, inside _fold_dirs: from .run import KFoldRun, load_run
 
@@ -57,7 +57,7 @@ def _fold_dirs(source, folds) -> list:
 def _check_compatible(metas: list, dirs: list) -> None:
     """Folds must share vocabulary, input size and evaluation pipeline."""
     defaults = {"pipeline": "items"}  # folds trained before the device pipeline existed
-    for key in ("vocab", "size", "pipeline"):
+    for key in ("vocab", "size", "pipeline", "store_side"):
         values = {str(m.get(key, defaults.get(key))) for m in metas}
         if len(values) > 1:
             detail = "; ".join(f"{d}: {len(m.get(key) or []) if key == 'vocab' else m.get(key, defaults.get(key))}"
@@ -139,8 +139,9 @@ class _ReadThrough:
 
 
 @contextlib.contextmanager
-def _inputs(images, size: int, cache=None, workers=None, keep_new: bool = False):
-    """(labels, table, cache) for images: PIL images live in a temporary folder and a short-lived cache only.
+def _inputs(images, presize: int, cache=None, workers=None, keep_new: bool = False):
+    """(labels, table, cache) for images, stored at shorter side `presize`: PIL images live in a temporary folder
+    and a short-lived cache only.
 
     keep_new=True (ensemble's contract) decodes image files into `cache` (or a new PresizeCache); otherwise the
     passed cache is only read, and images it does not hold go to a short-lived cache in the temporary folder.
@@ -148,13 +149,17 @@ def _inputs(images, size: int, cache=None, workers=None, keep_new: bool = False)
     items = _image_list(images)
     has_pil = items is not None and any(isinstance(x, Image.Image) for x in items)
     if keep_new and not has_pil:
+        if cache is not None and getattr(cache, "presize", presize) != presize:
+            raise ValueError(f"cache stores images at a shorter side of {cache.presize} px, but the folds were trained "
+                             f"from a store at {presize} px; pass PresizeCache({presize}) (or the training run's "
+                             "cache), or no cache")
         table = _items_table(images)
         yield table["img_path"].astype(str).tolist(), table, cache if cache is not None else PresizeCache(
-            presize_for(size), workers=workers)
+            presize, workers=workers)
         return
     with tempfile.TemporaryDirectory(prefix="artlearn-predict-") as tmp:
         labels, table = _stage(images, Path(tmp))
-        yield labels, table, _ReadThrough(cache, presize_for(size), Path(tmp) / "cache", workers)
+        yield labels, table, _ReadThrough(cache, presize, Path(tmp) / "cache", workers)
 
 
 def _native_crops(arr: np.ndarray, size: int) -> list:
@@ -226,8 +231,7 @@ def load_folds(run_or_fold_dirs, folds, device) -> tuple[list, list, object]:
     dirs = _fold_dirs(run_or_fold_dirs, folds)
     device = resolve_device(device)
     loaded = [load_fold(d, device=device) for d in dirs]
-    if device.type == "cuda":
-        loaded = [(m.to(memory_format=torch.channels_last), meta) for m, meta in loaded]
+    loaded = [(m.to(memory_format=torch.channels_last), meta) for m, meta in loaded]  # as trained, every device
     metas = [m for _, m in loaded]
     _check_compatible(metas, dirs)
     return [m for m, _ in loaded], metas, device
@@ -295,7 +299,7 @@ def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", aver
     """
     _check_choices(tta, average)
     models, metas, device = load_folds(run_or_fold_dirs, folds, device)
-    with _inputs(items, int(metas[0]["size"]), cache, workers, keep_new=True) as (_, table, source):
+    with _inputs(items, fold_store_side(metas[0]), cache, workers, keep_new=True) as (_, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
     return probs, list(metas[0]["vocab"])
 
@@ -332,18 +336,22 @@ def predict(run_or_fold_dirs, images, k: int = 5, tta: str | None = "flip", fold
     _check_k(k)
     _check_choices(tta, average)
     models, metas, device = load_folds(run_or_fold_dirs, folds, device)
-    with _inputs(images, int(metas[0]["size"]), cache, workers, keep_new=False) as (labels, table, source):
+    with _inputs(images, fold_store_side(metas[0]), cache, workers, keep_new=False) as (labels, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
     logger.debug("predict: %d image(s), %d fold(s), tta=%s", len(labels), len(models), tta)
     return top_k(labels, probs, list(metas[0]["vocab"]), k)
 
 
-def eval_crops(images, size: int) -> tuple[list, object]:
-    """(labels, uint8 tensor (n, 3, size, size)): ensemble's plain evaluation view, no cache kept."""
-    with _inputs(images, size) as (labels, table, source):
+def eval_crops(images, meta: dict) -> tuple[list, object]:
+    """(labels, uint8 tensor (n, 3, s, s)): a fold's plain evaluation view (its store side and pipeline), no cache
+    kept."""
+    import torch
+    size, pipeline = int(meta["size"]), meta.get("pipeline", "items")
+    with _inputs(images, fold_store_side(meta)) as (labels, table, source):
         source.fill(table["img_path"], source="images")
-        crops = crop_batch(source, table["img_path"], size)[0] if len(table) else None
-    return labels, crops
+        crops = _crops(source, table["img_path"], size, None, None, torch.device("cpu"), pipeline)[0] \
+            if len(table) else None
+    return labels, None if crops is None else crops.round().clamp(0, 255).to(torch.uint8)
 
 
 

@@ -102,7 +102,7 @@ def explain_map(run, image, artist=None, folds=None, device=None) -> tuple[np.nd
     models, metas, device = load_folds(run, folds, device)
     size, vocab = int(metas[0]["size"]), list(metas[0]["vocab"])
     idx = _artist_index(artist, vocab) if artist is not None else None
-    labels, crops = eval_crops(image, size)
+    labels, crops = eval_crops(image, metas[0])
     if len(labels) != 1:
         raise ValueError(f"explain takes one image, got {len(labels)}: pass one path or one PIL image")
     xs = [normalise(crops.to(device), *fold_stats(m, device)) for m in metas]

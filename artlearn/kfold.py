@@ -40,7 +40,7 @@ from .run import (
     run_lock,
     write_run_dir,
 )
-from .store import PresizeCache, default_memory_budget, presize_for
+from .store import PresizeCache, default_memory_budget, store_presize
 from .tables import content_digests, validate_table
 
 logger = logging.getLogger("artlearn")
@@ -452,7 +452,9 @@ def _train_kfold(df, out, n_folds, folds, preset, seed, tta, workers, progress, 
     legacy, protect = {"data": data_fingerprint(df)}, [*df["img_path"], *protect]
     ctx.everywhere(lambda: _check_out(out, config, legacy, protect, overwrite))
     if cache is None:
-        cache = PresizeCache(presize_for(recipe.size), max_memory=default_memory_budget() // ctx.local_world_size)
+        budget = default_memory_budget() // ctx.local_world_size
+        side = store_presize(recipe.store, recipe.size, recipe.min_scale, len(df), budget)
+        cache = PresizeCache(side, max_memory=budget)
     ctx.everywhere(lambda: cache.fill(df["img_path"], source="training table"))  # unreadable images refused here
     with ExitStack() as stack:
         ctx.on_main(lambda: _open_run(stack, out, config, legacy, protect, overwrite, df))

@@ -18,6 +18,7 @@ MONITORS = ("valid_loss", "valid_acc", "f1_macro")
 SAMPLERS = (None, "balanced", "sqrt")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PIPELINES = ("device", "items")
+STORES = ("crop", "presize", "full")
 
 
 def _setting(default, stage: str, to: str, help: str, choices=None):
@@ -38,10 +39,15 @@ class Recipe:
     pipeline: str = _setting("device", "data", "dls", "images to batches: 'device' (store gathered per batch, one "
                              "resampling per image on the device) or 'items' (fastai's per-item PIL pipeline)",
                              PIPELINES)
+    store: str = _setting("crop", "data", "dls", "image store's shorter side: 'crop' (ceil(size / sqrt(min_scale)): "
+                          "a min_scale crop is not upsampled), 'presize' (1.15 x size, v0.1's cache) or 'full' "
+                          "(each image as decoded); capped by the memory budget", STORES)
     # model: what learns
     arch: str = _setting("resnet50", "model", "learner", "architecture (resnet18/34/50/101, convnext_nano/tiny)")
     pool: str = _setting("avg", "model", "learner", "global pooling: avg or gem")
     grad_checkpoint: bool = _setting(False, "model", "learner", "recompute activations to save memory")
+    compile: bool = _setting(False, "model", "learner", "torch.compile the model (a higher GPU ceiling; the first "
+                             "batches pay the compile time)")
     # optimisation: how it learns
     epochs: int = _setting(30, "optimisation", "learner", "epochs per fold (also the cosine's t_max)")
     lr: float = _setting(1e-3, "optimisation", "learner", "base learning rate")
@@ -107,8 +113,9 @@ class Recipe:
         check_fraction("progressive", self.progressive)
         if not (isinstance(self.min_scale, numbers.Real) and 0 < self.min_scale <= 1):
             raise ValueError(f"min_scale={self.min_scale!r}: need a crop area fraction in (0, 1]")
-        if not isinstance(self.flip, bool) or not isinstance(self.grad_checkpoint, bool):
-            raise ValueError(f"flip={self.flip!r}, grad_checkpoint={self.grad_checkpoint!r}: need True or False")
+        for name in ("flip", "grad_checkpoint", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: need True or False")
         if self.ema is not None:
             check_fraction("ema", self.ema, low_inclusive=False)
         if self.mixup and self.cutmix:

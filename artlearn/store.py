@@ -9,15 +9,41 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .checkpoint import MAX_SIZE  # the largest side anything here handles: 'full' stores up to it
 from .checks import listing
 from .tables import content_digest, describe_error, load_rgb
 
 PRESIZE_FACTOR = 1.15
+ASPECT_SLACK = 1.4  # bytes estimated per stored pixel beyond the square: non-square images keep their long side
 
 
 def presize_for(size: int) -> int:
     """Shorter side kept in the cache: a bit above the training size."""
     return int(math.ceil(size * PRESIZE_FACTOR))
+
+
+def store_presize(store: str, size: int, min_scale: float, n_images: int, budget: int | None = None) -> int:
+    """The store's shorter side for a recipe's `store` rule, capped so n_images fit `budget` bytes (never below
+    presize_for(size): past that the store spills to disk instead)."""
+    from .augment import store_side
+    from .recipe import STORES
+    if store not in STORES:
+        raise ValueError(f"store={store!r}: use one of {list(STORES)}")
+    if not isinstance(n_images, (int, np.integer)) or n_images < 1:
+        raise ValueError(f"n_images={n_images!r}: need the number of images the store will hold (at least 1)")
+    floor = presize_for(size)
+    budget = default_memory_budget() if budget is None else budget
+    cap = max(floor, int(math.sqrt(budget / (n_images * 3 * ASPECT_SLACK))))
+    if store == "presize":
+        return floor
+    if store == "full":
+        return min(cap, MAX_SIZE)
+    return max(floor, store_side(size, min_scale, MAX_SIZE, cap))
+
+
+def fold_store_side(meta: dict) -> int:
+    """The store's shorter side a fold was trained from (folds written before `store` existed: 1.15 x size)."""
+    return int(meta.get("store_side") or presize_for(int(meta["size"])))
 
 
 def _file_key(path: str, presize: int) -> str:
@@ -123,7 +149,7 @@ class PresizeCache:
         """Memory when the estimated new pixels fit the budget, else disk."""
         if self.mode != "auto":
             return self.mode
-        estimate = self.nbytes + n_new * self.presize * self.presize * 3 * 1.4
+        estimate = self.nbytes + n_new * self.presize * self.presize * 3 * ASPECT_SLACK
         return "memory" if estimate <= self.max_memory else "disk"
 
     def _disk_path(self, key: str) -> Path:

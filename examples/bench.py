@@ -34,7 +34,8 @@ import artlearn
 from artlearn.checkpoint import save_weights
 from artlearn.device import default_workers
 from artlearn.files import atomic_write_json
-from artlearn.store import PresizeCache, presize_for
+from artlearn.recipe import REFERENCE, STORES
+from artlearn.store import PresizeCache, presize_for, store_presize
 from artlearn.models import build_model
 
 
@@ -55,13 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="comma-separated sections to skip: torchvision,ensemble,cache")
     p.add_argument("--epochs", type=int, default=0, help="time N whole epochs (train + valid) per pipeline instead")
     p.add_argument("--pipelines", default="device,items", help="artist_dls pipelines timed by --epochs")
+    p.add_argument("--store", default=REFERENCE.store, choices=STORES, help="image store rule (Recipe.store)")
+    p.add_argument("--compile", action="store_true", help="also time the model-only ceiling with torch.compile")
     return p.parse_args(argv)
 
 
 def device_setup(precision: str):
     """(device, autocast dtype or None, channels_last?) for this machine."""
     if not torch.cuda.is_available():
-        return torch.device("cpu"), None, False
+        return torch.device("cpu"), None, True  # channels-last as artist_learner trains on every device
     if precision == "fp32":
         return torch.device("cuda"), None, True
     bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
@@ -128,6 +131,28 @@ def bench_ceiling(args, n_classes, device, dtype, channels_last) -> float:
             step(x, y)
         return args.batches * args.bs
     return statistics.median(timed_reps(run, args, device))
+
+
+def bench_compile(args, n_classes, device, dtype, channels_last) -> None:
+    """Model-only ceiling eager vs `nn.Module.compile()` (as artist_learner(compile=True)), compile time apart."""
+    eager = bench_ceiling(args, n_classes, device, dtype, channels_last)
+    model = fresh_model(args, n_classes, device, channels_last)
+    model.compile()
+    step = make_step(model, device, dtype, channels_last)
+    x = torch.randn(args.bs, 3, args.size, args.size, device=device)
+    y = torch.randint(0, n_classes, (args.bs,), device=device)
+    start = time.perf_counter()
+    step(x, y)
+    sync(device)
+    first = time.perf_counter() - start
+
+    def run():
+        for _ in range(args.batches):
+            step(x, y)
+        return args.batches * args.bs
+    compiled = statistics.median(timed_reps(run, args, device))
+    print(f"compile      : ceiling eager {eager:.1f} images/s, compiled {compiled:.1f} images/s "
+          f"(x{compiled / eager:.2f}); first compiled step {first:.1f} s")
 
 
 def bench_artlearn(args, df, device, cache) -> float:
@@ -390,11 +415,14 @@ def main(argv=None):
     print(f"device {device} ({where}), precision {dtype or 'fp32'}, channels_last {channels_last}; "
           f"{args.arch} at {args.size} px, batch {args.bs}, "
           f"{len(df)} training images, {n_classes} artists; medians of {args.reps} reps x {args.batches} batches")
-    cache = PresizeCache(presize_for(args.size))
+    cache = PresizeCache(store_presize(args.store, args.size, REFERENCE.min_scale, len(df)))
     start = time.perf_counter()
     cache.fill(df["img_path"])
     print(f"decode once  : {len(df)} images in {time.perf_counter() - start:.1f} s "
-          f"({cache.n_decodes} decodes, {cache.nbytes / 2 ** 20:.0f} MiB cached)")
+          f"({cache.n_decodes} decodes, {cache.nbytes / 2 ** 20:.0f} MiB cached; store '{args.store}', shorter "
+          f"side {cache.presize} px)")
+    if args.compile:
+        bench_compile(args, n_classes, device, dtype, channels_last)
     mean, std = cache.channel_stats(df["img_path"])
     if args.epochs:
         bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean, std)
@@ -413,7 +441,7 @@ def main(argv=None):
         print(f"ensemble     : {cold:8.1f} images/s cold (decode included), {warm:.1f} warm cache; bare "
               f"{args.folds} folds x 2 flips {bare:.1f} images/s; ratio cold {cold / bare:.2f}, warm {warm / bare:.2f}")
     if "cache" not in skip:
-        whole = PresizeCache(presize_for(args.size))
+        whole = PresizeCache(store_presize(args.store, args.size, REFERENCE.min_scale, len(full)))
         start = time.perf_counter()
         whole.fill(full["img_path"])
         print(f"cache        : whole table {len(full)} images at presize {whole.presize} px -> "

@@ -10,7 +10,7 @@ Rows: 'reference' (the report's recipe), 'best', 'plain' (examples/plain_torchvi
 every option switched on alone on top of reference (OPTIONS below; options the library lacks are skipped and
 listed), the ensemble-time options (prior_adjust=tau, tta=multicrop) scored on the reference runs' folds with no
 extra training, and --combos: 'min_scale=0.35+warmup=1', 'best+warmup=1', ... (commas between combos). A row is
-any such spec: an optional preset, then '+'-joined key=value terms (Recipe settings, prior_adjust, tta, store).
+any such spec: an optional preset, then '+'-joined key=value terms (Recipe settings, prior_adjust, tta).
 
 Output per budget (--budget, default '<arch>-<size>px-<epochs>ep-bs<bs>'): --results-dir/<budget>.jsonl, one JSON
 line per (row, seed) appended as it finishes (a (row, seed, folds, data) already there is not run again, so a sweep
@@ -42,11 +42,10 @@ PLAIN_SCRIPT = HERE / "plain_torchvision.py"
 PLAIN_ARCHS = ("resnet18", "resnet34", "resnet50")
 PRESETS = ("reference", "best")
 TTA_VALUES = ("flip", "multicrop", "none")
-STORE_FIELDS = ("presize", "store_size", "store_presize", "cache_size")  # a Recipe field owning the store size
-# Options switched on alone on top of reference ('store' is the decode-once store's shorter side, 'prior_adjust'
+# Options switched on alone on top of reference ('store' is the decode-once store's resolution rule, 'prior_adjust'
 # and 'tta' are ensemble-time); a spec the library cannot run (no such setting or value) is skipped and listed.
 OPTIONS = (
-    "min_scale=0.25", "min_scale=0.35", "min_scale=0.5", "store=256", "lr=0.0005", "lr=0.002",
+    "min_scale=0.25", "min_scale=0.35", "min_scale=0.5", "store=crop", "store=presize", "store=full", "lr=0.0005", "lr=0.002",
     "warmup=1", "warmup=2", "optimizer=adamw+wd=0.05", "optimizer=sgd+lr=0.05+wd=0.0005", "label_smoothing=0",
     "label_smoothing=0.1", "wd=0.0001", "mixup=0.4", "cutmix=1.0", "sampler=balanced", "sampler=sqrt",
     "logit_adjust=1.0", "ema=0.998", "progressive=0.5", "drop_path=0.1", "trivial_augment=True",
@@ -72,26 +71,24 @@ def fail(msg: str):
 
 @dataclass
 class Row:
-    """One line of the table: what to train (preset + overrides + store) and how to score it."""
+    """One line of the table: what to train (preset + overrides) and how to score it."""
     name: str
     preset: str = "reference"
     overrides: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)  # ensemble() arguments: prior_adjust, tta
-    store: int | None = None  # PresizeCache shorter side, when no Recipe field owns it
     kind: str = "train"  # 'train', 'posthoc' (ensemble-time on the runs of its training part) or 'plain'
 
     @property
     def train_name(self) -> str:
         """The training part's canonical name (rows differing only at ensemble time share their runs)."""
         terms = [f"{k}={_fmt(v)}" for k, v in sorted(self.overrides.items())]
-        terms += [f"store={self.store}"] if self.store else []
         return "+".join([self.preset, *terms])
 
     def training(self) -> "Row":
         """The row of the training part alone (itself for trained and plain rows)."""
         if self.kind != "posthoc":
             return self
-        return Row(self.train_name, self.preset, dict(self.overrides), store=self.store)
+        return Row(self.train_name, self.preset, dict(self.overrides))
 
     @property
     def train_dir(self) -> str:
@@ -101,8 +98,6 @@ class Row:
         if self.kind == "plain":
             return "examples/plain_torchvision.py (no artlearn; RandomResizedCrop scale 0.35-1)"
         text = self.train_name
-        if self.store:
-            text += " (store via train_kfold(cache=PresizeCache))"
         if self.evaluate:
             text = f"ensemble({', '.join(f'{k}={v}' for k, v in self.evaluate.items())}) on {text} runs"
         return text
@@ -119,17 +114,17 @@ def _parse_value(key: str, raw: str):
         if raw not in TTA_VALUES:
             raise ValueError(f"tta={raw}: use one of {list(TTA_VALUES)}")
         return raw
-    if key in ("prior_adjust", "store"):
+    if key == "prior_adjust":
         try:
-            value = float(raw) if key == "prior_adjust" else int(raw)
+            value = float(raw)
         except ValueError:
-            raise ValueError(f"{key}={raw}: need a {'number' if key == 'prior_adjust' else 'whole number'}") from None
-        if not math.isfinite(value) or value < (8 if key == "store" else 0):
-            raise ValueError(f"{key}={raw}: need {'at least 8 pixels' if key == 'store' else 'a number >= 0'}")
+            raise ValueError(f"{key}={raw}: need a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key}={raw}: need a number >= 0")
         return value
     if key not in Recipe.names():
         raise UnknownOption(f"unknown option '{key}'; Recipe settings: {', '.join(Recipe.names())}; "
-                         "ensemble-time: prior_adjust, tta; store (the image store's shorter side)")
+                         "ensemble-time: prior_adjust, tta")
     kind, optional = field_type(key)
     if optional and raw.lower() in ("none", "null"):
         return None
@@ -162,12 +157,6 @@ def parse_row(spec: str) -> Row:
         value = _parse_value(key, raw)
         if key in ("prior_adjust", "tta"):
             row.evaluate[key] = value
-        elif key == "store":
-            owner = next((f for f in STORE_FIELDS if f in Recipe.names()), None)
-            if owner:
-                row.overrides[owner] = value
-            else:
-                row.store = value
         else:
             row.overrides[key] = value
     row.kind = "posthoc" if row.evaluate else "train"
@@ -186,7 +175,7 @@ def check_row(row: Row, budget: dict) -> None:
             raise ValueError(f"plain_torchvision.py trains {list(PLAIN_ARCHS)}, not {budget['arch']}")
         return
     recipe = Recipe.preset(row.preset).replace(**_settings(row, budget)).validate()
-    if (row.name != row.preset and not row.evaluate and not row.store
+    if (row.name != row.preset and not row.evaluate
             and recipe == Recipe.preset(row.preset).replace(**budget)):
         raise ValueError(f"same settings as {row.preset} at this budget")
 
@@ -372,8 +361,10 @@ class Context:
         return self.caches[presize]
 
     def presize(self, row: Row) -> int:
-        from artlearn.store import presize_for
-        return row.store or presize_for(_settings(row, self.budget)["size"])
+        from artlearn.recipe import Recipe
+        from artlearn.store import store_presize
+        recipe = Recipe.preset(row.preset).replace(**_settings(row, self.budget))
+        return store_presize(recipe.store, recipe.size, recipe.min_scale, len(self.df))
 
     def run_dir(self, row: Row, seed: int) -> Path:
         return self.root / f"{row.train_dir}-s{seed}"
@@ -517,7 +508,7 @@ def run_one(ctx: Context, row: Row, seed: int) -> dict:
     scorer = {"train": score_train, "posthoc": score_posthoc, "plain": score_plain}[row.kind]
     result = scorer(ctx, row, seed)
     rec = dict(budget=ctx.name, row=row.name, kind=row.kind, settings=row.describe(), preset=row.preset,
-               overrides=row.overrides, evaluate=row.evaluate, store=row.store, seed=seed, folds=ctx.args.folds,
+               overrides=row.overrides, evaluate=row.evaluate, seed=seed, folds=ctx.args.folds,
                n_folds=ctx.args.n_folds, fold_seed=ctx.args.fold_seed, **ctx.budget, limit=ctx.args.limit,
                data=str(ctx.args.data), data_fingerprint=ctx.fingerprint, n_images=len(ctx.df),
                n_artists=int(ctx.df["artist"].nunique()), **result,

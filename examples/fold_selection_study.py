@@ -219,8 +219,10 @@ def main(argv=None) -> list:
     if args.report_only:
         print(f"wrote {write_report(jsonl, fp)}")
         return []
-    from artlearn.store import PresizeCache, presize_for
-    cache = PresizeCache(args.row.store or presize_for(cr._settings(args.row, cr.budget_of(args))["size"]))
+    from artlearn.recipe import Recipe
+    from artlearn.store import PresizeCache, store_presize
+    recipe = Recipe.preset(args.row.preset).replace(**cr._settings(args.row, cr.budget_of(args)))
+    cache = PresizeCache(store_presize(recipe.store, recipe.size, recipe.min_scale, len(rest) + len(holdout)))
     started, written = time.time(), []
     for seed in todo:
         if args.max_minutes and time.time() - started > 60 * args.max_minutes:

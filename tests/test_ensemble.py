@@ -14,7 +14,7 @@ import artlearn as al
 from conftest import make_tiny_run
 from artlearn.checkpoint import load_fold
 from artlearn.augment import valid_crop
-from artlearn.store import PresizeCache, presize_for
+from artlearn.store import PresizeCache, fold_store_side, presize_for
 from artlearn.tables import load_rgb
 from artlearn.ensemble import crop_batch
 
@@ -51,7 +51,7 @@ def test_device_run_ensemble_equals_its_centre_view_oracle(device_run):
     total = 0
     for k in (0, 1):
         model, meta = load_fold(run.fold_dir(k))
-        store = PresizeCache(presize_for(32))  # the store's own decoding is tested against PIL in test_store
+        store = PresizeCache(fold_store_side(meta))  # the store's own decoding is tested against PIL in test_store
         store.fill(test["img_path"])
         stored = [torch.from_numpy(store.get(p).copy()).permute(2, 0, 1) for p in test["img_path"]]
         x = center_views(*pad_batch(stored), 32) / 255
@@ -80,8 +80,8 @@ def reference_probs(fold_dirs, paths, flip=True):
         model, meta = load_fold(d)
         mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
         std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
-        imgs = [np.asarray(valid_crop(_shrink(load_rgb(p, max_side=presize_for(meta["size"])),
-                                               presize_for(meta["size"])), meta["size"])) for p in paths]
+        side = fold_store_side(meta)
+        imgs = [np.asarray(valid_crop(_shrink(load_rgb(p, max_side=side), side), meta["size"])) for p in paths]
         x = (torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255 - mean) / std
         with torch.no_grad():
             total = total + model(x).softmax(1) + (model(x.flip(3)).softmax(1) if flip else 0)
@@ -119,9 +119,17 @@ def test_ensemble_view_equals_the_validation_loader(tiny_run):
     np.testing.assert_allclose(np.asarray(x_fastai), ours.numpy(), atol=1e-5)
 
 
+def test_a_cache_at_another_resolution_is_refused(tiny_run):
+    run, _, test = tiny_run
+    side = fold_store_side(run.metas[0])
+    assert side == run.metas[1]["store_side"] > presize_for(32)  # the 'crop' rule of the default recipe
+    with pytest.raises(ValueError, match=f"shorter side of {presize_for(32)} px.*store at {side} px"):
+        al.ensemble(run, test, cache=PresizeCache(presize_for(32)))
+
+
 def test_each_image_decoded_once_for_all_folds_and_flips(tiny_run):
     run, _, test = tiny_run
-    cache = PresizeCache(presize_for(32))
+    cache = PresizeCache(fold_store_side(run.metas[0]))
     al.ensemble(run, test, folds=[0, 1], tta="flip", cache=cache)
     assert cache.n_decodes == len(test)
     al.ensemble(run, test, folds=[0, 1], tta="flip", cache=cache)
@@ -200,7 +208,7 @@ def _normalised(arrays, meta):
 def test_multicrop_tta_equals_hand_written_views(tiny_run):
     run, _, test = tiny_run
     paths = test["img_path"].iloc[:6]
-    cache = PresizeCache(presize_for(32))
+    cache = PresizeCache(fold_store_side(run.metas[0]))
     probs, _ = al.ensemble(run, test.iloc[:6], folds=[0], tta="multicrop", cache=cache)
     model, meta = load_fold(run.fold_dir(0))
     s = meta["size"]
@@ -228,8 +236,8 @@ def test_prior_adjust_is_post_hoc_logit_adjustment(tiny_run):
     probs, _ = al.ensemble(run, test, folds=[0], tta=None, prior_adjust=tau)
     model, meta = load_fold(run.fold_dir(0))
     counts = torch.tensor(meta["class_counts"], dtype=torch.float32) + 1
-    imgs = [np.asarray(valid_crop(_shrink(load_rgb(p, max_side=presize_for(32)), presize_for(32)), 32))
-            for p in test["img_path"]]
+    side = fold_store_side(meta)
+    imgs = [np.asarray(valid_crop(_shrink(load_rgb(p, max_side=side), side), 32)) for p in test["img_path"]]
     with torch.no_grad():
         logits = model(_normalised(imgs, meta))
     expected = (logits - tau * (counts / counts.sum()).log()).softmax(1).numpy()
@@ -267,7 +275,7 @@ def test_pil_images_are_ensembled_without_entering_the_cache(tiny_run, tmp_path)
     run, _, test = tiny_run
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 60, 3), dtype=np.uint8))
     img.save(tmp_path / "painting.png")
-    cache = PresizeCache(presize_for(32))
+    cache = PresizeCache(fold_store_side(run.metas[0]))
     from_pil, _ = al.ensemble(run, [img], cache=cache)
     assert len(cache) == 0
     np.testing.assert_allclose(from_pil, al.ensemble(run, tmp_path / "painting.png")[0], atol=1e-6)

@@ -17,8 +17,9 @@ from torch import nn
 
 import artlearn as al
 from conftest import make_tiny_run
-from artlearn.store import PresizeCache, presize_for
-from artlearn.ensemble import PREDICT_COLUMNS, crop_batch, ensemble, predict
+from artlearn.augment import center_views
+from artlearn.store import PresizeCache, fold_store_side, pad_batch, presize_for
+from artlearn.ensemble import PREDICT_COLUMNS, ensemble, predict
 from artlearn.explain import explain, explain_map, gradcam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_predict_k(tiny):
 
 def test_predict_reads_a_training_cache_without_growing_it(tiny):
     run, df, test = tiny
-    cache = PresizeCache(presize_for(32))
+    cache = PresizeCache(fold_store_side(run.metas[0]))  # the training run's store
     cache.fill(df["img_path"])
     size, decodes, read = len(cache), cache.n_decodes, []
     get = cache.get
@@ -177,7 +178,12 @@ def test_explain_map_uses_the_ensemble_view_and_the_predicted_artist(tiny):
     path = test["img_path"].iloc[0]
     heat, crop, artist = explain_map(run, path)
     assert heat.shape == (32, 32) and heat.dtype == np.float32 and 0 <= heat.min() and heat.max() <= 1
-    expected = crop_batch(PresizeCache(presize_for(32)), [path], 32)[0][0].permute(1, 2, 0).numpy()
+    assert run.metas[0]["pipeline"] == "device"  # so the view is the device pipeline's centre view, as validated
+    store = PresizeCache(fold_store_side(run.metas[0]))
+    store.fill([path])
+    stored = torch.from_numpy(store.get(path).copy()).permute(2, 0, 1)
+    view = center_views(*pad_batch([stored]), 32)[0].round().clamp(0, 255).to(torch.uint8)
+    expected = view.permute(1, 2, 0).numpy()
     assert crop.dtype == np.uint8 and np.array_equal(crop, expected)
     assert artist == predict(run, path, k=1, tta=None)["artist"].iloc[0]
     assert explain_map(run, Image.open(path), artist=run.vocab[-1])[2] == run.vocab[-1]

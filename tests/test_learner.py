@@ -3,6 +3,7 @@ the whole fold path on the built-in synthetic dataset (ResNet-18 at 32 px, a few
 import copy
 import inspect
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -71,7 +72,7 @@ def test_one_step_equals_plain_torch_optimizer_step(optimizer, wd, torch_opt):
     step = OneStep()
     learn = artist_learner(image_dls(), arch="resnet18", pool="gem", optimizer=optimizer, wd=wd, lr=2e-3,
                            seed=0, progress=False, cbs=step)
-    ref = copy.deepcopy(learn.model)
+    ref = copy.deepcopy(learn.model).to(memory_format=torch.channels_last)  # the layout the learner trains in
     learn.fit(3)
     x, y = step.batch
     ref.train()
@@ -91,7 +92,7 @@ def test_defaults_reproduce_the_reference_recipe():
         arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e-3, optimizer="adam", wd=0.0, epochs=None,
         eta_min=0.0, warmup=0, seed=None, out=None, fold=None, monitor="valid_loss", progress=True,
         precision="auto", channels_last=None, grad_accum=1, mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0,
-        zero_init_residual=False, cbs=None, model=None)
+        zero_init_residual=False, cbs=None, model=None, compile=False)
     learn = artist_learner(image_dls(), arch="resnet18", progress=False)
     assert isinstance(learn, Learner) and isinstance(learn, ArtistLearner)
     learn.create_opt()
@@ -101,10 +102,33 @@ def test_defaults_reproduce_the_reference_recipe():
     assert isinstance(learn.loss_func, CrossEntropyLossFlat)
     types = {type(cb) for cb in learn.cbs}
     assert {LabelSmoothing, CosineAnnealing, History, NonFiniteGuard, Recorder} <= types
-    assert not types & {FoldCheckpoint, Reproducible, MixedPrecision, ChannelsLast, GradientAccumulation, MixUp, EMA}
+    assert not types & {FoldCheckpoint, Reproducible, MixedPrecision, GradientAccumulation, MixUp, EMA}
+    assert ChannelsLast in types  # on the CPU too: measured 1.2-1.4x faster there
     assert learn.label_smoothing.eps == 0.05 and learn.cosine_annealing.t_max is None
     assert [m.name for m in learn.metrics] == ["accuracy", "f1_macro"]
     assert learn.model.config["pool"] == "avg" and learn.lr == 1e-3
+
+
+def test_channels_last_everywhere_unless_turned_off():
+    dls = image_dls()
+    on = artist_learner(dls, arch="resnet18", progress=False)
+    off = artist_learner(dls, arch="resnet18", progress=False, channels_last=False)
+    assert ChannelsLast not in {type(cb) for cb in off.cbs}
+    on.fit(1)
+    conv = on.model.stem[0] if hasattr(on.model, "stem") else next(m for m in on.model.modules()
+                                                                    if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert math.isfinite(on.recorder.values[-1][0])
+
+
+def test_compile_compiles_in_place_and_keeps_checkpoint_keys():
+    dls = image_dls()
+    plain = artist_learner(dls, arch="resnet18", progress=False, seed=3)
+    compiled = artist_learner(dls, arch="resnet18", progress=False, seed=3, compile=True)
+    assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
+    assert list(compiled.model.state_dict()) == list(plain.model.state_dict())  # no '_orig_mod.' prefix
+    with pytest.raises(ValueError, match="compile"):
+        artist_learner(dls, arch="resnet18", progress=False, compile="yes")
 
 
 def test_progress_false_is_quiet_and_metric_names(capsys):

@@ -130,3 +130,35 @@ def test_disk_store_never_serves_stale_pixels_of_a_replaced_image(tmp_path):
     again = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
     again.fill([str(path)])
     assert again.n_decodes == 1 and not np.array_equal(again.get(str(path)), old)
+
+
+# ---------------------------------------------------------------- the store's resolution rule
+
+
+def test_store_presize_rules():
+    from artlearn.store import presize_for, store_presize
+    big = 1 << 40
+    assert store_presize("presize", 64, 0.08, 5311, big) == presize_for(64) == 74
+    assert store_presize("crop", 64, 0.08, 5311, big) == 227  # ceil(64 / sqrt(0.08))
+    assert store_presize("crop", 64, 0.35, 5311, big) == 109
+    assert store_presize("crop", 288, 1.0, 10, big) == presize_for(288)  # never below the 1.15 x size floor
+    assert store_presize("full", 64, 0.08, 10, big) == 4096  # as decoded, up to the largest side handled
+    # the memory budget caps the side (n * side^2 * 3 * 1.4 bytes), never below presize_for(size)
+    budget = 5311 * 150 * 150 * 3 * 1.4
+    assert store_presize("crop", 64, 0.08, 5311, budget) == 150
+    assert store_presize("full", 64, 0.08, 5311, budget) == 150
+    assert store_presize("crop", 64, 0.08, 5311, 1000) == 74
+
+
+def test_store_presize_bad_input():
+    from artlearn.store import store_presize
+    with raises_with("store='huge'", "crop", "presize", "full"):
+        store_presize("huge", 64, 0.08, 10)
+    with raises_with("n_images=0"):
+        store_presize("crop", 64, 0.08, 0)
+
+
+def test_fold_store_side_reads_meta_or_the_legacy_presize():
+    from artlearn.store import fold_store_side
+    assert fold_store_side({"size": 64, "store_side": 227}) == 227
+    assert fold_store_side({"size": 64}) == 74  # folds written before the store rule existed
