@@ -86,11 +86,21 @@ class StoreBatchDL(TfmdDL):
         """The sample index itself (the batch is gathered in `create_batch`)."""
         return 0 if s is None else s
 
+    def _table(self) -> tuple:
+        """(paths, labels tensor or None) of every dataset row, run through the dataset's pipelines once per
+        dataset (as TabDataLoader reads a frame: per-item fastai transforms would cost as much as the crops)."""
+        if getattr(self, "_table_of", None) is not self.dataset:
+            rows = [self.dataset[i] for i in range(len(self.dataset))]
+            labelled = bool(rows) and len(rows[0]) >= 2
+            labels = torch.stack([torch.as_tensor(r[1]) for r in rows]) if labelled else None
+            self._paths, self._labels, self._table_of = [r[0] for r in rows], labels, self.dataset
+        return self._paths, self._labels
+
     def create_batch(self, b):
         """(TensorImage float in 0..1 on the device[, TensorCategory]) for the dataset rows `b`."""
-        rows = [self.dataset[i] for i in b]
+        paths, labels = self._table()
         device = self.device if self.device is not None else torch.device("cpu")
-        canvas, sizes = self.cache.batch([r[0] for r in rows], device)
+        canvas, sizes = self.cache.batch([paths[i] for i in b], device)
         if getattr(self.dataset, "split_idx", None) == 0:
             generator = torch.Generator(device=canvas.device).manual_seed(self.rng.getrandbits(63))
             x = train_views(canvas, sizes, self.size, generator, min_scale=self.min_scale, ratio=self.ratio,
@@ -98,9 +108,9 @@ class StoreBatchDL(TfmdDL):
         else:
             x = center_views(canvas, sizes, self.size)
         x = TensorImage(x.div_(255.0))
-        if len(rows[0]) < 2:
+        if labels is None:
             return (x,)
-        return x, TensorCategory(torch.stack([torch.as_tensor(r[1]) for r in rows]).to(canvas.device))
+        return x, TensorCategory(labels[torch.as_tensor(list(b), dtype=torch.long)].to(canvas.device))
 
 
 def sample_weights(labels: pd.Series, sampler: str) -> np.ndarray:

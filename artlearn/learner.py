@@ -38,7 +38,7 @@ from .rng import fork_global_rng
 
 __all__ = ["artist_learner", "fold_learner", "ArtistLearner", "f1_macro", "torch_optimizer", "OPTIMIZERS"]
 
-OPTIMIZERS = dict(zip(OPTIMIZER_NAMES, (torch.optim.Adam, torch.optim.AdamW)))
+OPTIMIZERS = dict(zip(OPTIMIZER_NAMES, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)))
 
 
 class ArtistLearner(Learner):
@@ -71,8 +71,11 @@ def f1_macro():
 
 
 def torch_optimizer(name: str = "adam", wd: float = 0.0):
-    """fastai `opt_func` wrapping torch's own optimizer: Adam (L2 `weight_decay`, as torch) or AdamW (decoupled)."""
+    """fastai `opt_func` wrapping torch's own optimizer: Adam (L2 `weight_decay`, as torch), AdamW (decoupled) or
+    SGD with Nesterov momentum 0.9 (L2)."""
     check_choice("optimizer", name, tuple(OPTIMIZERS))
+    if name == "sgd":
+        return partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9, nesterov=True, weight_decay=wd)
     return partial(OptimWrapper, opt=OPTIMIZERS[name], betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
 
 
@@ -136,7 +139,7 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
                    monitor=REFERENCE.monitor, progress=True, precision=REFERENCE.precision, channels_last=None,
                    grad_accum=REFERENCE.grad_accum, mixup=REFERENCE.mixup, cutmix=REFERENCE.cutmix, ema=REFERENCE.ema,
                    logit_adjust=REFERENCE.logit_adjust, zero_init_residual=False, cbs=None, model=None,
-                   compile=REFERENCE.compile, **model_kw) -> ArtistLearner:
+                   compile=REFERENCE.compile, drop_path=REFERENCE.drop_path, **model_kw) -> ArtistLearner:
     """A fastai Learner for `dls`: from-scratch `build_model(arch, pool=pool)`, torch Adam, label-smoothed CE,
     per-epoch cosine LR, metrics accuracy and f1_macro, a `History`, and the optional extras.
 
@@ -145,6 +148,7 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     `progress=False` trains silently. On CUDA: `precision` ('auto' = bf16 where supported, else fp16; 'fp32'),
     channels-last memory format (default on). `grad_accum=n` accumulates n batches per step; `mixup`/`cutmix`
     are Beta alphas (0 = off); `ema` an EMA decay; `logit_adjust` the logit-adjustment tau (0 = off);
+    `drop_path` the stochastic-depth probability (None: the architecture's own);
     `compile=True` compiles the model in place (`nn.Module.compile`: weights and checkpoint keys stay the same).
     Extra keywords go to the model (e.g. `gem_p`, `drop_rate`, `stochastic_depth_prob`).
     """
@@ -155,6 +159,8 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     if model is None:
         if arch.startswith("resnet"):
             model_kw["zero_init_residual"] = zero_init_residual
+        if drop_path is not None:
+            model_kw["drop_path" if arch.startswith("resnet") else "stochastic_depth_prob"] = drop_path
         model = _seeded_model(seed, arch, len(dls.vocab), pool, **model_kw)
     if not isinstance(compile, bool):
         raise ValueError(f"compile={compile!r}: need True or False")

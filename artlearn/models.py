@@ -8,6 +8,8 @@ import numbers
 import torch
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import StochasticDepth
 
 from .checks import check_choice
 
@@ -16,6 +18,7 @@ __all__ = ["GeM", "ArtistResNet", "ArtistConvNeXt", "ARCHITECTURES", "build_mode
 RESNET_DEPTHS = (18, 34, 50, 101)
 POOLS = ("avg", "gem")
 _RESNET_BUILDERS = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50, 101: tvm.resnet101}
+_RESNET_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
 
 class GeM(nn.Module):
@@ -78,6 +81,46 @@ class _SplitModel(nn.Module):
         return stage(x)
 
 
+class _DropPathBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with stochastic depth on the residual branch (parameter-free: same state dict)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drop_path = nn.Identity()  # set per block by _torchvision_resnet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.drop_path(out) + identity)
+
+
+class _DropPathBottleneck(Bottleneck):
+    """torchvision's Bottleneck with stochastic depth on the residual branch (parameter-free: same state dict)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drop_path = nn.Identity()  # set per block by _torchvision_resnet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.drop_path(out) + identity)
+
+
+def _torchvision_resnet(depth: int, n_classes: int, zero_init_residual: bool, drop_path: float) -> tvm.ResNet:
+    """torchvision's resnet{depth} (weights=None); with drop_path > 0 its blocks drop their residual branch per
+    sample with a probability rising linearly from 0 to drop_path over the blocks (torchvision's ConvNeXt rule)."""
+    if not drop_path:
+        return _RESNET_BUILDERS[depth](weights=None, num_classes=n_classes, zero_init_residual=zero_init_residual)
+    block = _DropPathBasicBlock if depth < 50 else _DropPathBottleneck
+    net = tvm.ResNet(block, _RESNET_LAYERS[depth], num_classes=n_classes, zero_init_residual=zero_init_residual)
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    for i, b in enumerate(blocks):
+        b.drop_path = StochasticDepth(drop_path * i / (len(blocks) - 1), "row")
+    return net
+
+
 class ArtistResNet(_SplitModel):
     """ResNet-18/34/50/101 from scratch (torchvision's builders, `weights=None`) with avg or GeM pooling.
 
@@ -87,13 +130,15 @@ class ArtistResNet(_SplitModel):
 
     def __init__(self, depth: int, n_classes: int, pool: str = "avg", zero_init_residual: bool = False,
                  gem_p: float = 3.0, gem_learnable: bool = True, drop_rate: float = 0.0,
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: bool = False, drop_path: float = 0.0):
         super().__init__()
         check_choice("depth", depth, RESNET_DEPTHS)
         check_choice("pool", pool, POOLS)
         _check_n_classes(n_classes)
+        if not (isinstance(drop_path, numbers.Real) and 0 <= drop_path < 1):
+            raise ValueError(f"drop_path={drop_path!r}: need a probability in [0, 1)")
         depth, n_classes = int(depth), int(n_classes)
-        net = _RESNET_BUILDERS[depth](weights=None, num_classes=n_classes, zero_init_residual=zero_init_residual)
+        net = _torchvision_resnet(depth, n_classes, zero_init_residual, float(drop_path))
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.pool = _make_pool(pool, gem_p, gem_learnable)
@@ -102,6 +147,8 @@ class ArtistResNet(_SplitModel):
         self._config = dict(arch=f"resnet{depth}", depth=depth, n_classes=n_classes, pool=pool,
                             zero_init_residual=bool(zero_init_residual), drop_rate=float(drop_rate),
                             grad_checkpoint=bool(grad_checkpoint))
+        if drop_path:
+            self._config["drop_path"] = float(drop_path)
         if pool == "gem":
             self._config.update(gem_p=float(gem_p), gem_learnable=bool(gem_learnable))
 

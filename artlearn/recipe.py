@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .checks import check_choice, check_fraction, check_number
 
 PRESET_NAMES = ("reference", "best")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 MONITORS = ("valid_loss", "valid_acc", "f1_macro")
 SAMPLERS = (None, "balanced", "sqrt")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -46,12 +46,15 @@ class Recipe:
     arch: str = _setting("resnet50", "model", "learner", "architecture (resnet18/34/50/101, convnext_nano/tiny)")
     pool: str = _setting("avg", "model", "learner", "global pooling: avg or gem")
     grad_checkpoint: bool = _setting(False, "model", "learner", "recompute activations to save memory")
+    drop_path: float | None = _setting(None, "model", "learner", "stochastic depth: largest per-block drop "
+                                       "probability (none: the architecture's own, 0 for ResNets, 0.1 for ConvNeXt)")
     compile: bool = _setting(False, "model", "learner", "torch.compile the model (a higher GPU ceiling; the first "
                              "batches pay the compile time)")
     # optimisation: how it learns
     epochs: int = _setting(30, "optimisation", "learner", "epochs per fold (also the cosine's t_max)")
     lr: float = _setting(1e-3, "optimisation", "learner", "base learning rate")
-    optimizer: str = _setting("adam", "optimisation", "learner", "torch optimizer: adam or adamw", OPTIMIZERS)
+    optimizer: str = _setting("adam", "optimisation", "learner", "torch optimizer: adam, adamw or sgd (Nesterov, "
+                           "momentum 0.9)", OPTIMIZERS)
     wd: float = _setting(0.0, "optimisation", "learner", "weight decay (L2 for adam, decoupled for adamw)")
     label_smoothing: float = _setting(0.05, "optimisation", "learner", "label smoothing of the cross-entropy")
     eta_min: float = _setting(0.0, "optimisation", "learner", "cosine annealing's final learning rate")
@@ -116,6 +119,8 @@ class Recipe:
         for name in ("flip", "grad_checkpoint", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: need True or False")
+        if self.drop_path is not None and not (isinstance(self.drop_path, numbers.Real) and 0 <= self.drop_path < 1):
+            raise ValueError(f"drop_path={self.drop_path!r}: need a probability in [0, 1), or None")
         if self.ema is not None:
             check_fraction("ema", self.ema, low_inclusive=False)
         if self.mixup and self.cutmix:

@@ -184,3 +184,26 @@ def test_dls_balanced_sampler(dataset, no_rng_leak, pipeline):
     assert drawn["rare"] / total > 2 * share["rare"]  # ~1/3 instead of 1/11
     assert drawn["big"] / total < 0.6 * share["big"]  # ~1/3 instead of 2/3
     assert all(abs(drawn[a] / total - 1 / 3) < 0.12 for a in counts)
+
+
+def test_device_loader_batches_are_the_dataset_rows_and_test_dl_reads_its_own(dataset):
+    """StoreBatchDL reads a table of the dataset's rows built once: each batch's labels and pixels are those rows'
+    (checked against the per-item dataset and the store's centre views), and a test_dl gets its own table."""
+    import torch
+    from artlearn.augment import center_views
+    df = read_artworks(dataset([6, 5, 4], size=(40, 30)))
+    cache = PresizeCache(19)
+    dls = artist_dls(df, fold=0, size=16, bs=4, cache=cache, n_folds=3)
+    valid = dls.valid
+    seen = torch.cat([y for _, y in valid])
+    assert seen.tolist() == [int(valid.dataset[i][1]) for i in range(len(valid.dataset))]
+    x, _ = valid.create_batch([2, 0])
+    paths = [valid.dataset[i][0] for i in (2, 0)]
+    expected = center_views(*cache.batch(paths), 16) / 255
+    torch.testing.assert_close(x.as_subclass(torch.Tensor), expected)
+    shuffled = [int(i) for _, y in dls.train for i in y]
+    assert len(shuffled) == len(dls.train) * 4 and set(shuffled) <= set(range(len(dls.vocab)))
+    rows = df.iloc[[5, 1, 9]].reset_index(drop=True)
+    test = dls.test_dl(rows[["img_path"]])
+    (tx,) = test.create_batch([0, 1, 2])  # before the batch transforms (normalisation)
+    torch.testing.assert_close(tx.as_subclass(torch.Tensor), center_views(*cache.batch(rows["img_path"]), 16) / 255)

@@ -1,6 +1,7 @@
 """artist_learner: torch optimizer semantics, the reference's defaults, reproducibility, a real ResNet-18 fit, and
 the whole fold path on the built-in synthetic dataset (ResNet-18 at 32 px, a few dozen images)."""
 import copy
+import functools
 import inspect
 import json
 import math
@@ -66,8 +67,11 @@ class OneStep(Callback):
         raise CancelFitException()
 
 
+SGD_NESTEROV = functools.partial(torch.optim.SGD, momentum=0.9, nesterov=True)
+
+
 @pytest.mark.parametrize("optimizer,wd,torch_opt", [("adam", 0.0, torch.optim.Adam), ("adam", 0.1, torch.optim.Adam),
-                                                    ("adamw", 0.1, torch.optim.AdamW)])
+                                                    ("adamw", 0.1, torch.optim.AdamW), ("sgd", 1e-3, SGD_NESTEROV)])
 def test_one_step_equals_plain_torch_optimizer_step(optimizer, wd, torch_opt):
     step = OneStep()
     learn = artist_learner(image_dls(), arch="resnet18", pool="gem", optimizer=optimizer, wd=wd, lr=2e-3,
@@ -76,13 +80,14 @@ def test_one_step_equals_plain_torch_optimizer_step(optimizer, wd, torch_opt):
     learn.fit(3)
     x, y = step.batch
     ref.train()
-    opt = torch_opt(ref.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    extra = {} if optimizer == "sgd" else dict(betas=(0.9, 0.999), eps=1e-8)
+    opt = torch_opt(ref.parameters(), lr=2e-3, weight_decay=wd, **extra)
     F.cross_entropy(ref(x), y, label_smoothing=0.05).backward()
     opt.step()
     ours = learn.model.state_dict()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-6, msg=k)
-    assert type(learn.opt.opt) is torch_opt
+    assert type(learn.opt.opt) is (torch.optim.SGD if optimizer == "sgd" else torch_opt)
 
 
 def test_defaults_reproduce_the_reference_recipe():

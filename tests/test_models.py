@@ -185,3 +185,30 @@ def test_gradient_checkpointing_same_result_less_memory(arch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert ckpt.config["grad_checkpoint"] is True
     assert _saved_activation_bytes(ckpt, x) < 0.5 * _saved_activation_bytes(plain, x)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_drop_path_keeps_torchvision_state_dict_and_drops_rows_only_in_training(depth):
+    plain = build_model(f"resnet{depth}", n_classes=5)
+    dropped = build_model(f"resnet{depth}", n_classes=5, drop_path=0.5)
+    assert dropped.config["drop_path"] == 0.5 and "drop_path" not in plain.config
+    assert build_model(**dropped.config).config == dropped.config  # round-trips through a checkpoint's meta
+    dropped.load_state_dict(plain.state_dict())  # no new parameters or buffers: the same keys and shapes
+    blocks = [b for layer in (dropped.layer1, dropped.layer2, dropped.layer3, dropped.layer4) for b in layer]
+    probs = [b.drop_path.p for b in blocks]
+    assert probs[0] == 0.0 and probs[-1] == 0.5 and probs == sorted(probs)  # linear rule over the blocks
+    x = torch.randn(4, 3, 64, 64)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x), plain(x))  # evaluation: every branch kept, nothing rescaled
+    dropped.train()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        a, b = dropped(x), dropped(x)
+    assert not torch.allclose(a, b)  # training: branches dropped at random
+
+
+def test_drop_path_bad_values():
+    for bad in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="drop_path"):
+            build_model("resnet18", n_classes=3, drop_path=bad)
