@@ -22,6 +22,7 @@ from fastcore.foundation import L
 from .callbacks import (
     EMA,
     CosineAnnealing,
+    FlushDenormals,
     FoldCheckpoint,
     History,
     LabelSmoothing,
@@ -167,7 +168,7 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     if compile:
         model.compile()  # in place, unlike torch.compile(model): state_dict keys keep no '_orig_mod.' prefix
     callbacks = [LabelSmoothing(label_smoothing), CosineAnnealing(epochs, eta_min, warmup), History(),
-                 NonFiniteGuard(fold)]
+                 NonFiniteGuard(fold), FlushDenormals()]
     if out is not None:
         callbacks.append(FoldCheckpoint(out, _fold_of(dls, fold), monitor))
     if seed is not None:

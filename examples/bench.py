@@ -20,6 +20,7 @@ Without --epochs it prints, in one process, warm-up excluded, medians over --rep
 and the ratio of each to its ceiling, the presize-cache size for the whole table and peak memory.
 """
 import argparse
+import contextlib
 import resource
 import statistics
 import tempfile
@@ -130,7 +131,8 @@ def bench_ceiling(args, n_classes, device, dtype, channels_last) -> float:
         for _ in range(args.batches):
             step(x, y)
         return args.batches * args.bs
-    return statistics.median(timed_reps(run, args, device))
+    with flushed():
+        return statistics.median(timed_reps(run, args, device))
 
 
 def bench_compile(args, n_classes, device, dtype, channels_last) -> None:
@@ -229,6 +231,16 @@ def bench_torchvision(args, df, n_classes, device, dtype, channels_last, mean, s
     return statistics.median(timed_reps(run, args, device))
 
 
+@contextlib.contextmanager
+def flushed():
+    """Denormals flushed to zero, as artist_learner trains (FlushDenormals), so the model-only floor is fair."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype, channels_last):
     """A function timing one epoch's model work alone: n_train images of training steps, n_valid of forwards."""
     model = fresh_model(args, n_classes, device, channels_last)
@@ -238,17 +250,18 @@ def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype,
     step(x, y)  # warm-up
 
     def epoch() -> float:
-        sync(device)
-        start = time.perf_counter()
-        model.train()
-        for _ in range(n_train // args.bs):
-            step(x, y)
-        model.eval()
-        with torch.inference_mode(), autocast(device, dtype):
-            for i in range(0, n_valid, args.bs):
-                model(x[:min(args.bs, n_valid - i)])
-        sync(device)
-        return time.perf_counter() - start
+        with flushed():
+            sync(device)
+            start = time.perf_counter()
+            model.train()
+            for _ in range(n_train // args.bs):
+                step(x, y)
+            model.eval()
+            with torch.inference_mode(), autocast(device, dtype):
+                for i in range(0, n_valid, args.bs):
+                    model(x[:min(args.bs, n_valid - i)])
+            sync(device)
+            return time.perf_counter() - start
     return epoch
 
 
@@ -264,6 +277,22 @@ def artlearn_epochs(args, df, cache, pipeline: str):
         learn.fit(1)  # training + validation, with the fit's own start-up, as every epoch of train_kfold
         return time.perf_counter() - start
     return epoch, len(dls.train) * args.bs, len(dls.valid_ds)
+
+
+def free_batch_epochs(args, df, cache):
+    """A function timing one epoch of the same learner fed ready batches (no pipeline): the fastai loop's own cost."""
+    dls = artlearn.artist_dls(df, fold=0, size=args.size, bs=args.bs, cache=cache, n_folds=4)
+    train, valid = dls.train.create_batch(list(range(args.bs))), dls.valid.create_batch(list(range(args.bs)))
+    dls.train.create_batch = lambda b: (train[0].clone(), train[1])  # this loader instance only
+    dls.valid.create_batch = lambda b: (valid[0][:len(b)].clone(), valid[1][:len(b)])
+    learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision)
+    learn.fit(1)
+
+    def epoch() -> float:
+        start = time.perf_counter()
+        learn.fit(1)
+        return time.perf_counter() - start
+    return epoch
 
 
 def torchvision_epochs(args, df, n_classes, device, dtype, channels_last, mean, std) -> float:
@@ -323,6 +352,8 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
         contenders[f"artlearn {pipeline}"] = epoch
         floors[f"artlearn {pipeline}"] = model_only_epoch(args, n_train, n_valid, n_classes, device, dtype,
                                                           channels_last)
+    if "artlearn device" in contenders:
+        contenders["fastai loop, free batches"] = free_batch_epochs(args, df, cache)
     if "torchvision" not in set(args.skip.split(",")):
         contenders["torchvision"] = torchvision_epochs(args, df, n_classes, device, dtype, channels_last, mean, std)
     times = {name: [] for name in [*contenders, *(f"model-only/{k}" for k in floors)]}
@@ -337,6 +368,11 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
     for name in floors:
         print(f"{name:<16}: {med[name]:7.2f} s/epoch, model-only {med['model-only/' + name]:.2f} s: "
               f"epoch ratio: {med['model-only/' + name] / med[name]:.2f}")
+    if "fastai loop, free batches" in med and "artlearn device" in med:
+        loop, device = med["fastai loop, free batches"], med["artlearn device"]
+        floor = med["model-only/artlearn device"]
+        print(f"{'fastai loop':<16}: {loop:7.2f} s/epoch with ready batches: the loop itself costs {loop - floor:+.2f} s, "
+              f"the device pipeline {device - loop:+.2f} s per epoch")
     if "torchvision" in med:
         print(f"{'torchvision':<16}: {med['torchvision']:7.2f} s/epoch; " + ", ".join(
             f"{name} speed / torchvision {med['torchvision'] / med[name]:.2f}" for name in floors))

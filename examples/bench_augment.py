@@ -1,7 +1,7 @@
 """Micro-benchmark of artlearn.augment's batch pipeline: cost beside a ResNet-18 step, error, store memory.
 
     python examples/bench_augment.py                                 # bs 32 at 64 and 128 px (real data if present)
-    python examples/bench_augment.py --data ../shared/data/artworks  # + the store_side memory for that table
+    python examples/bench_augment.py --data ../shared/data/artworks  # + the memory of each store rule for that table
     python examples/bench_augment.py --sizes 224 288 --bs 64         # on a GPU the same runs on cuda
 
 Prints, for each size: ms per batch of train_views (RandomResizedCrop + rotation + flip, antialiased), center_views
@@ -9,7 +9,7 @@ and plain bilinear (no antialias), beside a ResNet-18 forward+backward of that b
 minima) over --reps interleaved repetitions, so that other load on the machine hits both alike. Then the mean / max
 absolute error (0..255) of single views against torchvision's resized_crop (unturned boxes) and against a densely
 sampled tent filter (turned boxes: torchvision's antialias filter along the view's own axes), antialiased and plain.
-Last, with --data (or ../shared/data/artworks present): the uint8 memory the store_side rule implies for that table.
+Last, with --data (or ../shared/data/artworks present): the uint8 memory each Recipe.store rule takes for that table.
 """
 import argparse
 import statistics
@@ -143,23 +143,29 @@ def quality(args):
 
 
 def memory(data: Path):
-    """Bytes the store_side rule keeps for every training image, per training size and min_scale."""
+    """Bytes each `Recipe.store` rule keeps for every training image (store_presize with this machine's memory
+    budget; images smaller than the side stay as they are), per training size, at min_scale 0.08 and 0.35."""
     import pandas as pd
     from PIL import Image
+    from artlearn.recipe import STORES
+    from artlearn.store import default_memory_budget, store_presize
     table = pd.read_csv(data / "train.csv")
     sizes = [Image.open(data / p).size for p in table["img_path"]]  # (w, h), header only, no decode
     shorts = sorted({min(s) for s in sizes})
-    print(f"store memory for {len(sizes)} images of {data} (shorter sides {shorts[0]}..{shorts[-1]} px), uint8 RGB:")
+    budget = default_memory_budget()
+    print(f"store memory for {len(sizes)} images of {data} (shorter sides {shorts[0]}..{shorts[-1]} px), uint8 RGB, "
+          f"memory budget {budget / 2**30:.1f} GiB:")
     for min_scale in (0.08, 0.35):
-        cells = []
-        for S in (64, 128, 224, 288, 320):
-            total = 0
-            for w, h in sizes:
-                side = store_side(S, min_scale, min(w, h))
-                scale = side / min(w, h)
-                total += 3 * max(1, round(h * scale)) * max(1, round(w * scale))
-            cells.append(f"{S} px: side {store_side(S, min_scale, 10 ** 6)} -> {total / 2**20:7.1f} MiB")
-        print(f"  min_scale {min_scale}: " + "; ".join(cells))
+        for rule in STORES:
+            cells = []
+            for S in (64, 128, 224, 288, 320):
+                side = store_presize(rule, S, min_scale, len(sizes), budget)
+                total = 0
+                for w, h in sizes:
+                    scale = min(1.0, side / min(w, h))
+                    total += 3 * max(1, round(h * scale)) * max(1, round(w * scale))
+                cells.append(f"{S} px: side {side} -> {total / 2**20:6.0f} MiB")
+            print(f"  min_scale {min_scale}, store '{rule}': " + "; ".join(cells))
 
 
 def main(argv=None):

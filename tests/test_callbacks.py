@@ -26,6 +26,7 @@ from artlearn import models
 from artlearn.callbacks import (
     HISTORY_COLUMNS,
     CosineAnnealing,
+    FlushDenormals,
     FoldCheckpoint,
     History,
     LabelSmoothing,
@@ -580,3 +581,35 @@ def test_validate_inside_a_fit_changes_nothing(tmp_path):
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0], check_exact=True)
     assert runs[0][1] == runs[1][1] == 3 * 4
     assert runs[1][2]["complete"] is True and runs[0][2]["score"] == runs[1][2]["score"]
+
+
+# ---------------------------------------------------------------- FlushDenormals
+
+
+def _denormal_survives() -> bool:
+    """Whether float32 arithmetic keeps a denormal (1e-39 is below float32's smallest normal, 1.18e-38)."""
+    return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() != 0.0)
+
+
+def test_flush_denormals_only_during_a_fit():
+    inside = []
+
+    class Spy(Callback):
+        def before_batch(self):
+            inside.append(_denormal_survives())
+
+    assert _denormal_survives()
+    learn = tiny_learner(cbs=Spy())
+    assert FlushDenormals in {type(cb) for cb in learn.cbs}
+    learn.fit(1)
+    assert inside and not any(inside)  # flushed in every training and validation batch
+    assert _denormal_survives()  # torch's default again after the fit
+
+    class Boom(Callback):
+        def before_batch(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_learner(cbs=Boom()).fit(1)
+    assert _denormal_survives()  # also after an exception escaped the fit
+

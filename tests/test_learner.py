@@ -97,7 +97,7 @@ def test_defaults_reproduce_the_reference_recipe():
         arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e-3, optimizer="adam", wd=0.0, epochs=None,
         eta_min=0.0, warmup=0, seed=None, out=None, fold=None, monitor="valid_loss", progress=True,
         precision="auto", channels_last=None, grad_accum=1, mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0,
-        zero_init_residual=False, cbs=None, model=None, compile=False)
+        zero_init_residual=False, cbs=None, model=None, compile=False, drop_path=None)
     learn = artist_learner(image_dls(), arch="resnet18", progress=False)
     assert isinstance(learn, Learner) and isinstance(learn, ArtistLearner)
     learn.create_opt()
@@ -162,7 +162,7 @@ def test_same_seed_same_initialisation_and_first_epoch():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(arch="vgg16"), r"arch='vgg16'.*resnet50"), (dict(pool="max"), r"pool='max'.*'gem'"),
-    (dict(optimizer="sgd"), r"optimizer='sgd'.*'adamw'"), (dict(precision="fp8"), r"precision='fp8'.*'bf16'"),
+    (dict(optimizer="lion"), r"optimizer='lion'.*'sgd'"), (dict(precision="fp8"), r"precision='fp8'.*'bf16'"),
     (dict(lr=0), "lr=0"), (dict(lr=-1e-3), "lr=-0.001"), (dict(label_smoothing=1.0), r"label_smoothing=1.0.*\[0, 1\)"),
     (dict(label_smoothing=-0.1), "label_smoothing"), (dict(grad_accum=0), "grad_accum=0"),
     (dict(mixup=0.4, cutmix=1.0), "not both"), (dict(ema=1.5), "ema=1.5"), (dict(monitor="top5"), "monitor='top5'"),
