@@ -214,7 +214,8 @@ def test_multicrop_tta_equals_hand_written_views(tiny_run):
     s = meta["size"]
     total, n = 0, 0
     for arr_views in zip(*[[np.asarray(valid_crop(Image.fromarray(cache.get(p)), s))]
-                           + [cache.get(p)[y:y + s, x:x + s] for y, x in _windows(cache.get(p).shape, s)]
+                           + [_at_presize(cache.get(p), s)[y:y + s, x:x + s]
+                              for y, x in _windows(_at_presize(cache.get(p), s).shape, s)]
                            for p in paths]):
         x = _normalised(arr_views, meta)
         with torch.no_grad():
@@ -222,6 +223,32 @@ def test_multicrop_tta_equals_hand_written_views(tiny_run):
         n += 2
     np.testing.assert_allclose(probs, (total / n).numpy(), atol=1e-5)
     assert n == 12
+
+
+def test_multicrop_windows_do_not_depend_on_the_stores_resolution(tmp_path):
+    """The five windows are taken at the 1.15 x size scale: from a large stored image (store 'crop'/'full') they
+    equal, within resampling error, the windows of the same image stored at 1.15 x size (v0.1's definition)."""
+    from artlearn.ensemble import crop_batch
+    yy, xx = np.mgrid[0:240, 0:300]
+    path = tmp_path / "big.png"  # smooth gradients: windows at another scale would have other colours
+    Image.fromarray(np.stack([xx * 255 // 299, yy * 255 // 239, (xx + yy) * 255 // 538], 2).astype(np.uint8)).save(path)
+    small, large = PresizeCache(presize_for(32)), PresizeCache(200)
+    small.fill([path]), large.fill([path])
+    assert min(large.get(path).shape[:2]) == 200 and min(small.get(path).shape[:2]) == presize_for(32)
+    a = crop_batch(small, [path], 32, tta="multicrop")[1:].float()
+    b = crop_batch(large, [path], 32, tta="multicrop")[1:].float()
+    assert a.shape == b.shape == (5, 1, 3, 32, 32)
+    assert (a - b).abs().mean() < 3.0  # 0..255 scale: the same windows, resampled along two paths
+
+
+def _at_presize(arr, s):
+    """The stored image at multicrop's scale: shorter side 1.15 x s when it is larger (PIL bilinear, reducing_gap 3)."""
+    img, target = Image.fromarray(arr), presize_for(s)
+    if min(img.size) <= target:
+        return arr
+    scale = target / min(img.size)
+    size = (max(s, round(img.width * scale)), max(s, round(img.height * scale)))
+    return np.asarray(img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
 
 
 def _windows(shape, s):
