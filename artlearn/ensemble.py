@@ -12,7 +12,7 @@ from PIL import Image
 from .checkpoint import META_NAME, atomic_write_csv, load_fold
 from .augment import center_views, valid_crop
 from .device import autocast, resolve_device, to_memory_format
-from .store import PresizeCache, fold_store_side, pad_batch, presize_for
+from .store import PresizeCache, fold_store_side, pad_batch, presize_for, shrink
 from .tables import read_artworks
 # and, inside _fold_dirs: from .run import KFoldRun, load_run
 
@@ -166,12 +166,10 @@ def _native_crops(arr: np.ndarray, size: int) -> list:
     """Five size x size windows (centre and four corners) of the image at the 1.15 x size scale multicrop is defined
     at: a stored image larger than that (store 'crop' or 'full') is brought down to it first, a smaller one is
     used as it is (upscaled only below `size`), so the windows are the same whatever the store's resolution."""
-    img = Image.fromarray(arr)
-    short, target = min(img.size), presize_for(size)
-    if short > target or short < size:
-        scale = (target if short > target else size) / short
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
-                         Image.Resampling.BILINEAR, reducing_gap=3.0 if short > target else None)
+    img = shrink(Image.fromarray(arr), presize_for(size))  # the store's own shrink; never upscales
+    if min(img.size) < size:
+        img = img.resize((max(size, round(img.width * size / min(img.size))),
+                          max(size, round(img.height * size / min(img.size)))), Image.Resampling.BILINEAR)
     w, h = img.size
     boxes = [((w - size) // 2, (h - size) // 2), (0, 0), (w - size, 0), (0, h - size), (w - size, h - size)]
     return [np.asarray(img.crop((x, y, x + size, y + size))) for x, y in boxes]

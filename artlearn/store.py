@@ -52,7 +52,7 @@ def _file_key(path: str, presize: int) -> str:
     return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{presize}"
 
 
-def _shrink(img: Image.Image, presize: int) -> Image.Image:
+def shrink(img: Image.Image, presize: int) -> Image.Image:
     """Downscale so the shorter side is presize (never upscale), keeping aspect."""
     short = min(img.size)
     if short <= presize:
@@ -160,7 +160,7 @@ class PresizeCache:
 
     def _decode(self, path: str) -> np.ndarray:
         """Decode and shrink one image."""
-        img = _shrink(load_rgb(path, max_side=self.presize), self.presize)
+        img = shrink(load_rgb(path, max_side=self.presize), self.presize)
         return np.array(img, dtype=np.uint8)  # a writable copy (torch views it without a warning)
 
     def _store(self, path: str, key: str, arr: np.ndarray, mode: str) -> None:
