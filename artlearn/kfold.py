@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .distributed import DistContext, init_distributed, single_process_view
-from .ensemble import TTA_CHOICES, ensemble
+from .ensemble import ensemble
 from .files import atomic_write_csv, atomic_write_json
 from .folds import assign_folds, check_duplicates, check_fold_groups, check_n_folds
 from .recipe import Recipe
@@ -207,14 +207,12 @@ def _folds_to_train(folds, n_folds: int) -> list:
     return chosen
 
 
-def _check_run_args(n_folds, seed, tta, workers, overwrite) -> None:
-    """ValueError for a bad fold count, seed, TTA choice, worker count or overwrite flag (before any write)."""
+def _check_run_args(n_folds, seed, workers, overwrite) -> None:
+    """ValueError for a bad fold count, seed, worker count or overwrite flag (before any write)."""
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds={n_folds!r}: need an integer of at least 2")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed={seed!r}: need an integer in 0..2**32-1")
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop' or None")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0):
         raise ValueError(f"workers={workers!r}: need None (automatic) or an integer >= 0")
     if not isinstance(overwrite, bool):
@@ -382,7 +380,7 @@ class _Forward(logging.Handler):
 
 
 def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str | None = "reference",
-                seed: int = 42, tta: str | None = "flip", workers: int | None = None, progress: bool = True,
+                seed: int = 42, workers: int | None = None, progress: bool = True,
                 cache: PresizeCache | None = None, cbs=None, log=None, ddp: bool = False,
                 sync_bn: bool | None = None, overwrite: bool = False, protect=(), **overrides) -> KFoldRun:
     """Train the folds one after another into `out` (resumable), then write OOF scores and summary.json.
@@ -394,7 +392,8 @@ def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str
     data is refused (`overwrite=True` deletes the files artlearn wrote there first, after every check). `out` must
     be a new or empty folder or an artlearn run, and never holds the images (or the `protect` paths); a lock file
     refuses a second process training into it. `cbs`: extra fastai callbacks (classes or factories, made anew for
-    every fold). Messages go to the 'artlearn' logger (`log=callable` receives them too).
+    every fold). Messages go to the 'artlearn' logger (`log=callable` receives them too). `tta` (a setting like the
+    others: 'flip', 'multicrop' or None/'none') is the view set of the OOF predictions.
 
     Launched by torchrun (WORLD_SIZE > 1), the processes share the work (see `artlearn.distributed`): by default
     each process trains its own folds (fold-parallel); with `ddp=True` every fold is trained by all processes
@@ -409,7 +408,7 @@ def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
     try:
-        return _train_kfold(df, Path(out), n_folds, folds, preset, seed, tta, workers, progress, cache, cbs, ddp,
+        return _train_kfold(df, Path(out), n_folds, folds, preset, seed, workers, progress, cache, cbs, ddp,
                             sync_bn, overwrite, list(protect or ()), overrides)
     finally:
         if handler is not None:
@@ -436,10 +435,12 @@ def _open_run(stack: ExitStack, out: Path, config: dict, legacy: dict, protect: 
     write_run_dir(out, config, df)
 
 
-def _train_kfold(df, out, n_folds, folds, preset, seed, tta, workers, progress, cache, cbs, ddp, sync_bn, overwrite,
+def _train_kfold(df, out, n_folds, folds, preset, seed, workers, progress, cache, cbs, ddp, sync_bn, overwrite,
                  protect, overrides) -> KFoldRun:
     """train_kfold's sequence: check everything, fill the store, lock and write the run dir, run the folds, finish."""
-    _check_run_args(n_folds, seed, tta, workers, overwrite)
+    _check_run_args(n_folds, seed, workers, overwrite)
+    if "tta" in overrides and overrides["tta"] is None:
+        overrides = {**overrides, "tta": "none"}  # tta=None means no TTA, as in ensemble(), not "the preset's"
     recipe = Recipe.preset("reference" if preset is None else preset).replace(**overrides).validate()
     todo = _folds_to_train(folds, n_folds)
     makers = _callback_factories(cbs)
@@ -448,7 +449,7 @@ def _train_kfold(df, out, n_folds, folds, preset, seed, tta, workers, progress, 
         ctx.check_ddp(recipe.bs, sync_bn)
     df, digests = _prepare_folds(df, n_folds, seed)
     _check_splits(df, n_folds, recipe, recipe.bs // ctx.world_size if ddp and ctx.enabled else recipe.bs)
-    config = run_config(recipe.as_dict(), df, digests, preset=preset, n_folds=n_folds, seed=seed, tta=tta)
+    config = run_config(recipe.as_dict(), df, digests, preset=preset, n_folds=n_folds, seed=seed)
     legacy, protect = {"data": data_fingerprint(df)}, [*df["img_path"], *protect]
     ctx.everywhere(lambda: _check_out(out, config, legacy, protect, overwrite))
     if cache is None:
@@ -460,7 +461,8 @@ def _train_kfold(df, out, n_folds, folds, preset, seed, tta, workers, progress, 
         ctx.on_main(lambda: _open_run(stack, out, config, legacy, protect, overwrite, df))
         if ctx.enabled:
             ctx.everywhere(lambda: check_config(out, config, legacy))
-        job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed, tta=tta,
+        job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed,
+                       tta=recipe.ensemble_tta,
                        workers=workers, progress=bool(progress and ctx.is_main), cbs=makers, config=config)
         pending = ctx.broadcast([k for k in todo if not fold_is_complete(fold_dir(out, k), config)]
                                 if ctx.is_main else None)

@@ -1,6 +1,6 @@
 """`Recipe`: the one owner of every recipe default, grouped by where each setting acts; presets are instances.
 
-Each field carries `metadata`: `stage` (data / model / optimisation / extras, for people), `to` (the consumer:
+Each field carries `metadata`: `stage` (data / model / optimisation / extras / evaluation, for people), `to` (the consumer:
 'dls' = `artist_dls`, 'learner' = `artist_learner`, 'kfold' = `train_kfold` itself) and `help` (the CLI's text).
 `examples/run_kfold.py` builds one flag per field, and `train_kfold(..., **overrides)` takes the same names, so a
 new setting is one field here plus the code that uses it.
@@ -19,6 +19,7 @@ SAMPLERS = (None, "balanced", "sqrt")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PIPELINES = ("device", "items")
 STORES = ("crop", "presize", "full")
+TTAS = ("flip", "multicrop", "none")
 
 
 def _setting(default, stage: str, to: str, help: str, choices=None):
@@ -69,6 +70,9 @@ class Recipe:
     ema: float | None = _setting(None, "extras", "learner", "EMA decay of the weights (none: off)")
     logit_adjust: float = _setting(0.0, "extras", "learner", "logit-adjusted loss tau (0: off)")
     progressive: float = _setting(0.0, "extras", "kfold", "fraction of epochs trained at half size (0: off)")
+    # evaluation: how the folds predict (OOF scores, the ensemble, the submission)
+    tta: str = _setting("flip", "evaluation", "kfold", "test-time views: 'flip' (image + mirror), 'multicrop' "
+                        "(+ five crops at 1.15 x size) or 'none'", TTAS)
 
     @classmethod
     def preset(cls, name: str = "reference") -> "Recipe":
@@ -91,6 +95,11 @@ class Recipe:
     def kwargs_for(self, consumer: str) -> dict:
         """The settings that go to one consumer ('dls', 'learner' or 'kfold')."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["to"] == consumer}
+
+    @property
+    def ensemble_tta(self) -> str | None:
+        """The `tta` argument of `ensemble`/`predict` for this recipe (None for 'none')."""
+        return None if self.tta == "none" else self.tta
 
     def as_dict(self) -> dict:
         """Every setting, for config.json."""
@@ -139,7 +148,7 @@ def field_type(name: str):
 
 
 REFERENCE = Recipe()
-# Each change from REFERENCE is an option measured on its own in examples/compare_recipes.py.
-BEST = dataclasses.replace(REFERENCE, optimizer="adamw", wd=0.05, warmup=2, label_smoothing=0.1, min_scale=0.25,
-                           logit_adjust=1.0)
+# Each change from REFERENCE won on its own and in combination in examples/compare_recipes.py (issue 16; tables in
+# docs/results/compare/): a gentler crop scale and five extra test-time crops. Budget-free: no epoch-scaled setting.
+BEST = dataclasses.replace(REFERENCE, min_scale=0.35, tta="multicrop")
 PRESETS = {"reference": REFERENCE, "best": BEST}

@@ -40,6 +40,8 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_acc", "valid_acc"
 TEXT_COLUMNS = ("id", "img_path", "artist", "pred")  # read back as text, never as numbers or NaN
 # config.json keys added after runs were first written, and the value their absence stands for
 ABSENT_MEANS = {"pipeline": "items", "store": "presize"}
+# config.json values whose spelling changed, old -> now (tta was a train_kfold argument, None for no TTA)
+OLD_SPELLINGS = {"tta": {None: "none"}}
 # settings of a run that may differ between a run and its resume
 RUNTIME_KEYS = ("folds", "library_version", "format", "format_version")
 
@@ -172,6 +174,7 @@ def check_config(out: Path, config: dict, legacy: dict | None = None) -> None:
         logger.warning(f"{out}: a run of format version {run_format_version(old)}; its fingerprint does not cover "
                        "the image content, so changed pixels cannot be detected when resuming it")
     old = {**ABSENT_MEANS, **old}  # settings added since the run was written: what their absence meant
+    old = {k: OLD_SPELLINGS.get(k, {}).get(v, v) if isinstance(v, (str, type(None))) else v for k, v in old.items()}
     diffs = [f"{k}: {old.get(k)!r} in the run dir, {config.get(k)!r} now" for k in sorted(set(old) | set(config))
              if k not in RUNTIME_KEYS and old.get(k) != config.get(k)]
     if diffs:

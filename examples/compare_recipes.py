@@ -77,6 +77,7 @@ class Row:
     overrides: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)  # ensemble() arguments: prior_adjust, tta
     kind: str = "train"  # 'train', 'posthoc' (ensemble-time on the runs of its training part) or 'plain'
+    alias: str = ""  # the preset the row was named after ('best'), expanded into overrides and evaluate
 
     @property
     def train_name(self) -> str:
@@ -100,7 +101,7 @@ class Row:
         text = self.train_name
         if self.evaluate:
             text = f"ensemble({', '.join(f'{k}={v}' for k, v in self.evaluate.items())}) on {text} runs"
-        return text
+        return f"{self.alias} = {text}" if self.alias else text
 
 
 def _fmt(v) -> str:
@@ -138,9 +139,20 @@ def _parse_value(key: str, raw: str):
         raise ValueError(f"{key}={raw}: need a {kind.__name__}") from None
 
 
-def parse_row(spec: str) -> Row:
-    """A row from its spec: 'reference', 'best', 'plain', or '[preset+]key=value[+key=value...]'."""
+def preset_terms(preset: str) -> tuple[dict, dict]:
+    """(Recipe overrides, ensemble-time terms) that turn reference into the preset, so equal trainings share runs."""
     from artlearn.recipe import Recipe
+    reference, chosen = Recipe.preset("reference"), Recipe.preset(preset)
+    changed = {k: v for k, v in chosen.as_dict().items() if v != getattr(reference, k)}
+    tta = changed.pop("tta", None)
+    return changed, ({"tta": tta} if tta else {})
+
+
+def parse_row(spec: str) -> Row:
+    """A row from its spec: 'reference', 'best', 'plain', or '[preset+]key=value[+key=value...]'.
+
+    A preset is expanded into its settings on top of reference ('best' = reference + the terms of `preset_terms`),
+    so 'best' and the row of its options share their trained runs; later terms replace the preset's."""
     spec = spec.strip()
     parts = [p.strip() for p in TERM.split(spec)] if spec else []
     if not parts or not all(parts):
@@ -148,7 +160,8 @@ def parse_row(spec: str) -> Row:
     if parts == ["plain"]:
         return Row("plain", kind="plain")
     preset = parts.pop(0) if parts[0] in PRESETS else "reference"
-    row = Row(spec, preset=preset)
+    overrides, evaluate = preset_terms(preset)
+    row = Row(spec, overrides=overrides, evaluate=evaluate, alias=preset if preset != "reference" else "")
     for term in parts:
         if "=" not in term:
             raise ValueError(f"row '{spec}': unknown recipe '{term}'; a row is reference, best, plain or "
@@ -161,6 +174,13 @@ def parse_row(spec: str) -> Row:
             row.overrides[key] = value
     row.kind = "posthoc" if row.evaluate else "train"
     return row
+
+
+def definition(rec) -> str:
+    """What a row (or a jsonl record) trains and scores, as text: records of a redefined row are superseded."""
+    get = rec.get if isinstance(rec, dict) else lambda k, d=None: getattr(rec, k, d)
+    return json.dumps(dict(preset=get("preset", "reference"), overrides=get("overrides", {}) or {},
+                           evaluate=get("evaluate", {}) or {}), sort_keys=True, default=str)
 
 
 def _settings(row: Row, budget: dict) -> dict:
@@ -328,7 +348,7 @@ def read_jsonl(path: Path) -> list:
 
 
 def record_key(rec: dict) -> tuple:
-    return rec["row"], int(rec["seed"]), tuple(rec["folds"]), rec["data_fingerprint"]
+    return rec["row"], int(rec["seed"]), tuple(rec["folds"]), rec["data_fingerprint"], definition(rec)
 
 
 def append_jsonl(path: Path, rec: dict) -> None:
@@ -586,7 +606,9 @@ def _table(groups: dict, order: list, key_of) -> list:
 def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
     """<budget>.md from every line of <budget>.jsonl (the last line of a (row, seed, folds, data) wins)."""
     groups, order = {}, [r.name for r in rows]
-    for rec in {record_key(r): r for r in read_jsonl(ctx.jsonl)}.values():
+    current = {r.name: definition(r) for r in rows}
+    records = [r for r in read_jsonl(ctx.jsonl) if current.get(r["row"], definition(r)) == definition(r)]
+    for rec in {record_key(r): r for r in records}.values():
         groups.setdefault((rec["row"], tuple(rec["folds"]), rec["data_fingerprint"]), {})[int(rec["seed"])] = rec
         if rec["row"] not in order:
             order.append(rec["row"])
@@ -634,7 +656,7 @@ def plan(ctx: Context, rows: list, done: set) -> list:
     tasks, counted = [], set()
     for row in rows:
         for seed in ctx.args.seeds:
-            key = (row.name, seed, tuple(ctx.args.folds), ctx.fingerprint)
+            key = (row.name, seed, tuple(ctx.args.folds), ctx.fingerprint, definition(row))
             base = row.training()
             pending = ctx.pending_folds(base, seed)
             if key in done:

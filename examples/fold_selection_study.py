@@ -3,7 +3,7 @@
 A stratified slice of the training table (--holdout 0.15, --holdout-seed 0; the same slice for every seed) is kept
 out as a pseudo-test; train_kfold trains every fold of a stratified K-fold split of the rest (per --seeds: the seed
 draws the fold split AND the model init / augmentation, as a user's rerun would). On the pseudo-test, each seed
-compares, with flip-TTA:
+compares, with the recipe's test-time views (flip-TTA unless it names others, e.g. best's multicrop):
   all        the ensemble of every complete fold
   selected   the ensemble of the folds select_folds keeps (the report's rule: unstable or weak folds left out)
   best fold  the single fold with the best validation accuracy (chosen on validation, not on the pseudo-test)
@@ -68,9 +68,8 @@ def parse_args(argv=None):
             cr.fail(f"--{name} {getattr(args, name)}: need a positive number")
     try:
         args.row = cr.parse_row(args.recipe)
-        if args.row.kind != "train":
-            raise ValueError("the study trains runs: use a preset and/or Recipe settings (no plain, prior_adjust "
-                             "or tta)")
+        if args.row.kind == "plain":
+            raise ValueError("the study trains artlearn runs: use a preset and/or Recipe settings (not plain)")
         cr.check_row(args.row, cr.budget_of(args))
     except ValueError as e:
         cr.fail(f"--recipe {args.recipe}: {e}")
@@ -95,7 +94,8 @@ def name_of(args) -> str:
     budget = args.budget or f"{args.arch}-{args.size}px-{args.epochs}ep-bs{args.bs}" + (
         f"-n{args.limit}" if args.limit else "")
     recipe = "" if args.row.name == "reference" else "-" + args.row.train_dir
-    return f"fold_selection-{budget}{recipe}"
+    scoring = "".join(f"__{k}-{v}" for k, v in sorted(args.row.evaluate.items()))
+    return f"fold_selection-{budget}{recipe}{scoring}"
 
 
 def fingerprint(rest, holdout) -> str:
@@ -111,7 +111,9 @@ def run_seed(args, rest, holdout, seed, cache, run_dir) -> dict:
                                workers=args.workers, progress=False, cache=cache, log=cr._log(f"seed {seed}"),
                                **cr._settings(args.row, cr.budget_of(args)))
     selection = artlearn.select_folds(run)
-    probs = {k: artlearn.ensemble(run, holdout, folds=[k], tta="flip", cache=cache, workers=args.workers)
+    tta = args.row.evaluate.get("tta", "flip")
+    view = dict(tta=None if tta == "none" else tta, prior_adjust=args.row.evaluate.get("prior_adjust", 0.0))
+    probs = {k: artlearn.ensemble(run, holdout, folds=[k], cache=cache, workers=args.workers, **view)
              for k in run.folds}
     vocab = probs[run.folds[0]][1]
     truth = holdout["artist"].tolist()
@@ -133,7 +135,7 @@ def run_seed(args, rest, holdout, seed, cache, run_dir) -> dict:
                    mean_fold=dict(accuracy=float(np.mean([s["accuracy"] for s in single])),
                                   f1_macro=float(np.mean([s["f1_macro"] for s in single]))),
                    oracle_fold=scores([oracle]))
-    return dict(study="fold_selection", recipe=args.row.name, seed=seed, n_folds=args.n_folds, folds=run.folds,
+    return dict(study="fold_selection", recipe=args.row.name, settings=args.row.describe(), seed=seed, n_folds=args.n_folds, folds=run.folds,
                 selected=selection.folds, excluded={str(k): v for k, v in selection.excluded.items()},
                 rule=selection.rule, best_fold=ranked[0], oracle_fold=oracle, results=results, per_fold=per_fold,
                 arch=args.arch, size=args.size, epochs=args.epochs, bs=args.bs, limit=args.limit,
@@ -164,7 +166,7 @@ def write_report(path: Path, fp: str) -> Path:
     lines = [f"# Is leaving folds out worth it? {path.stem}", "",
              "Written by `examples/fold_selection_study.py`. A stratified slice of the training set is held out as a "
              "pseudo-test (the real test set is never used); K-fold runs on the rest, one per seed (the seed draws "
-             "the fold split and the training). Scores on the pseudo-test, flip-TTA. `selected`: the folds "
+             "the fold split and the training). Scores on the pseudo-test, with the recipe's test-time views. `selected`: the folds "
              "`select_folds` keeps (the report's rule); `best fold`: best validation accuracy; `oracle`: best on "
              "the pseudo-test itself (a bound, not a choice).", ""]
     if not recs:
@@ -172,7 +174,8 @@ def write_report(path: Path, fp: str) -> Path:
         return path.with_suffix(".md")
     r0 = recs[0]
     lines += [f"Data `{r0['data']}`: {r0['n_train']} training + {r0['n_holdout']} held-out images "
-              f"({r0['holdout']:g}, seed {r0['holdout_seed']}), {r0['n_artists']} artists; recipe `{r0['recipe']}`, "
+              f"({r0['holdout']:g}, seed {r0['holdout_seed']}), {r0['n_artists']} artists; recipe `{r0['recipe']}` "
+              f"({r0.get('settings', r0['recipe'])}), "
               f"{r0['arch']}, {r0['size']} px, {r0['epochs']} epochs, batch {r0['bs']}, {r0['n_folds']} folds.", "",
               "| seed | folds kept (left out: why) | all: acc / F1 | selected: acc / F1 | best fold: acc / F1 | "
               "mean fold: acc / F1 | oracle fold: acc / F1 |", "|---|---|---|---|---|---|---|"]

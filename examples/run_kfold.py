@@ -65,8 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", help="comma-separated folds to train (default: all)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--select", default="auto", help="'auto' (stability rule) or comma-separated folds to ensemble")
-    p.add_argument("--tta", default="flip", choices=["flip", "multicrop", "none"],
-                   help="test-time views: image + flip, + five native-resolution crops (multicrop), or none")
     p.add_argument("--prior-adjust", type=float, default=0.0,
                    help="post-hoc logit adjustment tau at prediction (0: off)")
     p.add_argument("--workers", type=int, help="data-loader workers (default: 0 on CPU, up to 8 on GPU)")
@@ -225,10 +223,9 @@ def _main(args, dist) -> int:
         say(f"torchrun: {dist.world_size} processes, {mode}")
     elif args.ddp:
         say("--ddp: not launched by torchrun (WORLD_SIZE unset), so one process trains every fold")
-    tta = None if args.tta == "none" else args.tta
     protect = [p for p in (args.data, solution) if p is not None] + (list(test["img_path"]) if test is not None else [])
     run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds), preset=args.preset,
-                               seed=args.seed, tta=tta, workers=args.workers, progress=not args.no_progress,
+                               seed=args.seed, workers=args.workers, progress=not args.no_progress,
                                ddp=args.ddp, sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect,
                                **chosen)
     if not dist.is_main:
@@ -239,10 +236,10 @@ def _main(args, dist) -> int:
     selection = artlearn.select_folds(run, folds=hand_picked)
     print_table(run, selection, run.summary["majority_baseline"])
     if test is not None:
-        probs, vocab = artlearn.ensemble(run, test, folds=selection.folds, tta=tta, workers=args.workers,
-                                         prior_adjust=args.prior_adjust)
+        probs, vocab = artlearn.ensemble(run, test, folds=selection.folds, tta=recipe.ensemble_tta,
+                                         workers=args.workers, prior_adjust=args.prior_adjust)
         sub = artlearn.write_submission(test["id"], probs, vocab, out / "submission.csv")
-        print(f"submission: {sub} ({len(test)} ids, folds {selection.folds}, tta={args.tta})")
+        print(f"submission: {sub} ({len(test)} ids, folds {selection.folds}, tta={recipe.tta})")
         if solution is not None:
             score_submission(sub, solution)
     for fig in artlearn.plots.save_run_figures(out):

@@ -159,6 +159,8 @@ def test_fold_selection_study(data, tmp_path, capsys):
             "--n-folds", "2", "--seeds", "42,7"]
     assert study.main([*argv, "--dry-run"]) == [] and not (tmp_path / "runs").exists()
     assert "4 fold trainings" in capsys.readouterr().out
+    assert study.main([*argv, "--recipe", "best", "--dry-run"]) == []  # best's multicrop TTA is scored, not refused
+    assert "tta-multicrop" in capsys.readouterr().out
     records = study.main(argv)
     assert [r["seed"] for r in records] == [42, 7]
     for r in records:
@@ -171,3 +173,25 @@ def test_fold_selection_study(data, tmp_path, capsys):
     assert study.main(argv) == []  # resumed: both seeds are in the jsonl
     with pytest.raises(SystemExit, match="at least 2"):
         study.main([*argv, "--seeds", "3"])
+
+
+def test_best_row_is_its_settings_and_shares_their_runs():
+    from artlearn.recipe import BEST, REFERENCE
+    compare = load("compare_recipes")
+    best = compare.parse_row("best")
+    changed = {k: v for k, v in BEST.as_dict().items() if v != getattr(REFERENCE, k)}
+    assert {**best.overrides, **best.evaluate} == changed and best.preset == "reference"
+    spelled_out = compare.parse_row("+".join(f"{k}={v}" for k, v in sorted(changed.items())))
+    assert best.training().train_dir == spelled_out.training().train_dir  # one training for both rows
+    assert best.describe().startswith("best = ")
+    assert compare.parse_row("best+tta=flip").evaluate["tta"] == "flip"  # a later term replaces the preset's
+
+
+def test_a_redefined_row_does_not_reuse_old_records():
+    compare = load("compare_recipes")
+    rec = dict(row="best", seed=42, folds=[0], data_fingerprint="f", preset="reference",
+               overrides={"min_scale": 0.25}, evaluate={})
+    now = compare.parse_row("best")
+    assert compare.record_key(rec)[-1] != compare.definition(now)
+    same = dict(rec, overrides=dict(now.overrides), evaluate=dict(now.evaluate))
+    assert compare.record_key(same)[-1] == compare.definition(now)

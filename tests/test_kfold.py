@@ -139,6 +139,22 @@ def test_other_configuration_or_data_is_refused(finished, table):
         _train(table.iloc[:-4], run.path)
 
 
+def test_tta_is_a_recipe_setting_and_old_spelling_resumes(finished, table, tmp_path, monkeypatch):
+    run, _ = finished
+    assert json.loads((run.path / "config.json").read_text())["tta"] == "flip"
+    with pytest.raises(ValueError, match="tta: 'flip' in the run dir, 'multicrop' now"):
+        _train(table, run.path, tta="multicrop")
+    out = tmp_path / "no-tta"
+    _train(table, out, folds=[0], tta=None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tta"] == "none"  # tta=None: no TTA (not "the preset's")
+    config["tta"] = None  # how runs written before tta was a Recipe setting spell it
+    (out / "config.json").write_text(json.dumps(config))
+    trained = _record_fits(monkeypatch)
+    _train(table, out, folds=[0], tta=None)
+    assert trained == []  # same configuration: resumed, nothing retrained
+
+
 def test_bad_arguments(table, tmp_path):
     with pytest.raises(ValueError, match="folds \\[7\\] out of range"):
         _train(table, tmp_path / "a", folds=[7])
@@ -199,9 +215,10 @@ def test_select_folds_excludes_stopped_folds_and_honours_hand_choice(tmp_path):
 
 def test_best_preset_options_train_through_train_kfold(table, tmp_path):
     run, _ = _train(table, tmp_path / "best", preset="best", epochs=3, progressive=0.34, sampler="sqrt",
-                    grad_checkpoint=True)
+                    grad_checkpoint=True, optimizer="adamw", wd=0.05, warmup=1, logit_adjust=1.0)
     config = json.loads((run.path / "config.json").read_text())
     assert config["preset"] == "best" and config["optimizer"] == "adamw" and config["logit_adjust"] == 1.0
+    assert config["min_scale"] == 0.35 and config["tta"] == "multicrop"  # best's own settings
     assert config["progressive"] == 0.34 and config["sampler"] == "sqrt"
     assert run.folds == [0, 1] and all(len(h) == 3 for h in run.histories.values())
     assert all(m["size"] == 32 and m["model"]["grad_checkpoint"] for m in run.metas.values())

@@ -15,15 +15,24 @@ def test_reference_is_the_reports_recipe():
     assert (r.arch, r.size, r.bs, r.epochs, r.lr, r.optimizer, r.wd) == ("resnet50", 288, 32, 30, 1e-3, "adam", 0.0)
     assert (r.label_smoothing, r.min_scale, r.max_rotate, r.flip, r.pool) == (0.05, 0.08, 15.0, True, "avg")
     assert (r.mixup, r.cutmix, r.ema, r.logit_adjust, r.progressive, r.sampler, r.warmup) == (0, 0, None, 0, 0, None, 0)
-    assert (r.drop_path, r.compile) == (None, False)  # the architecture's own stochastic depth, eager
+    assert (r.drop_path, r.compile, r.tta) == (None, False, "flip")  # architecture's own depth drop, eager, flip
     assert r.pipeline in PIPELINES and r.store in STORES
 
 
 def test_best_differs_from_reference_only_in_named_options():
     changed = {f.name for f in dataclasses.fields(Recipe) if getattr(BEST, f.name) != getattr(REFERENCE, f.name)}
     assert changed and changed <= {"optimizer", "wd", "warmup", "label_smoothing", "min_scale", "logit_adjust",
-                                   "lr", "sampler", "ema", "store", "drop_path", "mixup", "cutmix", "progressive"}
+                                   "lr", "sampler", "ema", "store", "drop_path", "mixup", "cutmix", "progressive",
+                                   "tta"}
     assert Recipe.preset("best") is BEST
+
+
+def test_tta_setting_maps_to_ensemble_argument():
+    assert REFERENCE.tta == "flip" and REFERENCE.ensemble_tta == "flip"
+    assert REFERENCE.replace(tta="none").ensemble_tta is None
+    assert REFERENCE.replace(tta="multicrop").ensemble_tta == "multicrop"
+    with pytest.raises(ValueError, match="tta='multi'"):
+        REFERENCE.replace(tta="multi").validate()
 
 
 def test_signature_defaults_read_the_recipe():
