@@ -351,6 +351,23 @@ def record_key(rec: dict) -> tuple:
     return rec["row"], int(rec["seed"]), tuple(rec["folds"]), rec["data_fingerprint"], definition(rec)
 
 
+def equivalents(records: list, rows: list, ctx) -> dict:
+    """{key: record} for planned (row, seed)s not in the jsonl whose exact settings are, under another row's name
+    (e.g. 'best' and the spelled-out options it is made of): a copy of that record, named and marked `same_as`."""
+    have = {record_key(r) for r in records}
+    by_settings = {(definition(r), int(r["seed"]), tuple(r["folds"]), r["data_fingerprint"]): r for r in records
+                   if r.get("kind") != "plain"}
+    found = {}
+    for row in rows:
+        for seed in ctx.args.seeds:
+            key = (row.name, seed, tuple(ctx.args.folds), ctx.fingerprint, definition(row))
+            twin = by_settings.get((definition(row), seed, tuple(ctx.args.folds), ctx.fingerprint))
+            if row.kind != "plain" and key not in have and twin is not None:
+                found[key] = dict(twin, row=row.name, settings=row.describe(), same_as=twin["row"],
+                                  trained_folds=[], wall_s=0.0)
+    return found
+
+
 def append_jsonl(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -700,7 +717,8 @@ def main(argv=None) -> list:
         import torch
         torch.set_num_threads(args.threads)
     ctx = Context(args, load_table(args))
-    done = {record_key(r) for r in read_jsonl(ctx.jsonl)}
+    records = read_jsonl(ctx.jsonl)
+    done = {record_key(r) for r in records} | set(equivalents(records, rows, ctx))
     tasks = plan(ctx, rows, done)
     print_plan(ctx, tasks, skipped)
     if args.dry_run:
@@ -712,6 +730,11 @@ def main(argv=None) -> list:
     folds = ctx.df[[c for c in ("id", "img_path", "artist", "fold") if c in ctx.df.columns]]
     folds.to_csv(ctx.root / "folds.csv", index=False)
     started, written = time.time(), []
+    for rec in equivalents(records, rows, ctx).values():
+        append_jsonl(ctx.jsonl, rec)
+        written.append(rec)
+        print(f"{rec['row']} seed {rec['seed']}: same settings as row {rec['same_as']} (in the jsonl), its scores "
+              "recorded, nothing trained")
     for row, seed, status, _ in tasks:
         if status.startswith("done"):
             continue

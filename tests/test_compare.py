@@ -195,3 +195,16 @@ def test_a_redefined_row_does_not_reuse_old_records():
     assert compare.record_key(rec)[-1] != compare.definition(now)
     same = dict(rec, overrides=dict(now.overrides), evaluate=dict(now.evaluate))
     assert compare.record_key(same)[-1] == compare.definition(now)
+
+
+def test_a_row_with_the_settings_of_a_done_row_reuses_its_scores(compared, capsys):
+    argv = list(compared["argv"])
+    argv[argv.index("--rows") + 1] = "label_smoothing=0.1+min_scale=0.35"  # COMBO's settings, spelled otherwise
+    argv[argv.index("--combos") + 1] = ""
+    written = load("compare_recipes").main(argv)
+    assert [(r["row"], r["same_as"], r["trained_folds"]) for r in written] == [
+        ("label_smoothing=0.1+min_scale=0.35", COMBO, [])] * 2
+    by_seed = {r["seed"]: r for r in compared["records"] if r["row"] == COMBO}
+    assert all(r["accuracy"] == by_seed[r["seed"]]["accuracy"] for r in written)
+    assert "trained in" not in capsys.readouterr().out
+    assert load("compare_recipes").main(argv) == []  # now in the jsonl under its own name
