@@ -12,11 +12,12 @@ from PIL import Image
 from .checkpoint import META_NAME, atomic_write_csv, load_fold
 from .augment import center_views, valid_crop
 from .device import autocast, resolve_device, to_memory_format
+from .recipe import TTAS
 from .store import PresizeCache, fold_store_side, pad_batch, presize_for, shrink
 from .tables import read_artworks
 # and, inside _fold_dirs: from .run import KFoldRun, load_run
 
-TTA_CHOICES = (None, "none", "flip", "multicrop")
+TTA_CHOICES = (None, *TTAS)  # the recipe setting's names, and None for no TTA
 AVERAGE_CHOICES = ("prob", "logit")
 PREDICT_COLUMNS = ["image", "rank", "artist", "probability"]
 logger = logging.getLogger("artlearn")

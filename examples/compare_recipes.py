@@ -613,7 +613,8 @@ def _table(groups: dict, order: list, key_of) -> list:
         minutes = np.mean([(r["train_seconds"] or r["wall_s"]) / 60 for r in rs])
         deltas = [_delta(g, ref, m) if ref and name != "reference" else "" for m in ("accuracy", "f1_macro")]
         label = f"**{name}**" if name in ("reference", "best", "plain") else name
-        lines.append(f"| {label} | {rs[0]['settings']} | {','.join(map(str, sorted(g)))} | "
+        same = f" (the runs of row `{rs[0]['same_as']}`)" if rs[0].get("same_as") else ""
+        lines.append(f"| {label} | {rs[0]['settings']}{same} | {','.join(map(str, sorted(g)))} | "
                      f"{_stats([r['accuracy'] for r in rs])} | {_stats([r['f1_macro'] for r in rs])} | "
                      f"{deltas[0]} | {deltas[1]} | {epochs} | {minutes:.1f} | "
                      f"{', '.join(sorted({_machine(r) for r in rs}))} |")
@@ -631,7 +632,7 @@ def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
             order.append(rec["row"])
     lines = [f"# Recipe comparison: {ctx.name}", "",
              f"Written by `examples/compare_recipes.py` from `{ctx.jsonl.name}` (one line per run). Out-of-fold "
-             "scores only (flip-TTA; the test set is never used), one fold assignment shared by every row and seed "
+             "scores only (flip-TTA unless the row names other test-time views; the test set is never used), one fold assignment shared by every row and seed "
              "(stratified, `assign_folds`), the seed changing model init and augmentation only. Spread: half the "
              "min..max range over seeds. Deltas: paired by seed, in points, mean (min..max).", ""]
     for fp in sorted({k[2] for k in groups}):
