@@ -35,6 +35,7 @@ import artlearn
 from artlearn.checkpoint import save_weights
 from artlearn.device import default_workers
 from artlearn.files import atomic_write_json
+from artlearn.learner import fused
 from artlearn.recipe import REFERENCE, STORES
 from artlearn.store import PresizeCache, presize_for, store_presize
 from artlearn.models import build_model
@@ -59,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--pipelines", default="device,items", help="artist_dls pipelines timed by --epochs")
     p.add_argument("--store", default=REFERENCE.store, choices=STORES, help="image store rule (Recipe.store)")
     p.add_argument("--compile", action="store_true", help="also time the model-only ceiling with torch.compile")
+    p.add_argument("--unfused", action="store_true", help="with --epochs: also time artlearn epochs with torch's "
+                   "default (unfused) Adam, to measure what the fused step gives")
     return p.parse_args(argv)
 
 
@@ -85,8 +88,8 @@ def autocast(device, dtype):
 
 
 def make_step(model, device, dtype, channels_last):
-    """One Adam training step with label-smoothed CE, as the recipe trains."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    """One Adam training step with label-smoothed CE, as the recipe trains (torch Adam, fused as artist_learner's)."""
+    opt = fused(torch.optim.Adam)(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     def step(x, y):
@@ -265,11 +268,16 @@ def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype,
     return epoch
 
 
-def artlearn_epochs(args, df, cache, pipeline: str):
-    """(function timing one epoch of artist_learner.fit on fold 0, training images per epoch, validation images)."""
+def artlearn_epochs(args, df, cache, pipeline: str, unfused: bool = False):
+    """(function timing one epoch of artist_learner.fit on fold 0, training images per epoch, validation images);
+    `unfused`: with torch's default (unfused) Adam instead of the fused one artist_learner builds."""
+    from functools import partial
+    from fastai.optimizer import OptimWrapper
     dls = artlearn.artist_dls(df, fold=0, size=args.size, bs=args.bs, cache=cache, workers=args.workers, n_folds=4,
                               pipeline=pipeline)
     learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision)
+    if unfused:
+        learn.opt_func = partial(OptimWrapper, opt=torch.optim.Adam, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     learn.fit(1)  # warm-up epoch (allocator, cuDNN autotuning), not timed
 
     def epoch() -> float:
@@ -354,6 +362,8 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
                                                           channels_last)
     if "artlearn device" in contenders:
         contenders["fastai loop, free batches"] = free_batch_epochs(args, df, cache)
+        if args.unfused:
+            contenders["artlearn device, unfused Adam"] = artlearn_epochs(args, df, cache, "device", unfused=True)[0]
     if "torchvision" not in set(args.skip.split(",")):
         contenders["torchvision"] = torchvision_epochs(args, df, n_classes, device, dtype, channels_last, mean, std)
     times = {name: [] for name in [*contenders, *(f"model-only/{k}" for k in floors)]}
@@ -373,6 +383,10 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
         floor = med["model-only/artlearn device"]
         print(f"{'fastai loop':<16}: {loop:7.2f} s/epoch with ready batches: the loop itself costs {loop - floor:+.2f} s, "
               f"the device pipeline {device - loop:+.2f} s per epoch")
+    if "artlearn device, unfused Adam" in med:
+        slow = med["artlearn device, unfused Adam"]
+        print(f"{'unfused Adam':<16}: {slow:7.2f} s/epoch with torch's default Adam; the fused step artist_learner "
+              f"uses is {slow / med['artlearn device']:.2f}x as fast per epoch")
     if "torchvision" in med:
         print(f"{'torchvision':<16}: {med['torchvision']:7.2f} s/epoch; " + ", ".join(
             f"{name} speed / torchvision {med['torchvision'] / med[name]:.2f}" for name in floors))

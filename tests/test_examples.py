@@ -150,7 +150,7 @@ def test_test_table_and_images_are_checked_before_training(cli, tiny_data, tmp_p
 def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     """examples/bench.py --epochs: every contender timed in one run, the ratios printed from those timings."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
-    args = ["--data", str(tiny_data), "--images", "40", "--size", "16", "--bs", "8", "--epochs", "1"]
+    args = ["--data", str(tiny_data), "--images", "40", "--size", "16", "--bs", "8", "--epochs", "1", "--unfused"]
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "bench.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -159,4 +159,5 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     ratios = [float(line.rsplit("epoch ratio:", 1)[1]) for line in out.splitlines() if "epoch ratio:" in line]
     assert len(ratios) == 2 and all(0 < r < 5 for r in ratios)  # device and items pipelines
     assert "fastai loop" in out and "the device pipeline" in out and "speed / torchvision" in out
+    assert "the fused step artist_learner uses is" in out
     assert "peak memory" in out

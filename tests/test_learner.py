@@ -88,6 +88,22 @@ def test_one_step_equals_plain_torch_optimizer_step(optimizer, wd, torch_opt):
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ours[k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert type(learn.opt.opt) is (torch.optim.SGD if optimizer == "sgd" else torch_opt)
+    assert learn.opt.opt.defaults["fused"] is True  # one kernel per step, not torch's CPU loop over tensors
+
+
+def test_fused_maker_falls_back_to_torchs_default_where_fusing_is_refused():
+    from artlearn.learner import fused
+
+    class NoFused(torch.optim.SGD):
+        def __init__(self, params, fused=None, **kw):
+            if fused:
+                raise RuntimeError("no fused kernel here")
+            super().__init__(params, **kw)
+
+    params = (p for p in [torch.nn.Parameter(torch.ones(2))])  # a generator: consumed once, reused on fallback
+    opt = fused(NoFused)(params, lr=0.1)
+    assert type(opt) is NoFused and len(opt.param_groups[0]["params"]) == 1
+    assert fused(torch.optim.Adam)([torch.nn.Parameter(torch.ones(2))], lr=0.1).defaults["fused"] is True
 
 
 def test_defaults_reproduce_the_reference_recipe():
@@ -102,7 +118,7 @@ def test_defaults_reproduce_the_reference_recipe():
     assert isinstance(learn, Learner) and isinstance(learn, ArtistLearner)
     learn.create_opt()
     group = learn.opt.opt.param_groups[0]
-    assert type(learn.opt.opt) is torch.optim.Adam
+    assert type(learn.opt.opt) is torch.optim.Adam and group["fused"] is True
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
     assert isinstance(learn.loss_func, CrossEntropyLossFlat)
     types = {type(cb) for cb in learn.cbs}
