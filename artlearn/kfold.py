@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .checks import check_choice
 from .distributed import DistContext, init_distributed, single_process_view
 from .ensemble import ensemble
 from .files import atomic_write_csv, atomic_write_json
@@ -44,6 +45,7 @@ from .store import PresizeCache, default_memory_budget, store_presize
 from .tables import content_digests, validate_table
 
 logger = logging.getLogger("artlearn")
+FOLD_RULES = ("complete", "stable")  # select_folds: every complete fold, or the report's stability rule
 
 
 # ---------------------------------------------------------------- fold selection
@@ -79,14 +81,18 @@ def _volatility(history: pd.DataFrame) -> float:
 
 
 def select_folds(run, folds=None, max_volatility_ratio: float = 2.0, min_volatility: float = 0.02,
-                 max_gap: float = 0.05, score: str = "valid_acc") -> FoldSelection:
-    """Choose the stable folds: reproducible rule over the histories, or the folds named by hand.
+                 max_gap: float = 0.05, score: str = "valid_acc", rule: str = "complete") -> FoldSelection:
+    """Choose the folds to ensemble: by a reproducible rule, or the folds named by hand.
 
-    Rule: a complete fold is excluded when (a) its valid-loss volatility (std of epoch-to-epoch changes over the second
-    half of training, relative to the mean loss there) exceeds both `min_volatility` and `max_volatility_ratio` times
-    the median volatility of the folds, or (b) its best `score` is more than `max_gap` below the median best score of
-    the folds. Incomplete or stopped folds are always excluded. At least the best fold is kept.
+    rule='complete' (default): every complete fold. On issue 16's held-out study (docs/results/compare/
+    fold_selection-*.md) the ensemble of all folds matched or beat the stability rule and every single fold.
+    rule='stable' (the report's rule): a complete fold is also excluded when (a) its valid-loss volatility (std of
+    epoch-to-epoch changes over the second half of training, relative to the mean loss there) exceeds both
+    `min_volatility` and `max_volatility_ratio` times the median volatility of the folds, or (b) its best `score` is
+    more than `max_gap` below the median best score of the folds; at least the best fold is kept. Incomplete or
+    stopped folds are always excluded.
     """
+    check_choice("rule", rule, FOLD_RULES)
     run = run if isinstance(run, KFoldRun) else load_run(run)
     rows = {}
     for k in sorted(run.metas):
@@ -104,6 +110,9 @@ def select_folds(run, folds=None, max_volatility_ratio: float = 2.0, min_volatil
     ok = table[table["status"] == "complete"] if len(table) else table
     if ok.empty:
         raise ValueError(f"{run.path}: no fold has a complete checkpoint; train the run first (train_kfold)")
+    if rule == "complete":
+        chosen = [int(k) for k in ok.index]
+        return FoldSelection(chosen, dict(sorted(excluded.items())), "every complete fold", table)
     problems = getattr(run, "history_problems", {})
     med_vol, med_best = float(np.nanmedian(ok["volatility"])), float(np.nanmedian(ok["best"]))
     for k, r in ok.iterrows():
@@ -476,15 +485,19 @@ def _train_kfold(df, out, n_folds, folds, preset, seed, workers, progress, cache
     return run if ctx.is_main else load_run(out)
 
 
-def finish_run(out, df: pd.DataFrame | None = None, select: list | None = None) -> KFoldRun:
-    """Score the out-of-fold predictions, write them all to oof.csv, select the folds, write summary.json."""
+def finish_run(out, df: pd.DataFrame | None = None, select=None) -> KFoldRun:
+    """Score the out-of-fold predictions, write them all to oof.csv, select the folds, write summary.json.
+
+    `select`: None (select_folds' default rule), a rule name ('complete', 'stable') or the folds to ensemble."""
     from . import __version__
     out = Path(out)
     if not (out / CONFIG_NAME).is_file():
         raise ValueError(f"{out}: not an artlearn run directory (no config.json); train one with train_kfold")
     with run_lock(out):
         run = load_run(out)
-        selection = select_folds(run, folds=select) if run.folds or select is not None else None
+        by_rule = isinstance(select, str)
+        chosen = dict(rule=select) if by_rule else dict(folds=select)
+        selection = select_folds(run, **chosen) if run.folds or (select is not None and not by_rule) else None
         if df is None and (run.path / FOLDS_NAME).is_file():
             df = read_folds(run.path / FOLDS_NAME)
         if run.oof is not None:

@@ -110,7 +110,7 @@ def run_seed(args, rest, holdout, seed, cache, run_dir) -> dict:
     run = artlearn.train_kfold(df, run_dir, n_folds=args.n_folds, preset=args.row.preset, seed=seed, tta="flip",
                                workers=args.workers, progress=False, cache=cache, log=cr._log(f"seed {seed}"),
                                **cr._settings(args.row, cr.budget_of(args)))
-    selection = artlearn.select_folds(run)
+    selection = artlearn.select_folds(run, rule="stable")  # the report's rule, against the default 'all complete'
     tta = args.row.evaluate.get("tta", "flip")
     view = dict(tta=None if tta == "none" else tta, prior_adjust=args.row.evaluate.get("prior_adjust", 0.0))
     probs = {k: artlearn.ensemble(run, holdout, folds=[k], cache=cache, workers=args.workers, **view)

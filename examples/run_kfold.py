@@ -27,6 +27,7 @@ import artlearn.distributed
 from artlearn.recipe import PRESET_NAMES, Recipe, field_type
 from artlearn.tables import bad_images_message
 
+SELECT_RULES = {"complete": "complete", "stable": "stable", "auto": "stable"}  # --select names -> select_folds rule
 DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32, lr=2e-3)  # CPU-sized demo on the synthetic data
 SYNTHETIC_DIR = Path("data") / "synthetic"
 
@@ -64,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-folds", type=int, default=4)
     p.add_argument("--folds", help="comma-separated folds to train (default: all)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--select", default="auto", help="'auto' (stability rule) or comma-separated folds to ensemble")
+    p.add_argument("--select", default="complete", help="folds to ensemble: 'complete' (every complete fold; it won "
+                   "issue 16's held-out study), 'stable' (the report's stability rule; 'auto' is its old name) or "
+                   "comma-separated folds")
     p.add_argument("--prior-adjust", type=float, default=0.0,
                    help="post-hoc logit adjustment tau at prediction (0: off)")
     p.add_argument("--workers", type=int, help="data-loader workers (default: 0 on CPU, up to 8 on GPU)")
@@ -89,7 +92,8 @@ def _csv_list(text, flag: str = "--folds"):
         return None
     parts = [t.strip() for t in text.split(",")]
     if not [t for t in parts if t] or not all(t.isdigit() for t in parts if t):
-        raise ValueError(f"{flag} {text!r}: need comma-separated fold numbers such as 0,2")
+        rules = " (or 'complete' / 'stable')" if flag == "--select" else ""
+        raise ValueError(f"{flag} {text!r}: need comma-separated fold numbers such as 0,2{rules}")
     return sorted({int(t) for t in parts if t})
 
 
@@ -98,7 +102,7 @@ def check_args(args) -> None:
     if args.n_folds < 2:
         raise ValueError(f"--n-folds {args.n_folds}: need at least 2 folds")
     for flag, text in (("--folds", args.folds), ("--select", args.select)):
-        chosen = _csv_list(text, flag) or []
+        chosen = [] if flag == "--select" and text in SELECT_RULES else _csv_list(text, flag) or []
         if any(k >= args.n_folds for k in chosen):
             raise ValueError(f"{flag} {text!r}: with --n-folds {args.n_folds} use folds 0..{args.n_folds - 1}")
     if not 0 <= args.seed < 2 ** 32:
@@ -230,10 +234,11 @@ def _main(args, dist) -> int:
                                **chosen)
     if not dist.is_main:
         return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
-    hand_picked = _csv_list(args.select, "--select")
-    if hand_picked is not None:  # train_kfold's summary.json holds the automatic rule; record the hand choice
-        run = artlearn.kfold.finish_run(out, select=hand_picked)
-    selection = artlearn.select_folds(run, folds=hand_picked)
+    rule = SELECT_RULES.get(args.select, "complete")
+    hand_picked = None if args.select in SELECT_RULES else _csv_list(args.select, "--select")
+    if hand_picked is not None or rule != "complete":  # summary.json holds the default rule; record this choice
+        run = artlearn.kfold.finish_run(out, select=hand_picked if hand_picked is not None else rule)
+    selection = artlearn.select_folds(run, folds=hand_picked, rule=rule)
     print_table(run, selection, run.summary["majority_baseline"])
     if test is not None:
         probs, vocab = artlearn.ensemble(run, test, folds=selection.folds, tta=recipe.ensemble_tta,

@@ -190,7 +190,9 @@ SPIKY = [2.0, 1.6, 1.3, 1.1, 1.0, 1.6, 0.9, 1.7, 0.95, 1.5]
 def test_select_folds_drops_the_unstable_fold_and_says_why(tmp_path):
     run = _fake_run(tmp_path, {0: _history(SMOOTH, 0.62), 1: _history(SMOOTH, 0.63), 2: _history(SMOOTH, 0.62),
                                3: _history(SPIKY, 0.62)})
-    selection = select_folds(run)
+    assert select_folds(run).folds == [0, 1, 2, 3]  # default: every complete fold (issue 16's held-out study)
+    assert select_folds(run).rule == "every complete fold" and not select_folds(run).excluded
+    selection = select_folds(run, rule="stable")  # the report's rule
     assert selection.folds == [0, 1, 2]
     assert list(selection.excluded) == [3] and "unstable valid loss" in selection.excluded[3]
     assert json.loads(json.dumps(selection.as_dict()))["excluded"]["3"].startswith("unstable")
@@ -198,9 +200,11 @@ def test_select_folds_drops_the_unstable_fold_and_says_why(tmp_path):
 
 def test_select_folds_drops_a_fold_far_below_the_others(tmp_path):
     run = _fake_run(tmp_path, {0: _history(SMOOTH, 0.62), 1: _history(SMOOTH, 0.50), 2: _history(SMOOTH, 0.63)})
-    selection = select_folds(run, max_gap=0.05)
+    selection = select_folds(run, max_gap=0.05, rule="stable")
     assert selection.folds == [0, 2] and "below the median" in selection.excluded[1]
-    assert select_folds(run, max_gap=0.2).folds == [0, 1, 2]
+    assert select_folds(run, max_gap=0.2, rule="stable").folds == [0, 1, 2]
+    with pytest.raises(ValueError, match="rule='best'"):
+        select_folds(run, rule="best")
 
 
 def test_select_folds_excludes_stopped_folds_and_honours_hand_choice(tmp_path):
