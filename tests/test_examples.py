@@ -89,6 +89,8 @@ BAD_FLAGS = {
     "--folds 0,abc": (["--folds", "0,abc"], "--folds '0,abc': need comma-separated fold numbers"),
     "--select ,": (["--select", ","], "--select ',': need comma-separated fold numbers"),
     "--select 9": (["--select", "9"], "--select '9': with --n-folds 4 use folds 0..3"),
+    "--select best": (["--select", "best"], "--select 'best': need comma-separated fold numbers such as 0,2 (or "
+                      "'complete' / 'stable')"),
     "--seed -1": (["--seed", "-1"], "--seed -1: need an integer in 0..4294967295"),
     "--limit 0": (["--limit", "0"], "--limit 0: need at least --n-folds (4) images"),
     "--workers -1": (["--workers", "-1"], "--workers -1: need 0 or more"),
