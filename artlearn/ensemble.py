@@ -223,7 +223,7 @@ def _log_prior(meta: dict, device):
 def _check_choices(tta, average) -> None:
     """ValueError for an unknown TTA or averaging mode."""
     if tta not in TTA_CHOICES:
-        raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop' or None")
+        raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop', or None / 'none'")
     if average not in AVERAGE_CHOICES:
         raise ValueError(f"average={average!r}: use 'prob' (mean of softmax) or 'logit' (softmax of mean logits)")
 

@@ -263,7 +263,6 @@ class _FoldJob:
     cache: PresizeCache
     n_folds: int
     seed: int
-    tta: str | None
     workers: int | None
     progress: bool
     cbs: list
@@ -309,7 +308,7 @@ def _fit_fold(learn, epochs: int, fold: int) -> None:
 def _write_oof(job: _FoldJob, k: int) -> None:
     """Predict a fold's validation rows with its best checkpoint and write fold<k>/oof.csv."""
     valid = job.df[job.df["fold"] == k]
-    probs, vocab = ensemble([fold_dir(job.out, k)], valid, tta=job.tta, bs=job.recipe.bs, cache=job.cache,
+    probs, vocab = ensemble([fold_dir(job.out, k)], valid, tta=job.recipe.tta, bs=job.recipe.bs, cache=job.cache,
                             workers=job.workers)
     cols = [c for c in ("id", "img_path", "fold", "artist") if c in valid.columns]
     oof = valid[cols].reset_index(drop=True)
@@ -470,9 +469,8 @@ def _train_kfold(df, out, n_folds, folds, preset, seed, workers, progress, cache
         ctx.on_main(lambda: _open_run(stack, out, config, legacy, protect, overwrite, df))
         if ctx.enabled:
             ctx.everywhere(lambda: check_config(out, config, legacy))
-        job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed,
-                       tta=recipe.ensemble_tta,
-                       workers=workers, progress=bool(progress and ctx.is_main), cbs=makers, config=config)
+        job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed, workers=workers,
+                       progress=bool(progress and ctx.is_main), cbs=makers, config=config)
         pending = ctx.broadcast([k for k in todo if not fold_is_complete(fold_dir(out, k), config)]
                                 if ctx.is_main else None)
         with ctx.tagged_logs(logger):

@@ -96,11 +96,6 @@ class Recipe:
         """The settings that go to one consumer ('dls', 'learner' or 'kfold')."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["to"] == consumer}
 
-    @property
-    def ensemble_tta(self) -> str | None:
-        """The `tta` argument of `ensemble`/`predict` for this recipe (None for 'none')."""
-        return None if self.tta == "none" else self.tta
-
     def as_dict(self) -> dict:
         """Every setting, for config.json."""
         return dataclasses.asdict(self)

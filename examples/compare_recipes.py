@@ -463,7 +463,6 @@ def score_posthoc(ctx: Context, row: Row, seed: int) -> dict:
     import artlearn
     run = train_run(ctx, row, seed)
     tta = row.evaluate.get("tta", "flip")
-    tta = None if tta == "none" else tta
     trues, preds, per_fold = [], [], {}
     for k in ctx.args.folds:
         valid = ctx.df[ctx.df["fold"] == k]

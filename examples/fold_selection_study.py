@@ -111,8 +111,7 @@ def run_seed(args, rest, holdout, seed, cache, run_dir) -> dict:
                                workers=args.workers, progress=False, cache=cache, log=cr._log(f"seed {seed}"),
                                **cr._settings(args.row, cr.budget_of(args)))
     selection = artlearn.select_folds(run, rule="stable")  # the report's rule, against the default 'all complete'
-    tta = args.row.evaluate.get("tta", "flip")
-    view = dict(tta=None if tta == "none" else tta, prior_adjust=args.row.evaluate.get("prior_adjust", 0.0))
+    view = dict(tta=args.row.evaluate.get("tta", "flip"), prior_adjust=args.row.evaluate.get("prior_adjust", 0.0))
     probs = {k: artlearn.ensemble(run, holdout, folds=[k], cache=cache, workers=args.workers, **view)
              for k in run.folds}
     vocab = probs[run.folds[0]][1]

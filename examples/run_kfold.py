@@ -241,7 +241,7 @@ def _main(args, dist) -> int:
     selection = artlearn.select_folds(run, folds=hand_picked, rule=rule)
     print_table(run, selection, run.summary["majority_baseline"])
     if test is not None:
-        probs, vocab = artlearn.ensemble(run, test, folds=selection.folds, tta=recipe.ensemble_tta,
+        probs, vocab = artlearn.ensemble(run, test, folds=selection.folds, tta=recipe.tta,
                                          workers=args.workers, prior_adjust=args.prior_adjust)
         sub = artlearn.write_submission(test["id"], probs, vocab, out / "submission.csv")
         print(f"submission: {sub} ({len(test)} ids, folds {selection.folds}, tta={recipe.tta})")

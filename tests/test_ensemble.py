@@ -101,6 +101,8 @@ def test_tta_none_and_logit_average(tiny_run):
     run, _, test = tiny_run
     plain, _ = al.ensemble(run, test, folds=[0], tta=None)
     np.testing.assert_allclose(plain, reference_probs([run.fold_dir(0)], test["img_path"], flip=False), atol=1e-5)
+    spelled, _ = al.ensemble(run, test, folds=[0], tta="none")  # the Recipe's spelling of no TTA
+    np.testing.assert_array_equal(spelled, plain)
     by_prob, _ = al.ensemble(run, test, folds=[0, 1], average="prob")
     by_logit, _ = al.ensemble(run, test, folds=[0, 1], average="logit")
     np.testing.assert_allclose(by_logit.sum(1), 1.0, atol=1e-5)

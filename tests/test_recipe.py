@@ -6,7 +6,7 @@ import pytest
 
 from artlearn.dls import artist_dls
 from artlearn.learner import artist_learner
-from artlearn.recipe import BEST, PIPELINES, REFERENCE, STORES, Recipe, field_type
+from artlearn.recipe import BEST, PIPELINES, REFERENCE, STORES, TTAS, Recipe, field_type
 
 
 def test_reference_is_the_reports_recipe():
@@ -27,10 +27,9 @@ def test_best_differs_from_reference_only_in_named_options():
     assert Recipe.preset("best") is BEST
 
 
-def test_tta_setting_maps_to_ensemble_argument():
-    assert REFERENCE.tta == "flip" and REFERENCE.ensemble_tta == "flip"
-    assert REFERENCE.replace(tta="none").ensemble_tta is None
-    assert REFERENCE.replace(tta="multicrop").ensemble_tta == "multicrop"
+def test_tta_setting_takes_the_names_ensemble_takes():
+    from artlearn.ensemble import TTA_CHOICES
+    assert REFERENCE.tta == "flip" and set(TTAS) == set(TTA_CHOICES) - {None}
     with pytest.raises(ValueError, match="tta='multi'"):
         REFERENCE.replace(tta="multi").validate()
 
