@@ -1,7 +1,8 @@
 """`Recipe`: the one owner of every recipe default, grouped by where each setting acts; presets are instances.
 
-Each field carries `metadata`: `stage` (data / model / optimisation / extras / evaluation, for people), `to` (the consumer:
-'dls' = `artist_dls`, 'learner' = `artist_learner`, 'kfold' = `train_kfold` itself) and `help` (the CLI's text).
+Each field carries `metadata`: `stage` (data / model / optimisation / extras / evaluation, for people), `to` (the
+consumer: 'dls' = `artist_dls`, 'learner' = `artist_learner`, 'kfold' = `train_kfold` itself) and `help` (the CLI's
+text).
 `examples/run_kfold.py` builds one flag per field, and `train_kfold(..., **overrides)` takes the same names, so a
 new setting is one field here plus the code that uses it.
 """

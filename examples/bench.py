@@ -381,7 +381,8 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
     if "fastai loop, free batches" in med and "artlearn device" in med:
         loop, device = med["fastai loop, free batches"], med["artlearn device"]
         floor = med["model-only/artlearn device"]
-        print(f"{'fastai loop':<16}: {loop:7.2f} s/epoch with ready batches: the loop itself costs {loop - floor:+.2f} s, "
+        print(f"{'fastai loop':<16}: {loop:7.2f} s/epoch with ready batches: the loop itself costs "
+              f"{loop - floor:+.2f} s, "
               f"the device pipeline {device - loop:+.2f} s per epoch")
     if "artlearn device, unfused Adam" in med:
         slow = med["artlearn device, unfused Adam"]

@@ -45,7 +45,8 @@ TTA_VALUES = ("flip", "multicrop", "none")
 # Options switched on alone on top of reference ('store' is the decode-once store's resolution rule, 'prior_adjust'
 # and 'tta' are ensemble-time); a spec the library cannot run (no such setting or value) is skipped and listed.
 OPTIONS = (
-    "min_scale=0.25", "min_scale=0.35", "min_scale=0.5", "store=crop", "store=presize", "store=full", "lr=0.0005", "lr=0.002",
+    "min_scale=0.25", "min_scale=0.35", "min_scale=0.5", "store=crop", "store=presize", "store=full", "lr=0.0005",
+    "lr=0.002",
     "warmup=1", "warmup=2", "optimizer=adamw+wd=0.05", "optimizer=sgd+lr=0.05+wd=0.0005", "label_smoothing=0",
     "label_smoothing=0.1", "wd=0.0001", "mixup=0.4", "cutmix=1.0", "sampler=balanced", "sampler=sqrt",
     "logit_adjust=1.0", "ema=0.998", "progressive=0.5", "drop_path=0.1", "trivial_augment=True",
@@ -631,7 +632,8 @@ def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
             order.append(rec["row"])
     lines = [f"# Recipe comparison: {ctx.name}", "",
              f"Written by `examples/compare_recipes.py` from `{ctx.jsonl.name}` (one line per run). Out-of-fold "
-             "scores only (flip-TTA unless the row names other test-time views; the test set is never used), one fold assignment shared by every row and seed "
+             "scores only (flip-TTA unless the row names other test-time views; the test set is never used), one "
+             "fold assignment shared by every row and seed "
              "(stratified, `assign_folds`), the seed changing model init and augmentation only. Spread: half the "
              "min..max range over seeds. Deltas: paired by seed, in points, mean (min..max).", ""]
     for fp in sorted({k[2] for k in groups}):

@@ -134,7 +134,8 @@ def run_seed(args, rest, holdout, seed, cache, run_dir) -> dict:
                    mean_fold=dict(accuracy=float(np.mean([s["accuracy"] for s in single])),
                                   f1_macro=float(np.mean([s["f1_macro"] for s in single]))),
                    oracle_fold=scores([oracle]))
-    return dict(study="fold_selection", recipe=args.row.name, settings=args.row.describe(), seed=seed, n_folds=args.n_folds, folds=run.folds,
+    return dict(study="fold_selection", recipe=args.row.name, settings=args.row.describe(), seed=seed,
+                n_folds=args.n_folds, folds=run.folds,
                 selected=selection.folds, excluded={str(k): v for k, v in selection.excluded.items()},
                 rule=selection.rule, best_fold=ranked[0], oracle_fold=oracle, results=results, per_fold=per_fold,
                 arch=args.arch, size=args.size, epochs=args.epochs, bs=args.bs, limit=args.limit,
@@ -165,7 +166,8 @@ def write_report(path: Path, fp: str) -> Path:
     lines = [f"# Is leaving folds out worth it? {path.stem}", "",
              "Written by `examples/fold_selection_study.py`. A stratified slice of the training set is held out as a "
              "pseudo-test (the real test set is never used); K-fold runs on the rest, one per seed (the seed draws "
-             "the fold split and the training). Scores on the pseudo-test, with the recipe's test-time views. `selected`: the folds "
+             "the fold split and the training). Scores on the pseudo-test, with the recipe's test-time views. "
+             "`selected`: the folds "
              "`select_folds` keeps (the report's rule); `best fold`: best validation accuracy; `oracle`: best on "
              "the pseudo-test itself (a bound, not a choice).", ""]
     if not recs:
