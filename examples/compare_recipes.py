@@ -179,9 +179,10 @@ def parse_row(spec: str) -> Row:
 
 def definition(rec) -> str:
     """What a row (or a jsonl record) trains and scores, as text: records of a redefined row are superseded."""
-    get = rec.get if isinstance(rec, dict) else lambda k, d=None: getattr(rec, k, d)
-    return json.dumps(dict(preset=get("preset", "reference"), overrides=get("overrides", {}) or {},
-                           evaluate=get("evaluate", {}) or {}), sort_keys=True, default=str)
+    if isinstance(rec, Row):
+        rec = dict(preset=rec.preset, overrides=rec.overrides, evaluate=rec.evaluate)
+    return json.dumps(dict(preset=rec.get("preset", "reference"), overrides=rec.get("overrides") or {},
+                           evaluate=rec.get("evaluate") or {}), sort_keys=True, default=str)
 
 
 def _settings(row: Row, budget: dict) -> dict:
