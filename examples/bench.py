@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the model-only ceiling with torch.compile")
     p.add_argument("--unfused", action="store_true", help="with --epochs: also time artlearn epochs with torch's "
                    "default (unfused) Adam, to measure what the fused step gives")
+    p.add_argument("--phases", action="store_true", help="with --epochs: also split the training batches of the "
+                   "fastai loop (ready batches) and of the model-only step into forward/loss/backward/step/rest")
     return p.parse_args(argv)
 
 
@@ -92,16 +94,45 @@ def make_step(model, device, dtype, channels_last):
     opt = fused(torch.optim.Adam)(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
-    def step(x, y):
+    def step(x, y, mark=None):
+        mark = mark or (lambda phase: None)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+            out = model(x)
+            mark("forward")
+            loss = F.cross_entropy(out, y, label_smoothing=0.05)
+        mark("loss")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        mark("backward")
         scaler.step(opt)
         scaler.update()
+        mark("step")
     return step
+
+
+PHASES = ("forward", "loss", "backward", "step", "rest of the batch", "between batches")
+
+
+class PhaseClock:
+    """Wall time per named phase: `start()`, then `clock(name)` adds the time since the last mark to `name`
+    (GPU work synced at every mark, so a phase's figure is its own: a diagnostic, slower than a free run)."""
+
+    def __init__(self, device):
+        self.device, self.totals, self.last = device, dict.fromkeys(PHASES, 0.0), None
+
+    def start(self):
+        """Start timing from now."""
+        sync(self.device)
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str):
+        """Charge the time since the last mark to `name`."""
+        sync(self.device)
+        now = time.perf_counter()
+        self.totals[name] += now - self.last
+        self.last = now
 
 
 def fresh_model(args, n_classes, device, channels_last):
@@ -287,20 +318,88 @@ def artlearn_epochs(args, df, cache, pipeline: str, unfused: bool = False):
     return epoch, len(dls.train) * args.bs, len(dls.valid_ds)
 
 
-def free_batch_epochs(args, df, cache):
-    """A function timing one epoch of the same learner fed ready batches (no pipeline): the fastai loop's own cost."""
+def free_batch_learner(args, df, cache, cbs=None):
+    """artist_learner on fold 0 whose loaders hand out one ready batch again and again (no pipeline), warmed up."""
     dls = artlearn.artist_dls(df, fold=0, size=args.size, bs=args.bs, cache=cache, n_folds=4)
     train, valid = dls.train.create_batch(list(range(args.bs))), dls.valid.create_batch(list(range(args.bs)))
     dls.train.create_batch = lambda b: (train[0].clone(), train[1])  # this loader instance only
     dls.valid.create_batch = lambda b: (valid[0][:len(b)].clone(), valid[1][:len(b)])
-    learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision)
+    learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision, cbs=cbs)
     learn.fit(1)
+    return learn
+
+
+def free_batch_epochs(args, df, cache):
+    """A function timing one epoch of the same learner fed ready batches (no pipeline): the fastai loop's own cost."""
+    learn = free_batch_learner(args, df, cache)
 
     def epoch() -> float:
         start = time.perf_counter()
         learn.fit(1)
         return time.perf_counter() - start
     return epoch
+
+
+def phase_timer(clock: PhaseClock):
+    """A fastai callback charging each part of every training batch to `clock` (first at every event)."""
+    from fastai.callback.core import Callback
+
+    class PhaseTimer(Callback):
+        """forward: before_batch callbacks + model; loss: after_pred callbacks + loss; backward, step: the
+        events' own span; rest: after_loss/after_backward callbacks, zero_grad, after_batch callbacks."""
+        order = -100
+
+        def before_train(self):
+            self.batched = False
+
+        def before_batch(self):
+            if self.training:
+                if self.batched:
+                    clock("between batches")
+                else:
+                    clock.start()
+                self.batched = True
+
+        def _mark(self, name):
+            if self.training:
+                clock(name)
+
+    for event, name in (("after_pred", "forward"), ("after_loss", "loss"), ("before_backward", "rest of the batch"),
+                        ("after_backward", "backward"), ("before_step", "rest of the batch"),
+                        ("after_step", "step"), ("after_batch", "rest of the batch")):
+        setattr(PhaseTimer, event, lambda self, name=name: self._mark(name))
+    return PhaseTimer()
+
+
+def bench_phases(args, df, cache, n_classes, device, dtype, channels_last) -> None:
+    """Where the fastai loop's extra time goes: the training batches of the ready-batch learner and of the
+    model-only step, split into phases, --epochs interleaved epochs, medians per phase."""
+    loop_clock, model_clock = PhaseClock(device), PhaseClock(device)
+    learn = free_batch_learner(args, df, cache, cbs=[phase_timer(loop_clock)])
+    n_batches = len(learn.dls.train)
+    model = fresh_model(args, n_classes, device, channels_last)
+    step = make_step(model, device, dtype, channels_last)
+    x = torch.randn(args.bs, 3, args.size, args.size, device=device)
+    y = torch.randint(0, n_classes, (args.bs,), device=device)
+    step(x, y)
+    rounds = {"fastai loop": [], "model-only": []}
+    for _ in range(args.epochs):
+        loop_clock.totals = dict.fromkeys(PHASES, 0.0)
+        learn.fit(1)
+        rounds["fastai loop"].append(loop_clock.totals)
+        model_clock.totals = dict.fromkeys(PHASES, 0.0)
+        with flushed():
+            model_clock.start()
+            for _ in range(n_batches):
+                step(x, y, mark=model_clock)
+        rounds["model-only"].append(model_clock.totals)
+    med = {who: {k: statistics.median(r[k] for r in runs) for k in PHASES} for who, runs in rounds.items()}
+    print(f"phases: {n_batches} training batches per epoch, medians of {args.epochs} interleaved epochs "
+          "(synced at every mark)")
+    for k in (*PHASES, "total"):
+        loop = sum(med["fastai loop"].values()) if k == "total" else med["fastai loop"][k]
+        floor = sum(med["model-only"].values()) if k == "total" else med["model-only"][k]
+        print(f"  {k:<18}: fastai loop {loop:6.3f} s, model-only {floor:6.3f} s, difference {loop - floor:+.3f} s")
 
 
 def torchvision_epochs(args, df, n_classes, device, dtype, channels_last, mean, std) -> float:
@@ -379,15 +478,17 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
         print(f"{name:<16}: {med[name]:7.2f} s/epoch, model-only {med['model-only/' + name]:.2f} s: "
               f"epoch ratio: {med['model-only/' + name] / med[name]:.2f}")
     if "fastai loop, free batches" in med and "artlearn device" in med:
-        loop, device = med["fastai loop, free batches"], med["artlearn device"]
+        loop, ours = med["fastai loop, free batches"], med["artlearn device"]
         floor = med["model-only/artlearn device"]
         print(f"{'fastai loop':<16}: {loop:7.2f} s/epoch with ready batches: the loop itself costs "
               f"{loop - floor:+.2f} s, "
-              f"the device pipeline {device - loop:+.2f} s per epoch")
+              f"the device pipeline {ours - loop:+.2f} s per epoch")
     if "artlearn device, unfused Adam" in med:
         slow = med["artlearn device, unfused Adam"]
         print(f"{'unfused Adam':<16}: {slow:7.2f} s/epoch with torch's default Adam; the fused step artist_learner "
               f"uses is {slow / med['artlearn device']:.2f}x as fast per epoch")
+    if args.phases:
+        bench_phases(args, df, cache, n_classes, device, dtype, channels_last)
     if "torchvision" in med:
         print(f"{'torchvision':<16}: {med['torchvision']:7.2f} s/epoch; " + ", ".join(
             f"{name} speed / torchvision {med['torchvision'] / med[name]:.2f}" for name in floors))
