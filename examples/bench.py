@@ -120,7 +120,12 @@ class PhaseClock:
     (GPU work synced at every mark, so a phase's figure is its own: a diagnostic, slower than a free run)."""
 
     def __init__(self, device):
-        self.device, self.totals, self.last = device, dict.fromkeys(PHASES, 0.0), None
+        self.device, self.last = device, None
+        self.reset()
+
+    def reset(self):
+        """Zero every phase's total."""
+        self.totals = dict.fromkeys(PHASES, 0.0)
 
     def start(self):
         """Start timing from now."""
@@ -275,13 +280,19 @@ def flushed():
         torch.set_flush_denormal(False)
 
 
-def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype, channels_last):
-    """A function timing one epoch's model work alone: n_train images of training steps, n_valid of forwards."""
+def warm_model_step(args, n_classes, device, dtype, channels_last) -> tuple:
+    """(model, its training step, a random batch x, y on the device), the step already run once (warm-up)."""
     model = fresh_model(args, n_classes, device, channels_last)
     step = make_step(model, device, dtype, channels_last)
     x = torch.randn(args.bs, 3, args.size, args.size, device=device)
     y = torch.randint(0, n_classes, (args.bs,), device=device)
-    step(x, y)  # warm-up
+    step(x, y)
+    return model, step, x, y
+
+
+def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype, channels_last):
+    """A function timing one epoch's model work alone: n_train images of training steps, n_valid of forwards."""
+    model, step, x, y = warm_model_step(args, n_classes, device, dtype, channels_last)
 
     def epoch() -> float:
         with flushed():
@@ -377,17 +388,13 @@ def bench_phases(args, df, cache, n_classes, device, dtype, channels_last) -> No
     loop_clock, model_clock = PhaseClock(device), PhaseClock(device)
     learn = free_batch_learner(args, df, cache, cbs=[phase_timer(loop_clock)])
     n_batches = len(learn.dls.train)
-    model = fresh_model(args, n_classes, device, channels_last)
-    step = make_step(model, device, dtype, channels_last)
-    x = torch.randn(args.bs, 3, args.size, args.size, device=device)
-    y = torch.randint(0, n_classes, (args.bs,), device=device)
-    step(x, y)
+    _, step, x, y = warm_model_step(args, n_classes, device, dtype, channels_last)
     rounds = {"fastai loop": [], "model-only": []}
     for _ in range(args.epochs):
-        loop_clock.totals = dict.fromkeys(PHASES, 0.0)
+        loop_clock.reset()
         learn.fit(1)
         rounds["fastai loop"].append(loop_clock.totals)
-        model_clock.totals = dict.fromkeys(PHASES, 0.0)
+        model_clock.reset()
         with flushed():
             model_clock.start()
             for _ in range(n_batches):
