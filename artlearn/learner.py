@@ -152,8 +152,8 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
                    eta_min=REFERENCE.eta_min, warmup=REFERENCE.warmup, seed=None, out=None, fold=None,
                    monitor=REFERENCE.monitor, progress=True, precision=REFERENCE.precision, channels_last=None,
                    grad_accum=REFERENCE.grad_accum, mixup=REFERENCE.mixup, cutmix=REFERENCE.cutmix, ema=REFERENCE.ema,
-                   logit_adjust=REFERENCE.logit_adjust, zero_init_residual=False, cbs=None, model=None,
-                   compile=REFERENCE.compile, drop_path=REFERENCE.drop_path, **model_kw) -> ArtistLearner:
+                   logit_adjust=REFERENCE.logit_adjust, zero_init_residual=REFERENCE.zero_init_residual, cbs=None,
+                   model=None, compile=REFERENCE.compile, drop_path=REFERENCE.drop_path, **model_kw) -> ArtistLearner:
     """A fastai Learner for `dls`: from-scratch `build_model(arch, pool=pool)`, torch Adam, label-smoothed CE,
     per-epoch cosine LR, metrics accuracy and f1_macro, a `History`, and the optional extras.
 
@@ -162,7 +162,8 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     `progress=False` trains silently. On CUDA: `precision` ('auto' = bf16 where supported, else fp16; 'fp32'),
     channels-last memory format (default on). `grad_accum=n` accumulates n batches per step; `mixup`/`cutmix`
     are Beta alphas (0 = off); `ema` an EMA decay; `logit_adjust` the logit-adjustment tau (0 = off);
-    `drop_path` the stochastic-depth probability (None: the architecture's own);
+    `drop_path` the stochastic-depth probability (None: the architecture's own); `zero_init_residual` (ResNets)
+    zeroes each block's last BatchNorm weight;
     `compile=True` compiles the model in place (`nn.Module.compile`: weights and checkpoint keys stay the same).
     Extra keywords go to the model (e.g. `gem_p`, `drop_rate`, `stochastic_depth_prob`).
     """

@@ -48,6 +48,8 @@ class Recipe:
     arch: str = _setting("resnet50", "model", "learner", "architecture (resnet18/34/50/101, convnext_nano/tiny)")
     pool: str = _setting("avg", "model", "learner", "global pooling: avg or gem")
     grad_checkpoint: bool = _setting(False, "model", "learner", "recompute activations to save memory")
+    zero_init_residual: bool = _setting(False, "model", "learner", "ResNets: start each residual block's last "
+                                        "BatchNorm at zero (Goyal et al. 2017), so every block starts as identity")
     drop_path: float | None = _setting(None, "model", "learner", "stochastic depth: largest per-block drop "
                                        "probability (none: the architecture's own, 0 for ResNets, 0.1 for ConvNeXt)")
     compile: bool = _setting(False, "model", "learner", "torch.compile the model (a higher GPU ceiling; the first "
@@ -121,7 +123,7 @@ class Recipe:
         check_fraction("progressive", self.progressive)
         if not (isinstance(self.min_scale, numbers.Real) and 0 < self.min_scale <= 1):
             raise ValueError(f"min_scale={self.min_scale!r}: need a crop area fraction in (0, 1]")
-        for name in ("flip", "grad_checkpoint", "compile"):
+        for name in ("flip", "grad_checkpoint", "compile", "zero_init_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: need True or False")
         if self.drop_path is not None and not (isinstance(self.drop_path, numbers.Real) and 0 <= self.drop_path < 1):

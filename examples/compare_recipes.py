@@ -49,7 +49,8 @@ OPTIONS = (
     "lr=0.002",
     "warmup=1", "warmup=2", "optimizer=adamw+wd=0.05", "optimizer=sgd+lr=0.05+wd=0.0005", "label_smoothing=0",
     "label_smoothing=0.1", "wd=0.0001", "mixup=0.4", "cutmix=1.0", "sampler=balanced", "sampler=sqrt",
-    "logit_adjust=1.0", "ema=0.998", "progressive=0.5", "drop_path=0.1", "trivial_augment=True",
+    "logit_adjust=1.0", "ema=0.998", "progressive=0.5", "drop_path=0.1", "zero_init_residual=True",
+    "trivial_augment=True",
     "arch=resnet18", "arch=resnet34")
 POSTHOC = ("prior_adjust=0.5", "prior_adjust=1.0", "tta=multicrop")
 MINUTES_PER_FOLD = 5.0  # CPU minutes here: ResNet-18, 64 px, 12 epochs, one fold of the 5,311 paintings (issue 16)

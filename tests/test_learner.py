@@ -202,6 +202,17 @@ def test_extras_on_cpu_compose_and_train():
     assert CutMix in {type(cb) for cb in artist_learner(dls, arch="resnet18", cutmix=1.0, progress=False).cbs}
 
 
+def test_zero_init_residual_starts_every_block_as_identity():
+    """A Recipe setting that reaches torchvision: each residual block's last BatchNorm starts at weight 0."""
+    dls = image_dls()
+    zeroed = artist_learner(dls, arch="resnet18", zero_init_residual=True, progress=False, seed=0).model
+    plain_model = artist_learner(dls, arch="resnet18", progress=False, seed=0).model  # the reference: torchvision's
+    last_bns = [blk.bn2 for layer in (zeroed.layer1, zeroed.layer2, zeroed.layer3, zeroed.layer4) for blk in layer]
+    assert len(last_bns) == 8 and all(bool((bn.weight == 0).all()) for bn in last_bns)
+    assert zeroed.config["zero_init_residual"] is True
+    assert bool((plain_model.layer1[0].bn2.weight == 1).all())
+
+
 # ---------------------------------------------------------------- the built-in synthetic dataset
 
 @pytest.fixture(scope="module")
