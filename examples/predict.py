@@ -16,6 +16,7 @@ import pandas as pd
 from artlearn.ensemble import predict
 from artlearn.explain import explain
 from artlearn.plots import save_figure
+from artlearn.run import CONFIG_NAME, read_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,8 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("run", type=Path, help="run folder (train_kfold's --out) or one fold folder")
     p.add_argument("images", nargs="+", type=Path, help="painting image files")
     p.add_argument("--k", type=int, default=5, help="artists listed per painting (default: 5)")
-    p.add_argument("--tta", default="flip", choices=["flip", "none", "multicrop"],
-                   help="test-time views: image + flip (default), none, or + five native-resolution crops")
+    p.add_argument("--tta", choices=["flip", "none", "multicrop"],
+                   help="test-time views: image + flip, none, or + five native-resolution crops (default: the "
+                   "run's own, as its submission used: config.json's tta; flip for a fold folder)")
     p.add_argument("--folds", help="comma-separated folds to ensemble (default: the run's selection)")
     p.add_argument("--csv", type=Path, help="also write the table (image,rank,artist,probability) here")
     p.add_argument("--explain", type=Path, help="save the Grad-CAM figure here (PNG)")
@@ -41,10 +43,23 @@ def _figure_paths(out: Path, images: list) -> list:
     return [out.with_name(f"{out.stem}-{Path(p).stem}{out.suffix or '.png'}") for p in images]
 
 
+def recorded_tta(run: Path) -> str:
+    """The test-time views a run scored and submitted with (its config.json's tta); 'flip' for a fold folder."""
+    if not (run / CONFIG_NAME).is_file():
+        return "flip"
+    tta = read_config(run).get("tta", "flip")
+    return "none" if tta is None else tta  # runs from before tta was a Recipe setting wrote None for no TTA
+
+
 def main(argv=None) -> int:
     """Print the top-k table; write --csv and --explain when asked. Exit status 2 on a bad argument."""
     args = parse_args(argv)
-    tta = None if args.tta == "none" else args.tta
+    try:
+        chosen = args.tta or recorded_tta(args.run)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tta = None if chosen == "none" else chosen
     folds = [int(f) for f in args.folds.split(",") if f.strip()] if args.folds else None
     images = [str(p) for p in args.images]
     try:

@@ -153,11 +153,12 @@ def load_data(args, say=print, decode: bool = True):
 
 
 def settings_from(args) -> dict:
-    """Recipe overrides from the flags (None keeps the preset's value; the synthetic demo has its own sizes)."""
+    """Recipe overrides from the flags given (an absent flag keeps the preset's value, e.g. best's multicrop tta;
+    the synthetic demo has its own sizes)."""
     chosen = {name: getattr(args, name) for name in Recipe.names()}
     if args.data is None:
         chosen = {k: (v if v is not None else DEMO.get(k)) for k, v in chosen.items()}
-    return chosen
+    return {k: v for k, v in chosen.items() if v is not None}  # train_kfold reads tta=None as "no TTA"
 
 
 def print_table(run, selection, baseline) -> None:

@@ -1,4 +1,5 @@
 """examples/run_kfold.py end to end on tiny settings, as a user runs it."""
+import json
 import os
 import re
 import subprocess
@@ -42,6 +43,23 @@ def test_run_kfold_on_a_data_folder(tiny_data, tmp_path):
     assert (tmp_path / "run" / "history.png").is_file()
     rerun = _run(args, tmp_path)
     assert rerun.returncode == 0 and rerun.stdout.count("not retrained") == 2, rerun.stdout + rerun.stderr
+
+
+def test_run_kfold_preset_keeps_its_settings_unless_a_flag_is_given(tiny_data, tmp_path):
+    """--preset best without --tta scores and submits with best's multicrop views (an absent flag is not 'none')."""
+    from artlearn.recipe import BEST
+    base = ["--data", str(tiny_data), "--arch", "resnet18", "--size", "16", "--epochs", "1", "--bs", "8",
+            "--n-folds", "2", "--folds", "0", "--limit", "40", "--no-progress", "--preset", "best"]
+    done = _run([*base, "--out", str(tmp_path / "best")], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert (config["tta"], config["lr"], config["min_scale"]) == (BEST.tta, BEST.lr, BEST.min_scale) != (
+        "none", 1e-3, 0.08)
+    assert f"tta={BEST.tta}" in done.stdout
+    plain = _run([*base, "--tta", "none", "--lr", "0.002", "--out", str(tmp_path / "flags")], tmp_path)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    config = json.loads((tmp_path / "flags" / "config.json").read_text())
+    assert (config["tta"], config["lr"], config["min_scale"]) == ("none", 0.002, BEST.min_scale)
 
 
 def test_run_kfold_without_data_builds_the_synthetic_set(tmp_path):
@@ -154,7 +172,7 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     """examples/bench.py --epochs: every contender timed in one run, the ratios printed from those timings."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
     args = ["--data", str(tiny_data), "--images", "40", "--size", "16", "--bs", "8", "--epochs", "1", "--unfused",
-            "--phases"]
+            "--inline", "--phases"]
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "bench.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -164,6 +182,7 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     assert len(ratios) == 2 and all(0 < r < 5 for r in ratios)  # device and items pipelines
     assert "fastai loop" in out and "the device pipeline" in out and "speed / torchvision" in out
     assert "the fused step artist_learner uses is" in out
+    assert re.search(r"inline batches *: +\d+\.\d+ s/epoch .* prefetching saves [+-]\d+\.\d+ s per epoch", out)
     phases = {line.split(":")[0].strip(): line for line in out.split("phases:", 1)[1].splitlines()[1:8]}
     assert set(phases) == {"forward", "loss", "backward", "step", "rest of the batch", "between batches", "total"}
     totals = re.search(r"fastai loop +(\d+\.\d+) s, model-only +(\d+\.\d+) s", phases["total"])

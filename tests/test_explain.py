@@ -232,3 +232,24 @@ def test_predict_script_refuses_an_unknown_artist(tiny, tmp_path, capsys):
     out = tmp_path / "x.png"
     assert script.main([str(run.path), test["img_path"].iloc[0], "--explain", str(out), "--artist", "Nobody"]) == 2
     assert "'Nobody'" in capsys.readouterr().err and not out.exists()
+
+
+def test_predict_script_uses_the_runs_own_views_by_default(tiny, tmp_path):
+    """Without --tta the script predicts with the views the run recorded (config.json's tta), as its submission."""
+    import json
+    run, _, test = tiny
+    spec = importlib.util.spec_from_file_location("predict_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = json.loads((run.path / "config.json").read_text())
+    assert script.recorded_tta(run.path) == config["tta"]
+    assert script.recorded_tta(run.path / "fold0") == "flip"  # a fold folder has no config.json
+    for recorded, read in (("multicrop", "multicrop"), (None, "none")):
+        other = tmp_path / f"run-{read}"
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps({**config, "tta": recorded}))
+        assert script.recorded_tta(other) == read
+    path = test["img_path"].iloc[0]
+    assert script.main([str(run.path), path, "--k", "2", "--csv", str(tmp_path / "top.csv")]) == 0
+    expected = predict(run, [path], k=2, tta=None if config["tta"] == "none" else config["tta"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "top.csv"), expected, atol=1e-6)

@@ -155,6 +155,19 @@ def test_tta_is_a_recipe_setting_and_old_spelling_resumes(finished, table, tmp_p
     assert trained == []  # same configuration: resumed, nothing retrained
 
 
+def test_run_written_before_a_setting_existed_resumes(finished, table, monkeypatch):
+    """A config.json without zero_init_residual (runs before it was a Recipe setting) meant False: it resumes."""
+    run, _ = finished
+    config = json.loads((run.path / "config.json").read_text())
+    assert config.pop("zero_init_residual") is False
+    (run.path / "config.json").write_text(json.dumps(config))
+    trained = _record_fits(monkeypatch)
+    _train(table, run.path)
+    assert trained == []
+    with pytest.raises(ValueError, match="zero_init_residual: False in the run dir, True now"):
+        _train(table, run.path, zero_init_residual=True)
+
+
 def test_bad_arguments(table, tmp_path):
     with pytest.raises(ValueError, match="folds \\[7\\] out of range"):
         _train(table, tmp_path / "a", folds=[7])
