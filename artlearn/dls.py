@@ -1,5 +1,7 @@
 """`artist_dls`: fastai DataLoaders for one fold, built from a DataBlock with the stratified fold splitter."""
+import queue
 import random
+import threading
 import warnings
 
 import numpy as np
@@ -45,6 +47,48 @@ class SeededWeightedDL(WeightedDL):
         return list(rng.choice(self.n, self.n, p=self.wgts))
 
 
+def prefetched(batches, depth: int):
+    """Iterate `batches` (a generator) in a background thread, up to `depth` batches ahead, in the same order.
+
+    The producer's exceptions are raised in the consumer; when the consumer stops early (a `break`, `one_batch`)
+    the producer stops at its next batch. Not in fastai or torch: torch's DataLoader prefetches only with worker
+    processes, which a store on the GPU cannot use.
+    """
+    slots, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+            put((done, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((None, error))
+
+    worker = threading.Thread(target=produce, name="artlearn-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            batch, error = slots.get()
+            if error is not None:
+                raise error
+            if batch is done:
+                return
+            yield batch
+    finally:
+        stop.set()
+        worker.join()
+
+
 class StoreBatchDL(TfmdDL):
     """A fastai DataLoader that gathers whole batches from the image store by index and augments them on the device.
 
@@ -54,20 +98,23 @@ class StoreBatchDL(TfmdDL):
     rotation and flip; validation and test: `augment.center_views`). No worker processes, nothing restarted per
     epoch. The random draws come from a torch Generator seeded from the loader's own `rng` (shuffling, sampling
     and crops follow `Reproducible`'s seed). `wgts` samples training rows with replacement (balanced/sqrt).
+    `prefetch=n` builds up to n batches ahead in a background thread (same batches, same order; 0: none).
     """
 
     def __init__(self, dataset=None, cache: PresizeCache | None = None, size: int = REFERENCE.size,
                  min_scale: float = REFERENCE.min_scale, max_rotate: float = REFERENCE.max_rotate,
-                 flip: bool = REFERENCE.flip, ratio=(3 / 4, 4 / 3), wgts=None, **kwargs):
+                 flip: bool = REFERENCE.flip, ratio=(3 / 4, 4 / 3), wgts=None, prefetch: int = 1, **kwargs):
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch={prefetch!r}: need a whole number of batches >= 0 (0: no prefetching)")
         self.cache, self.size, self.min_scale, self.ratio = cache, int(size), min_scale, tuple(ratio)
-        self.max_rotate, self.flip = max_rotate, flip
+        self.max_rotate, self.flip, self.prefetch = max_rotate, flip, prefetch
         self.wgts = None if wgts is None else np.asarray(wgts, dtype=np.float64) / np.sum(wgts)
         kwargs["num_workers"] = 0  # the batch is gathered in the main process: no worker start-up per epoch
         super().__init__(dataset, **kwargs)
 
     def new(self, dataset=None, cls=None, **kwargs):
         """A copy of this loader (e.g. `test_dl`) with the same store and augmentation settings."""
-        for name in ("cache", "size", "min_scale", "ratio", "max_rotate", "flip"):
+        for name in ("cache", "size", "min_scale", "ratio", "max_rotate", "flip", "prefetch"):
             kwargs.setdefault(name, getattr(self, name))
         if dataset is not None and dataset is not self.dataset:
             kwargs.setdefault("wgts", None)
@@ -81,6 +128,11 @@ class StoreBatchDL(TfmdDL):
             return super().get_idxs()
         rng = np.random.default_rng(self.rng.getrandbits(64))
         return list(rng.choice(self.n, self.n, p=self.wgts))
+
+    def create_batches(self, samps):
+        """fastai's batches, built `prefetch` batches ahead in a background thread when `prefetch` > 0."""
+        batches = super().create_batches(samps)
+        return prefetched(batches, self.prefetch) if self.prefetch else batches
 
     def do_item(self, s):
         """The sample index itself (the batch is gathered in `create_batch`)."""

@@ -207,3 +207,47 @@ def test_device_loader_batches_are_the_dataset_rows_and_test_dl_reads_its_own(da
     test = dls.test_dl(rows[["img_path"]])
     (tx,) = test.create_batch([0, 1, 2])  # before the batch transforms (normalisation)
     torch.testing.assert_close(tx.as_subclass(torch.Tensor), center_views(*cache.batch(rows["img_path"]), 16) / 255)
+
+
+def test_prefetching_keeps_the_batches_and_their_order(dataset):
+    """The background thread builds the same batches as the main process would, in the same order, epoch after
+    epoch (the crops draw from the loader's seeded RNG in batch order either way)."""
+    import torch
+    df = read_artworks(dataset([6, 5, 4], size=(40, 30)))
+    cache = PresizeCache(19)
+
+    def two_epochs(prefetch):
+        dls = artist_dls(df, fold=0, size=16, bs=3, seed=5, cache=cache, n_folds=3)
+        dls.train.prefetch = prefetch
+        return [b for _ in range(2) for b in dls.train] + list(dls.valid)
+
+    ahead, inline = two_epochs(2), two_epochs(0)
+    assert len(ahead) == len(inline) > 4
+    for (xa, ya), (xb, yb) in zip(ahead, inline):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_prefetched_stops_its_thread_and_raises_the_producers_error():
+    import threading
+    from artlearn.dls import prefetched
+    made = []
+
+    def batches(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise OSError(f"batch {i}: unreadable")
+            made.append(i)
+            yield i
+
+    assert list(prefetched(batches(5), 2)) == [0, 1, 2, 3, 4]
+    made.clear()
+    for i in prefetched(batches(1000), 1):
+        if i == 2:
+            break  # the consumer stops early: the producer stops too, a batch or two ahead at most
+    assert len(made) <= 5
+    assert not any(t.name == "artlearn-prefetch" for t in threading.enumerate())
+    with pytest.raises(OSError, match="batch 3: unreadable"):
+        list(prefetched(batches(6, fail_at=3), 2))
+    with pytest.raises(ValueError, match="prefetch=-1"):
+        from artlearn.dls import StoreBatchDL
+        StoreBatchDL(prefetch=-1)
