@@ -62,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the model-only ceiling with torch.compile")
     p.add_argument("--unfused", action="store_true", help="with --epochs: also time artlearn epochs with torch's "
                    "default (unfused) Adam, to measure what the fused step gives")
-    p.add_argument("--inline", action="store_true", help="with --epochs: also time artlearn epochs with each batch "
-                   "built in the main thread (prefetch=0), to measure what the background thread gives")
+    p.add_argument("--prefetch", action="store_true", help="with --epochs: also time artlearn epochs with each batch "
+                   "built one batch ahead in a background thread (StoreBatchDL prefetch=1)")
     p.add_argument("--phases", action="store_true", help="with --epochs: also split the training batches of the "
                    "fastai loop (ready batches) and of the model-only step into forward/loss/backward/step/rest")
     return p.parse_args(argv)
@@ -312,16 +312,16 @@ def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype,
     return epoch
 
 
-def artlearn_epochs(args, df, cache, pipeline: str, unfused: bool = False, inline: bool = False):
+def artlearn_epochs(args, df, cache, pipeline: str, unfused: bool = False, prefetch: int = 0):
     """(function timing one epoch of artist_learner.fit on fold 0, training images per epoch, validation images);
-    `unfused`: with torch's default (unfused) Adam instead of the fused one artist_learner builds; `inline`: the
-    device loaders build each batch in the main thread (prefetch=0) instead of one batch ahead."""
+    `unfused`: with torch's default (unfused) Adam instead of the fused one artist_learner builds; `prefetch`: the
+    device loaders build that many batches ahead in a background thread."""
     from functools import partial
     from fastai.optimizer import OptimWrapper
     dls = artlearn.artist_dls(df, fold=0, size=args.size, bs=args.bs, cache=cache, workers=args.workers, n_folds=4,
                               pipeline=pipeline)
-    if inline:
-        dls.train.prefetch = dls.valid.prefetch = 0
+    if prefetch:
+        dls.train.prefetch = dls.valid.prefetch = prefetch
     learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision)
     if unfused:
         learn.opt_func = partial(OptimWrapper, opt=torch.optim.Adam, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -475,8 +475,8 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
         contenders["fastai loop, free batches"] = free_batch_epochs(args, df, cache)
         if args.unfused:
             contenders["artlearn device, unfused Adam"] = artlearn_epochs(args, df, cache, "device", unfused=True)[0]
-        if args.inline:
-            contenders["artlearn device, inline"] = artlearn_epochs(args, df, cache, "device", inline=True)[0]
+        if args.prefetch:
+            contenders["artlearn device, prefetch"] = artlearn_epochs(args, df, cache, "device", prefetch=1)[0]
     if "torchvision" not in set(args.skip.split(",")):
         contenders["torchvision"] = torchvision_epochs(args, df, n_classes, device, dtype, channels_last, mean, std)
     times = {name: [] for name in [*contenders, *(f"model-only/{k}" for k in floors)]}
@@ -501,11 +501,11 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
         slow = med["artlearn device, unfused Adam"]
         print(f"{'unfused Adam':<16}: {slow:7.2f} s/epoch with torch's default Adam; the fused step artist_learner "
               f"uses is {slow / med['artlearn device']:.2f}x as fast per epoch")
-    if "artlearn device, inline" in med:
-        inline = med["artlearn device, inline"]
-        print(f"{'inline batches':<16}: {inline:7.2f} s/epoch with each batch built in the main thread; "
-              f"model-only / inline {med['model-only/artlearn device'] / inline:.2f}, prefetching saves "
-              f"{inline - med['artlearn device']:+.2f} s per epoch")
+    if "artlearn device, prefetch" in med:
+        ahead = med["artlearn device, prefetch"]
+        print(f"{'prefetch thread':<16}: {ahead:7.2f} s/epoch with each batch built one ahead in a background thread; "
+              f"model-only / that {med['model-only/artlearn device'] / ahead:.2f}, prefetching saves "
+              f"{med['artlearn device'] - ahead:+.2f} s per epoch")
     if args.phases:
         bench_phases(args, df, cache, n_classes, device, dtype, channels_last)
     if "torchvision" in med:

@@ -172,7 +172,7 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     """examples/bench.py --epochs: every contender timed in one run, the ratios printed from those timings."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
     args = ["--data", str(tiny_data), "--images", "40", "--size", "16", "--bs", "8", "--epochs", "1", "--unfused",
-            "--inline", "--phases"]
+            "--prefetch", "--phases"]
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "bench.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -182,7 +182,7 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     assert len(ratios) == 2 and all(0 < r < 5 for r in ratios)  # device and items pipelines
     assert "fastai loop" in out and "the device pipeline" in out and "speed / torchvision" in out
     assert "the fused step artist_learner uses is" in out
-    assert re.search(r"inline batches *: +\d+\.\d+ s/epoch .* prefetching saves [+-]\d+\.\d+ s per epoch", out)
+    assert re.search(r"prefetch thread *: +\d+\.\d+ s/epoch .* prefetching saves [+-]\d+\.\d+ s per epoch", out)
     phases = {line.split(":")[0].strip(): line for line in out.split("phases:", 1)[1].splitlines()[1:8]}
     assert set(phases) == {"forward", "loss", "backward", "step", "rest of the batch", "between batches", "total"}
     totals = re.search(r"fastai loop +(\d+\.\d+) s, model-only +(\d+\.\d+) s", phases["total"])
