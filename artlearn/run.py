@@ -163,6 +163,14 @@ def run_config(settings: dict, df: pd.DataFrame, digests=None, **run_args) -> di
                 n_artists=int(df["artist"].nunique()), data=data_fingerprint(df, digests), library_version=__version__)
 
 
+def config_as_now(config: dict) -> dict:
+    """A run's config in today's terms: settings added since it was written get what their absence meant
+    (ABSENT_MEANS), values spelled the old way get today's spelling (OLD_SPELLINGS)."""
+    config = {**ABSENT_MEANS, **config}
+    return {k: OLD_SPELLINGS.get(k, {}).get(v, v) if isinstance(v, (str, type(None))) else v
+            for k, v in config.items()}
+
+
 def check_config(out: Path, config: dict, legacy: dict | None = None) -> None:
     """Refuse a run directory made with different settings or data.
 
@@ -173,8 +181,7 @@ def check_config(out: Path, config: dict, legacy: dict | None = None) -> None:
         config = {**config, **legacy}
         logger.warning(f"{out}: a run of format version {run_format_version(old)}; its fingerprint does not cover "
                        "the image content, so changed pixels cannot be detected when resuming it")
-    old = {**ABSENT_MEANS, **old}  # settings added since the run was written: what their absence meant
-    old = {k: OLD_SPELLINGS.get(k, {}).get(v, v) if isinstance(v, (str, type(None))) else v for k, v in old.items()}
+    old = config_as_now(old)
     diffs = [f"{k}: {old.get(k)!r} in the run dir, {config.get(k)!r} now" for k in sorted(set(old) | set(config))
              if k not in RUNTIME_KEYS and old.get(k) != config.get(k)]
     if diffs:

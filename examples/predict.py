@@ -16,7 +16,7 @@ import pandas as pd
 from artlearn.ensemble import predict
 from artlearn.explain import explain
 from artlearn.plots import save_figure
-from artlearn.run import CONFIG_NAME, read_config
+from artlearn.run import CONFIG_NAME, config_as_now, read_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,8 +47,7 @@ def recorded_tta(run: Path) -> str:
     """The test-time views a run scored and submitted with (its config.json's tta); 'flip' for a fold folder."""
     if not (run / CONFIG_NAME).is_file():
         return "flip"
-    tta = read_config(run).get("tta", "flip")
-    return "none" if tta is None else tta  # runs from before tta was a Recipe setting wrote None for no TTA
+    return config_as_now(read_config(run)).get("tta", "flip")
 
 
 def main(argv=None) -> int:
