@@ -99,7 +99,7 @@ class StoreBatchDL(TfmdDL):
     epoch. The random draws come from a torch Generator seeded from the loader's own `rng` (shuffling, sampling
     and crops follow `Reproducible`'s seed). `wgts` samples training rows with replacement (balanced/sqrt).
     `prefetch=n` builds up to n batches ahead in a background thread (same batches, same order). Off by default:
-    on a 2-core CPU it made epochs 1.4 s slower (the thread's torch ops compete with the model's for the cores).
+    on a 2-core CPU it made 64 px epochs 1.4 s slower (most likely its torch ops competing with the model's).
     """
 
     def __init__(self, dataset=None, cache: PresizeCache | None = None, size: int = REFERENCE.size,
