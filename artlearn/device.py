@@ -1,5 +1,8 @@
-"""Where and how tensors run: device choice, loader workers, mixed precision, autocast and channels-last."""
+"""Where and how tensors run: device choice, loader workers, mixed precision, autocast, channels-last and the CPU
+heap."""
 import contextlib
+import ctypes
+import logging
 import os
 
 import torch
@@ -47,3 +50,52 @@ def autocast(device: torch.device, precision: str = "auto"):
 def to_memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """channels-last, the layout the models run in on every device (faster convolutions on CUDA and CPU)."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+# glibc's mallopt parameters (malloc.h) and their defaults. torch's CPU tensors come from malloc: blocks above the
+# (at most 32 MiB) mmap threshold are mapped fresh and zero-filled by the kernel at every allocation, and freed heap
+# above the trim threshold goes back to the kernel, so each training step page-faults its activations in again.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+KEEP_TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt's largest value: free heap is kept while a fit runs
+log = logging.getLogger(__name__)
+
+
+def _glibc():
+    """The process's glibc (for mallopt/malloc_trim), or None under another C library (macOS, Windows, musl)."""
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # only glibc has it
+            return None
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def reuse_heap(on: bool) -> bool:
+    """On: malloc keeps freed memory for reuse (no mmap'd blocks, no trimming); off: glibc's defaults again and the
+    free heap handed back (malloc_trim). Not in torch, which has no caching allocator on the CPU. Returns whether
+    the C library is glibc (elsewhere nothing changes)."""
+    libc = _glibc()
+    if libc is None:
+        log.debug("not glibc: the CPU heap is left as it is")
+        return False
+    if on:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)
+    else:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+    return True
+
+
+@contextlib.contextmanager
+def reused_heap():
+    """Within the block, malloc reuses freed memory instead of faulting fresh pages in (`reuse_heap`)."""
+    reuse_heap(True)
+    try:
+        yield
+    finally:
+        reuse_heap(False)

@@ -30,6 +30,7 @@ from .callbacks import (
     NonFiniteGuard,
     NonFiniteLossError,
     Reproducible,
+    ReuseHeap,
 )
 from .checks import check_choice, check_number
 from .device import dls_on_cuda, resolve_precision
@@ -182,7 +183,7 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     if compile:
         model.compile()  # in place, unlike torch.compile(model): state_dict keys keep no '_orig_mod.' prefix
     callbacks = [LabelSmoothing(label_smoothing), CosineAnnealing(epochs, eta_min, warmup), History(),
-                 NonFiniteGuard(fold), FlushDenormals()]
+                 NonFiniteGuard(fold), FlushDenormals(), ReuseHeap()]
     if out is not None:
         callbacks.append(FoldCheckpoint(out, _fold_of(dls, fold), monitor))
     if seed is not None:

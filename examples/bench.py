@@ -33,7 +33,8 @@ from PIL import Image
 
 import artlearn
 from artlearn.checkpoint import save_weights
-from artlearn.device import default_workers
+from artlearn.callbacks import ReuseHeap
+from artlearn.device import default_workers, reused_heap
 from artlearn.files import atomic_write_json
 from artlearn.learner import fused
 from artlearn.recipe import REFERENCE, STORES
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the model-only ceiling with torch.compile")
     p.add_argument("--unfused", action="store_true", help="with --epochs: also time artlearn epochs with torch's "
                    "default (unfused) Adam, to measure what the fused step gives")
+    p.add_argument("--default-heap", action="store_true", help="with --epochs: also time artlearn epochs without "
+                   "ReuseHeap (glibc's default malloc settings), to measure what reusing freed memory gives")
     p.add_argument("--prefetch", action="store_true", help="with --epochs: also time artlearn epochs with each batch "
                    "built one batch ahead in a background thread (StoreBatchDL prefetch=1)")
     p.add_argument("--phases", action="store_true", help="with --epochs: also split the training batches of the "
@@ -274,10 +277,12 @@ def bench_torchvision(args, df, n_classes, device, dtype, channels_last, mean, s
 
 @contextlib.contextmanager
 def flushed():
-    """Denormals flushed to zero, as artist_learner trains (FlushDenormals), so the model-only floor is fair."""
+    """Denormals flushed to zero and freed memory reused, as artist_learner trains (FlushDenormals, ReuseHeap), so
+    the model-only floor is fair."""
     torch.set_flush_denormal(True)
     try:
-        yield
+        with reused_heap():
+            yield
     finally:
         torch.set_flush_denormal(False)
 
@@ -312,10 +317,11 @@ def model_only_epoch(args, n_train: int, n_valid: int, n_classes, device, dtype,
     return epoch
 
 
-def artlearn_epochs(args, df, cache, pipeline: str, unfused: bool = False, prefetch: int = 0):
+def artlearn_epochs(args, df, cache, pipeline: str, unfused: bool = False, prefetch: int = 0,
+                    default_heap: bool = False):
     """(function timing one epoch of artist_learner.fit on fold 0, training images per epoch, validation images);
     `unfused`: with torch's default (unfused) Adam instead of the fused one artist_learner builds; `prefetch`: the
-    device loaders build that many batches ahead in a background thread."""
+    device loaders build that many batches ahead in a background thread; `default_heap`: without ReuseHeap."""
     from functools import partial
     from fastai.optimizer import OptimWrapper
     dls = artlearn.artist_dls(df, fold=0, size=args.size, bs=args.bs, cache=cache, workers=args.workers, n_folds=4,
@@ -325,6 +331,8 @@ def artlearn_epochs(args, df, cache, pipeline: str, unfused: bool = False, prefe
     learn = artlearn.artist_learner(dls, arch=args.arch, progress=False, precision=args.precision)
     if unfused:
         learn.opt_func = partial(OptimWrapper, opt=torch.optim.Adam, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if default_heap:
+        learn.remove_cb(ReuseHeap)
     learn.fit(1)  # warm-up epoch (allocator, cuDNN autotuning), not timed
 
     def epoch() -> float:
@@ -475,6 +483,9 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
         contenders["fastai loop, free batches"] = free_batch_epochs(args, df, cache)
         if args.unfused:
             contenders["artlearn device, unfused Adam"] = artlearn_epochs(args, df, cache, "device", unfused=True)[0]
+        if args.default_heap:
+            contenders["artlearn device, default heap"] = artlearn_epochs(args, df, cache, "device",
+                                                                          default_heap=True)[0]
         if args.prefetch:
             contenders["artlearn device, prefetch"] = artlearn_epochs(args, df, cache, "device", prefetch=1)[0]
     if "torchvision" not in set(args.skip.split(",")):
@@ -501,6 +512,10 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
         slow = med["artlearn device, unfused Adam"]
         print(f"{'unfused Adam':<16}: {slow:7.2f} s/epoch with torch's default Adam; the fused step artist_learner "
               f"uses is {slow / med['artlearn device']:.2f}x as fast per epoch")
+    if "artlearn device, default heap" in med:
+        slow = med["artlearn device, default heap"]
+        print(f"{'default heap':<16}: {slow:7.2f} s/epoch with glibc's default malloc settings; reusing freed memory "
+              f"(ReuseHeap) is {slow / med['artlearn device']:.2f}x as fast per epoch")
     if "artlearn device, prefetch" in med:
         ahead = med["artlearn device, prefetch"]
         print(f"{'prefetch thread':<16}: {ahead:7.2f} s/epoch with each batch built one ahead in a background thread; "

@@ -27,6 +27,7 @@ from artlearn.callbacks import (
     HISTORY_COLUMNS,
     CosineAnnealing,
     FlushDenormals,
+    ReuseHeap,
     FoldCheckpoint,
     History,
     LabelSmoothing,
@@ -613,3 +614,48 @@ def test_flush_denormals_only_during_a_fit():
         tiny_learner(cbs=Boom()).fit(1)
     assert _denormal_survives()  # also after an exception escaped the fit
 
+
+
+# ---------------------------------------------------------------- ReuseHeap
+
+
+def heap_calls(monkeypatch, cuda=False) -> list:
+    """Record every reuse_heap(on) the callback makes (the setting itself is tested in test_device.py)."""
+    import artlearn.callbacks as callbacks
+    calls = []
+    monkeypatch.setattr(callbacks, "reuse_heap", lambda on: calls.append(on) or True)
+    monkeypatch.setattr(callbacks, "dls_on_cuda", lambda dls: cuda)
+    return calls
+
+
+def test_reuse_heap_during_a_training_fit_only(monkeypatch):
+    calls = heap_calls(monkeypatch)
+    seen = []
+
+    class Spy(Callback):
+        def before_batch(self):
+            seen.append(list(calls))
+
+    learn = tiny_learner(cbs=Spy())
+    assert ReuseHeap in {type(cb) for cb in learn.cbs}
+    learn.fit(1)
+    assert seen and all(c == [True] for c in seen)  # on in every training and validation batch of the fit
+    assert calls == [True, False]  # glibc's defaults again after it
+    learn.validate()
+    learn.get_preds()
+    assert calls == [True, False]  # validate/get_preds leave the setting alone
+
+
+def test_reuse_heap_undone_after_an_error_and_never_on_cuda(monkeypatch):
+    calls = heap_calls(monkeypatch)
+
+    class Boom(Callback):
+        def before_batch(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_learner(cbs=Boom()).fit(1)
+    assert calls == [True, False]
+    cuda_calls = heap_calls(monkeypatch, cuda=True)
+    tiny_learner().fit(1)
+    assert cuda_calls == []  # GPU training keeps the process's malloc settings

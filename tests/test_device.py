@@ -1,0 +1,58 @@
+"""artlearn.device: device choice, precision, memory format and the CPU heap setting."""
+import resource
+
+import pytest
+import torch
+
+from artlearn.device import autocast, reuse_heap, reused_heap, resolve_device, resolve_precision, to_memory_format
+
+GLIBC = reuse_heap(False)  # True under glibc, where the heap setting applies (and this also resets it)
+
+
+def fresh_page_faults(n: int = 4, mib: int = 64) -> int:
+    """Minor page faults while allocating, touching and freeing `n` tensors of `mib` MiB, one after another."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        t = torch.empty(mib * 2 ** 20, dtype=torch.uint8)
+        t.fill_(1)
+        del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not GLIBC, reason="the heap setting applies under glibc only")
+def test_reused_heap_stops_refaulting_freed_memory():
+    pages = 4 * 64 * 2 ** 20 // resource.getpagesize()
+    default = fresh_page_faults()
+    assert default > pages // 2  # glibc maps each 64 MiB block fresh: every page faults in again
+    with reused_heap():
+        fresh_page_faults(8)  # the heap grows (where brk is blocked glibc takes a few rounds to settle)
+        reused = min(fresh_page_faults() for _ in range(3))
+    assert reused < pages // 20  # the freed block is reused: (almost) no new faults
+    assert fresh_page_faults() > pages // 2  # glibc's defaults again after the block
+
+
+@pytest.mark.skipif(not GLIBC, reason="the heap setting applies under glibc only")
+def test_reused_heap_hands_memory_back_after_an_error():
+    with pytest.raises(RuntimeError, match="boom"), reused_heap():
+        fresh_page_faults(1)
+        raise RuntimeError("boom")
+    assert fresh_page_faults(2) > 64 * 2 ** 20 // resource.getpagesize() // 2
+
+
+def test_resolve_device_and_precision():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_precision("auto", cuda=False) == "fp32"  # the CPU always trains in fp32
+    assert resolve_precision("bf16", cuda=True) == "bf16"
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        resolve_precision("fp8", cuda=False)
+
+
+def test_autocast_is_a_no_op_on_cpu():
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_to_memory_format_makes_images_channels_last():
+    x = torch.randn(2, 3, 8, 8)
+    assert to_memory_format(x, torch.device("cpu")).is_contiguous(memory_format=torch.channels_last)
+    assert to_memory_format(torch.randn(2, 5), torch.device("cpu")).shape == (2, 5)  # non-images pass through
