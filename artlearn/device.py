@@ -2,6 +2,7 @@
 heap."""
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 
@@ -61,6 +62,7 @@ KEEP_TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt's largest value: free heap is kept 
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _glibc():
     """The process's glibc (for mallopt/malloc_trim), or None under another C library (macOS, Windows, musl)."""
     try:

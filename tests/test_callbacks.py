@@ -27,12 +27,12 @@ from artlearn.callbacks import (
     HISTORY_COLUMNS,
     CosineAnnealing,
     FlushDenormals,
-    ReuseHeap,
     FoldCheckpoint,
     History,
     LabelSmoothing,
     NonFiniteLossError,
     Reproducible,
+    ReuseHeap,
     cosine_lr,
     data_meta,
 )
@@ -613,7 +613,6 @@ def test_flush_denormals_only_during_a_fit():
     with pytest.raises(RuntimeError, match="boom"):
         tiny_learner(cbs=Boom()).fit(1)
     assert _denormal_survives()  # also after an exception escaped the fit
-
 
 
 # ---------------------------------------------------------------- ReuseHeap

@@ -23,12 +23,12 @@ def fresh_page_faults(n: int = 4, mib: int = 64) -> int:
 def test_reused_heap_stops_refaulting_freed_memory():
     pages = 4 * 64 * 2 ** 20 // resource.getpagesize()
     default = fresh_page_faults()
-    assert default > pages // 2  # glibc maps each 64 MiB block fresh: every page faults in again
+    assert default >= pages // 4  # glibc maps the 64 MiB blocks fresh: their pages fault in again
     with reused_heap():
         fresh_page_faults(8)  # the heap grows (where brk is blocked glibc takes a few rounds to settle)
         reused = min(fresh_page_faults() for _ in range(3))
     assert reused < pages // 20  # the freed block is reused: (almost) no new faults
-    assert fresh_page_faults() > pages // 2  # glibc's defaults again after the block
+    assert fresh_page_faults() >= pages // 4  # glibc's defaults again after the block
 
 
 @pytest.mark.skipif(not GLIBC, reason="the heap setting applies under glibc only")
@@ -36,7 +36,7 @@ def test_reused_heap_hands_memory_back_after_an_error():
     with pytest.raises(RuntimeError, match="boom"), reused_heap():
         fresh_page_faults(1)
         raise RuntimeError("boom")
-    assert fresh_page_faults(2) > 64 * 2 ** 20 // resource.getpagesize() // 2
+    assert fresh_page_faults(4) >= 4 * 64 * 2 ** 20 // resource.getpagesize() // 4
 
 
 def test_resolve_device_and_precision():
