@@ -58,9 +58,11 @@ class ArtistCrop(RandTransform):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Batch pipeline on the device (issue 13). Above: the per-item PIL crops of fastai's pipeline. Below: whole batches.
-# A batch is `images` uint8 (N, 3, Hc, Wc), each image at the top-left of a padded canvas (any device; channels_last
-# memory makes the CPU's antialiased resize 2-3x faster), plus `sizes` int (N, 2) holding each image's real
-# (height, width). Views are float (N, 3, S, S) in 0..255 (divide by 255 for fastai's 0..1). Every view is ONE
+# A batch is either `images` uint8 (N, 3, Hc, Wc), each image at the top-left of a padded canvas, plus `sizes` int
+# (N, 2) holding each image's real (height, width); or a list of N uint8 (3, h, w) tensors (a ragged batch, e.g. the
+# store's own zero-copy views: nothing is copied into a canvas; `sizes` then optional). Any device; channels-last
+# pixels (channel stride 1, as the store's HWC arrays) make the CPU's antialiased resize 2-3x faster. Views are
+# float (N, 3, S, S) in 0..255 (divide by 255 for fastai's 0..1). Every view is ONE
 # resampling of the stored pixels: crop box, rotation about the box centre and flip compose into one affine map per
 # image (a "map": (N, 2, 3) float, output pixel (u, v, 1) -> source pixel (x, y), pixel centres at integers).
 #
@@ -102,17 +104,40 @@ def _check_ratio(ratio) -> tuple:
     return float(lo), float(hi)
 
 
-def _check_batch(images, sizes) -> torch.Tensor:
-    """uint8 (N, 3, Hc, Wc) images with int (N, 2) sizes inside the canvas; returns the sizes as a tensor."""
+def _check_batch(images, sizes) -> tuple:
+    """(list of uint8 (3, h, w) tensors, int sizes (N, 2), device) of a canvas with its sizes, or of a ragged list."""
+    if isinstance(images, (list, tuple)):
+        return _check_ragged(list(images), sizes)
     sizes = _check_sizes(sizes)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: need uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: need uint8 (N, 3, H, W) or a list of uint8 (3, h, w) tensors, got {got}")
     if sizes.shape != (images.shape[0], 2) or sizes.is_floating_point():
         raise ValueError(f"sizes: need int (N, 2) (height, width), got {sizes.dtype} {tuple(sizes.shape)}")
-    canvas = torch.tensor(images.shape[2:], device=sizes.device)
-    if len(sizes) and (sizes.min() < 1 or (sizes.max(0).values > canvas).any()):
-        raise ValueError(f"sizes={sizes.tolist()}: every (height, width) must fit the canvas {tuple(images.shape[2:])}")
-    return sizes
+    pairs = sizes.tolist()
+    if pairs and (min(min(p) for p in pairs) < 1 or max(h for h, _ in pairs) > images.shape[2]
+                  or max(w for _, w in pairs) > images.shape[3]):
+        raise ValueError(f"sizes={pairs}: every (height, width) must fit the canvas {tuple(images.shape[2:])}")
+    return [images[k, :, :h, :w] for k, (h, w) in enumerate(pairs)], sizes.to(images.device), images.device
+
+
+def _check_ragged(images: list, sizes) -> tuple:
+    """(the list, int sizes (N, 2), device) of uint8 (3, h, w) tensors on one device; `sizes` must be theirs."""
+    if not images:
+        raise ValueError("images: an empty list; need at least one uint8 (3, h, w) tensor")
+    for k, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
+            got = f"{img.dtype} {tuple(img.shape)}" if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f"images[{k}]: need a uint8 (3, h, w) tensor, got {got}")
+        if img.device != images[0].device:
+            raise ValueError(f"images[{k}] is on {img.device}, images[0] on {images[0].device}: need one device")
+    shapes = torch.tensor([tuple(img.shape[1:]) for img in images], dtype=torch.long)
+    if sizes is not None and not torch.equal(_check_sizes(sizes).cpu().long(), shapes):
+        raise ValueError(f"sizes={torch.as_tensor(sizes).tolist()}: a ragged batch's sizes must be its images' own "
+                         f"(height, width) {shapes.tolist()} (or None)")
+    if shapes.min() < 1:
+        raise ValueError(f"images: sizes {shapes.tolist()} include an empty image")
+    return images, shapes.to(images[0].device), images[0].device
 
 
 def _check_sizes(sizes) -> torch.Tensor:
@@ -238,9 +263,9 @@ def _regions(maps, sizes, out_size: int, factors) -> torch.Tensor:
 EDGE = 1e-4  # level px kept inside the last pixel centre, so bilinear never reads the (uninitialised) pixel past it
 
 
-def _memory_format(images: torch.Tensor):
-    """channels_last when the batch is stored that way (the CPU's uint8 antialias resize is 2-3x faster on it)."""
-    return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+def _memory_format(images: list):
+    """channels_last when the images' channels are interleaved (the CPU's uint8 antialias resize is 2-3x faster)."""
+    return torch.channels_last if images[0].stride(0) == 1 else torch.contiguous_format
 
 
 def _fast_uint8(device: torch.device) -> bool:
@@ -260,7 +285,7 @@ def _resize(pixels: torch.Tensor, size: tuple, antialias: bool, memory_format) -
 def _levels(images, index: list, maps, sizes, out_size: int, antialias: bool) -> tuple:
     """Windows of images[index] resized to OVERSAMPLE px per output px, in one float canvas; origins, steps, sizes."""
     # origins (x0, y0) in source px, steps in source px per level px, sizes (w, h) in level px
-    n, device, fmt = len(index), images.device, _memory_format(images)
+    n, device, fmt = len(index), images[0].device, _memory_format(images)
     factors = (_source_steps(maps) / OVERSAMPLE).clamp(min=1) if antialias else torch.ones(n, 2, device=device)
     windows = _regions(maps, sizes, out_size, factors)
     spans = (windows[:, 2:] - windows[:, :2]).to(factors.dtype)
@@ -270,7 +295,7 @@ def _levels(images, index: list, maps, sizes, out_size: int, antialias: bool) ->
     tiny = bool((level_sizes < 2).any())  # a 1-px level is read at offset 1 with weight 0: keep that memory finite
     canvas = (torch.zeros if tiny else torch.empty)((n, 3, height, width), device=device, memory_format=fmt)
     for i, (k, (x0, y0, x1, y1), (w, h)) in enumerate(zip(index, windows.tolist(), level_sizes.tolist())):
-        window = images[k : k + 1, :, y0:y1, x0:x1]  # a view: nothing but the window is ever copied
+        window = images[k][None, :, y0:y1, x0:x1]  # a view: nothing but the window is ever copied
         if (w, h) != (x1 - x0, y1 - y0):
             window = _resize(window, (h, w), True, fmt)
         canvas[i, :, :h, :w] = window[0]
@@ -314,9 +339,9 @@ def _resized_boxes(images, index: list, boxes, flips, out_size: int, antialias: 
     groups = {}
     for row, box in enumerate(boxes.tolist()):
         groups.setdefault(tuple(box), []).append(row)
-    out = torch.empty((len(index), 3, S, S), device=images.device)
+    out = torch.empty((len(index), 3, S, S), device=images[0].device)
     for (top, left, h, w), rows in groups.items():
-        crops = _rows(images, [index[r] for r in rows])[:, :, top : top + h, left : left + w]
+        crops = _stacked([images[index[r]][:, top : top + h, left : left + w] for r in rows], fmt)
         crops = crops.float() if (h, w) == (S, S) else _resize(crops, (S, S), antialias, fmt).float()
         if len(rows) == 1:
             out[rows[0]] = crops[0]
@@ -328,11 +353,15 @@ def _resized_boxes(images, index: list, boxes, flips, out_size: int, antialias: 
     return out
 
 
-def _rows(images: torch.Tensor, index: list) -> torch.Tensor:
-    """images[index] as a view when the indices are consecutive, else gathered (copied)."""
-    if index == list(range(index[0], index[0] + len(index))):
-        return images[index[0] : index[0] + len(index)]
-    return images[torch.tensor(index, device=images.device)]
+def _stacked(crops: list, memory_format) -> torch.Tensor:
+    """Same-shape (3, h, w) crops as one (n, 3, h, w) batch in `memory_format` (a view when there is one crop)."""
+    if len(crops) == 1:
+        return crops[0][None]
+    out = torch.empty((len(crops), *crops[0].shape), dtype=crops[0].dtype, device=crops[0].device,
+                      memory_format=memory_format)
+    for row, crop in zip(out, crops):
+        row.copy_(crop)
+    return out
 
 
 def _turned_views(images, index: list, sizes, maps, out_size: int, antialias: bool) -> torch.Tensor:
@@ -354,12 +383,17 @@ def _turned_views(images, index: list, sizes, maps, out_size: int, antialias: bo
     return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def resample(images: torch.Tensor, sizes: torch.Tensor, maps: torch.Tensor, out_size: int,
-             antialias: bool = True) -> torch.Tensor:
+def resample(images, sizes, maps: torch.Tensor, out_size: int, antialias: bool = True) -> torch.Tensor:
     """Views float (N, 3, S, S) in 0..255 through per-image maps (antialias rule above; False: plain bilinear)."""
     S = _check_size(out_size)
-    sizes = _check_batch(images, sizes).to(images.device)
-    maps = maps.to(images.device).float()
+    images, sizes, device = _check_batch(images, sizes)
+    return _resample(images, sizes, maps.to(device).float(), S, antialias, device)
+
+
+def _resample(images: list, sizes, maps, S: int, antialias: bool, device) -> torch.Tensor:
+    """`resample` of checked images: whole-pixel boxes resized as torchvision does, the rest turned."""
+    if not images:
+        return torch.empty((0, 3, S, S), device=device)
     boxes, boxed = _integer_boxes(maps, sizes, S)
     flips = torch.stack([maps[:, 0, 0] < 0, maps[:, 1, 1] < 0], 1)
     parts = []
@@ -371,7 +405,7 @@ def resample(images: torch.Tensor, sizes: torch.Tensor, maps: torch.Tensor, out_
         parts.append((rows, _turned_views(images, rows.tolist(), sizes[rows], maps[rows], S, antialias)))
     if len(parts) == 1:
         return parts[0][1]
-    out = torch.empty((len(images), 3, S, S), device=images.device)
+    out = torch.empty((len(images), 3, S, S), device=device)
     for rows, views in parts:
         out.index_copy_(0, rows, views)
     return out
@@ -385,28 +419,30 @@ def _check_rotation(max_rotate, p_rotate):
         raise ValueError(f"p_rotate={p_rotate!r}: need a probability in [0, 1]")
 
 
-def train_views(images: torch.Tensor, sizes: torch.Tensor, out_size: int, generator: torch.Generator,
-                min_scale: float = 0.08, ratio=(3 / 4, 4 / 3), max_rotate: float = 15.0, p_rotate: float = 0.75,
+def train_views(images, sizes, out_size: int, generator: torch.Generator, min_scale: float = 0.08,
+                ratio=(3 / 4, 4 / 3), max_rotate: float = 15.0, p_rotate: float = 0.75,
                 flip: bool = True) -> torch.Tensor:
     """Training views float (N, 3, S, S) in 0..255: RandomResizedCrop, rotation, flip in one resampling per image."""
     # Draws, in this order, from `generator` only: the boxes (sample_crop_boxes), one angle uniform in
     # [-max_rotate, max_rotate] per image, whether to rotate (p_rotate), whether to flip (0.5; drawn even if not flip).
     S = _check_size(out_size)
     _check_rotation(max_rotate, p_rotate)
+    images, sizes, device = _check_batch(images, sizes)
     boxes = sample_crop_boxes(sizes, min_scale, ratio, generator)
-    n, device = len(sizes), images.device
+    n = len(sizes)
     angles = _uniform(n, (), -float(max_rotate), float(max_rotate), generator, device)
     angles = angles * (_uniform(n, (), 0.0, 1.0, generator, device) < p_rotate)
     flips = _uniform(n, (), 0.0, 1.0, generator, device) < 0.5
     maps = crop_affine(boxes.to(device), sizes, angles, flips if flip else None, S)
-    return resample(images, sizes, maps, S)
+    return _resample(images, sizes, maps, S, True, device)
 
 
-def center_views(images: torch.Tensor, sizes: torch.Tensor, out_size: int) -> torch.Tensor:
+def center_views(images, sizes, out_size: int) -> torch.Tensor:
     """Evaluation views float (N, 3, S, S) in 0..255: each image's central square resized (antialiased) to S x S."""
     S = _check_size(out_size)
-    maps = crop_affine(center_boxes(sizes).to(images.device), sizes, None, None, S)
-    return resample(images, sizes, maps, S)
+    images, sizes, device = _check_batch(images, sizes)
+    maps = crop_affine(center_boxes(sizes).to(device), sizes, None, None, S)
+    return _resample(images, sizes, maps, S, True, device)
 
 
 def flip_views(x: torch.Tensor) -> torch.Tensor:

@@ -92,14 +92,15 @@ def prefetched(batches, depth: int):
 class StoreBatchDL(TfmdDL):
     """A fastai DataLoader that gathers whole batches from the image store by index and augments them on the device.
 
-    The pattern of fastai's `TabDataLoader`: `do_item` passes the index through and `create_batch` builds the
-    batch at once — the stored uint8 pixels of the batch (on the GPU when the store fits there, else pinned host
-    memory copied without blocking), then one resampling per image (`augment.train_views`: RandomResizedCrop,
-    rotation and flip; validation and test: `augment.center_views`). No worker processes, nothing restarted per
-    epoch. The random draws come from a torch Generator seeded from the loader's own `rng` (shuffling, sampling
-    and crops follow `Reproducible`'s seed). `wgts` samples training rows with replacement (balanced/sqrt).
-    `prefetch=n` builds up to n batches ahead in a background thread (same batches, same order). Off by default:
-    on a 2-core CPU it made 64 px epochs 1.4 s slower (most likely its torch ops competing with the model's).
+    The pattern of fastai's `TabDataLoader`: `do_item` passes the index through and `create_batch` builds the batch
+    at once — the stored uint8 pixels of the batch (the store's own tensors, no copy, on the CPU or when the store
+    fits the GPU; else a canvas of pinned host memory copied without blocking), then one resampling per image
+    (`augment.train_views`: RandomResizedCrop, rotation and flip; validation and test: `augment.center_views`). No
+    worker processes, nothing restarted per epoch. The random draws come from a torch Generator seeded from the
+    loader's own `rng` (shuffling, sampling and crops follow `Reproducible`'s seed). `wgts` samples training rows
+    with replacement (balanced/sqrt). `prefetch=n` builds up to n batches ahead in a background thread (same
+    batches, same order). Off by default: on a 2-core CPU it made 64 px epochs 1.4 s slower (most likely its torch
+    ops competing with the model's).
     """
 
     def __init__(self, dataset=None, cache: PresizeCache | None = None, size: int = REFERENCE.size,
@@ -153,17 +154,17 @@ class StoreBatchDL(TfmdDL):
         """(TensorImage float in 0..1 on the device[, TensorCategory]) for the dataset rows `b`."""
         paths, labels = self._table()
         device = self.device if self.device is not None else torch.device("cpu")
-        canvas, sizes = self.cache.batch([paths[i] for i in b], device)
+        images, sizes = self.cache.gather([paths[i] for i in b], device)
         if getattr(self.dataset, "split_idx", None) == 0:
-            generator = torch.Generator(device=canvas.device).manual_seed(self.rng.getrandbits(63))
-            x = train_views(canvas, sizes, self.size, generator, min_scale=self.min_scale, ratio=self.ratio,
+            generator = torch.Generator(device=device).manual_seed(self.rng.getrandbits(63))
+            x = train_views(images, sizes, self.size, generator, min_scale=self.min_scale, ratio=self.ratio,
                             max_rotate=self.max_rotate, flip=self.flip)
         else:
-            x = center_views(canvas, sizes, self.size)
+            x = center_views(images, sizes, self.size)
         x = TensorImage(x.div_(255.0))
         if labels is None:
             return (x,)
-        return x, TensorCategory(labels[torch.as_tensor(list(b), dtype=torch.long)].to(canvas.device))
+        return x, TensorCategory(labels[torch.as_tensor(list(b), dtype=torch.long)].to(x.device))
 
 
 def sample_weights(labels: pd.Series, sampler: str) -> np.ndarray:

@@ -79,6 +79,17 @@ def default_memory_budget() -> int:
         return 4 << 30
 
 
+def _same_device(a, b) -> bool:
+    """Whether torch devices a and b are the same (an unindexed 'cuda' is the current CUDA device)."""
+    import torch
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def pad_batch(tensors: list, device=None):
     """(uint8 canvas (n, 3, H, W) on `device`, int sizes (n, 2) of (h, w)): each (3, h, w) image at the top left
     of the canvas, ready for `augment.train_views` / `center_views`; host canvases bound for a GPU are pinned and
@@ -262,6 +273,17 @@ class PresizeCache:
     def batch(self, paths, device=None):
         """(uint8 canvas (n, 3, H, W) on `device`, int sizes (n, 2) of (h, w)) of stored images (`pad_batch`)."""
         return pad_batch([self.tensor(p, device) for p in paths], device)
+
+    def gather(self, paths, device=None) -> tuple:
+        """(images, sizes) for `augment.train_views` / `center_views`: the stored tensors themselves as a ragged list
+        (sizes None) when all of them live on `device` (the CPU's zero-copy views, a GPU-resident store), else the
+        padded canvas of `batch` (host images bound for a GPU: one pinned, non-blocking copy)."""
+        import torch
+        tensors = [self.tensor(p, device) for p in paths]
+        where = torch.device(device if device is not None else "cpu")
+        if tensors and all(_same_device(t.device, where) for t in tensors):
+            return tensors, None
+        return pad_batch(tensors, device)
 
     def pil(self, path) -> "Image.Image":
         """The cached image as a fastai PILImage."""

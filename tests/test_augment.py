@@ -204,6 +204,37 @@ def test_views_of_a_padded_mixed_batch_equal_views_of_each_image_alone():
         assert maxe(out[k], alone) < 0.01
 
 
+def test_a_ragged_list_gives_the_views_of_its_padded_canvas_bit_for_bit():
+    imgs = [painting(h, w, seed=k) for k, (h, w) in enumerate(SHAPES)]
+    hwc = [img.permute(1, 2, 0).contiguous().permute(2, 0, 1) for img in imgs]  # the store's layout: channels last
+    batch, sizes = padded(imgs, fill=7)
+    last = batch.contiguous(memory_format=torch.channels_last)
+    for canvas, ragged in ((batch, imgs), (last, hwc)):
+        for S in (16, 40):
+            a = train_views(canvas, sizes, S, torch.Generator().manual_seed(9), max_rotate=30.0, p_rotate=0.5)
+            b = train_views(ragged, None, S, torch.Generator().manual_seed(9), max_rotate=30.0, p_rotate=0.5)
+            assert torch.equal(a, b)
+            assert torch.equal(center_views(canvas, sizes, S), center_views(ragged, sizes, S))
+    same = [painting(50, 70, seed=k) for k in range(3)]  # one shared centre box: resized together
+    assert torch.equal(center_views(same, None, 24), center_views(*padded(same), 24))
+    for k, img in enumerate(same):
+        assert torch.equal(center_views(same, None, 24)[k], center_views([img], None, 24)[0])
+
+
+def test_bad_ragged_batches_raise_naming_the_image():
+    img = painting(40, 60)
+    with pytest.raises(ValueError, match="empty list"):
+        center_views([], None, 16)
+    with pytest.raises(ValueError, match=r"images\[1\]: need a uint8 \(3, h, w\) tensor, got torch.float32"):
+        center_views([img, img.float()], None, 16)
+    with pytest.raises(ValueError, match=r"images\[0\].*\(1, 40, 60\)"):
+        center_views([img[:1]], None, 16)
+    with pytest.raises(ValueError, match=r"images\[0\].*ndarray"):
+        center_views([img.numpy()], None, 16)
+    with pytest.raises(ValueError, match=r"sizes=\[\[60, 40\]\].*\[\[40, 60\]\]"):
+        train_views([img], torch.tensor([[60, 40]]), 16, torch.Generator())
+
+
 # --- the box distribution is torchvision's -------------------------------------------------------------------------
 
 def torchvision_boxes(h, w, n, min_scale, seed) -> np.ndarray:

@@ -212,3 +212,12 @@ def test_drop_path_bad_values():
     for bad in (-0.1, 1.0, "0.1"):
         with pytest.raises(ValueError, match="drop_path"):
             build_model("resnet18", n_classes=3, drop_path=bad)
+
+
+def test_forward_of_a_fastai_typed_batch_is_a_plain_tensor_with_the_same_logits():
+    from fastai.torch_core import TensorImage
+    model = build_model("resnet18", n_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    typed = model(TensorImage(x))
+    assert type(typed) is torch.Tensor  # the typed batch stops at the model's door: no __torch_function__ per layer
+    torch.testing.assert_close(typed, model(x), rtol=0, atol=0)

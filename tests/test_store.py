@@ -105,6 +105,19 @@ def test_batch_gathers_stored_pixels_on_a_padded_canvas(tmp_path):
     assert cache.device_memory == 0 or torch.cuda.is_available()  # nothing is kept on a device without a GPU
 
 
+def test_gather_hands_out_the_stored_pixels_themselves_on_the_cpu_and_a_canvas_elsewhere(tmp_path):
+    paths = [str(write_image(tmp_path / f"{i}.png", size, seed=i)) for i, size in enumerate([(30, 20), (18, 40)])]
+    cache = PresizeCache(16)
+    cache.fill(paths)
+    images, sizes = cache.gather(paths)
+    assert sizes is None and [tuple(t.shape) for t in images] == [(3, 16, 24), (3, 36, 16)]
+    for t, p in zip(images, paths):
+        assert t.data_ptr() == cache.get(p).ctypes.data  # zero-copy: no canvas, no copy per batch
+        assert t.stride(0) == 1  # channels interleaved, the layout the CPU resizes fastest
+    canvas, sizes = cache.gather(paths, "meta")  # not held on that device: copied as one padded canvas
+    assert canvas.device.type == "meta" and canvas.shape == (2, 3, 36, 24) and sizes.shape == (2, 2)
+
+
 def test_new_images_are_read_not_stored(tmp_path):
     stored = str(write_image(tmp_path / "a.png", (30, 20), seed=1))
     new = str(write_image(tmp_path / "b.png", (30, 20), seed=2))
