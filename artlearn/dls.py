@@ -89,6 +89,9 @@ def prefetched(batches, depth: int):
         worker.join()
 
 
+EVAL_VIEW_BYTES = 512 << 20  # centre views one evaluation loader keeps (computed once, reused every epoch)
+
+
 class StoreBatchDL(TfmdDL):
     """A fastai DataLoader that gathers whole batches from the image store by index and augments them on the device.
 
@@ -110,6 +113,7 @@ class StoreBatchDL(TfmdDL):
             raise ValueError(f"prefetch={prefetch!r}: need a whole number of batches >= 0 (0: no prefetching)")
         self.cache, self.size, self.min_scale, self.ratio = cache, int(size), min_scale, tuple(ratio)
         self.max_rotate, self.flip, self.prefetch = max_rotate, flip, prefetch
+        self._views, self._views_of, self._view_bytes = {}, None, 0
         self.wgts = None if wgts is None else np.asarray(wgts, dtype=np.float64) / np.sum(wgts)
         kwargs["num_workers"] = 0  # the batch is gathered in the main process: no worker start-up per epoch
         super().__init__(dataset, **kwargs)
@@ -150,17 +154,48 @@ class StoreBatchDL(TfmdDL):
             self._paths, self._labels, self._table_of = [r[0] for r in rows], labels, self.dataset
         return self._paths, self._labels
 
+    def _center_batch(self, rows: list, paths: list, device) -> torch.Tensor:
+        """Centre views (float 0..255) of dataset rows: each computed once (deterministic: same store pixels, same
+        size) and kept up to EVAL_VIEW_BYTES, so validation epochs after the first only gather them. A row whose
+        file changed since (its store version) is computed again; images never stored are never kept."""
+        of = self._views_of
+        if of is None or of[0] is not self.dataset or of[1] != self.size or of[2] is not self.cache:
+            self._views, self._views_of, self._view_bytes = {}, (self.dataset, self.size, self.cache), 0
+        versions = [self.cache.version(paths[i]) for i in rows]
+        todo = [j for j, (i, v) in enumerate(zip(rows, versions)) if v is None or self._views.get(i, (None,))[0] != v]
+        fresh = center_views(*self.cache.gather([paths[rows[j]] for j in todo], device), self.size) if todo else None
+        for j, view in zip(todo, fresh if fresh is not None else []):
+            self._keep_view(rows[j], versions[j], view)
+        if len(todo) == len(rows):
+            return fresh
+        out = torch.stack([self._views[i][1] for i in rows]).to(device=device, dtype=torch.float32)
+        if todo:
+            out[torch.tensor(todo, device=out.device)] = fresh
+        return out
+
+    def _keep_view(self, row: int, version, view: torch.Tensor) -> None:
+        """Keep one row's centre view when its image is stored and the budget allows: as uint8 on the CPU (its
+        views are whole numbers there: torch resizes uint8 directly), float elsewhere."""
+        if version is None:
+            return
+        kept = view.to(torch.uint8) if view.device.type == "cpu" else view.clone()  # never a view of the batch
+        old = self._views.get(row)
+        spare = EVAL_VIEW_BYTES - self._view_bytes + (old[1].nbytes if old is not None else 0)
+        if kept.nbytes <= spare:
+            self._views[row] = (version, kept)
+            self._view_bytes += kept.nbytes - (old[1].nbytes if old is not None else 0)
+
     def create_batch(self, b):
         """(TensorImage float in 0..1 on the device[, TensorCategory]) for the dataset rows `b`."""
         paths, labels = self._table()
         device = self.device if self.device is not None else torch.device("cpu")
-        images, sizes = self.cache.gather([paths[i] for i in b], device)
         if getattr(self.dataset, "split_idx", None) == 0:
+            images, sizes = self.cache.gather([paths[i] for i in b], device)
             generator = torch.Generator(device=device).manual_seed(self.rng.getrandbits(63))
             x = train_views(images, sizes, self.size, generator, min_scale=self.min_scale, ratio=self.ratio,
                             max_rotate=self.max_rotate, flip=self.flip)
         else:
-            x = center_views(images, sizes, self.size)
+            x = self._center_batch(list(b), paths, device)
         x = TensorImage(x.div_(255.0))
         if labels is None:
             return (x,)

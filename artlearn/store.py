@@ -144,6 +144,13 @@ class PresizeCache:
         path = str(path)
         return path in self._keys and self._keys[path] == _file_key(path, self.presize)
 
+    def version(self, path) -> str | None:
+        """The key of a stored, unchanged image (path, mtime, bytes, presize): equal keys, equal pixels; None when
+        the image is not stored or its file changed since (then the next read decodes it again)."""
+        path = str(path)
+        key = self._keys.get(path)
+        return key if key is not None and key == _file_key(path, self.presize) else None
+
     def __getstate__(self) -> dict:
         """Pickle the settings only, never the pixels (a learner's export stays small); reloads start empty."""
         state = dict(self.__dict__)

@@ -209,6 +209,37 @@ def test_device_loader_batches_are_the_dataset_rows_and_test_dl_reads_its_own(da
     torch.testing.assert_close(tx.as_subclass(torch.Tensor), center_views(*cache.batch(rows["img_path"]), 16) / 255)
 
 
+def test_validation_views_are_computed_once_and_again_only_for_a_changed_file(dataset, monkeypatch):
+    """Centre views are deterministic: the first validation epoch computes them, later ones gather the kept copies
+    (bit-identical), a repainted file is viewed afresh, and a budget too small to keep anything changes nothing."""
+    import torch
+
+    import artlearn.dls as dls_module
+    from artlearn.augment import center_views
+    df = read_artworks(dataset([6, 5, 4], size=(40, 30)))
+    cache = PresizeCache(19)
+    valid = artist_dls(df, fold=0, size=16, bs=4, cache=cache, n_folds=3).valid
+    computed = []
+    monkeypatch.setattr(dls_module, "center_views", lambda *a: computed.append(len(a[0])) or center_views(*a))
+    first = [x.as_subclass(torch.Tensor).clone() for x, _ in valid]
+    assert sum(computed) == len(valid.dataset)
+    second = [x.as_subclass(torch.Tensor) for x, _ in valid]
+    assert sum(computed) == len(valid.dataset)  # nothing computed again
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    path = valid.dataset[1][0]
+    Image.fromarray(np.full((40, 30, 3), 200, dtype=np.uint8)).save(path)  # the painting changes on disk
+    (x,) = valid.create_batch([0, 1])[:1]
+    assert computed[-1] == 1  # only the changed row
+    torch.testing.assert_close(x.as_subclass(torch.Tensor), center_views(*cache.batch([valid.dataset[0][0], path]),
+                                                                         16) / 255)
+    assert float(x[1].min()) * 255 > 199  # the new pixels, not the kept view
+    monkeypatch.setattr(dls_module, "EVAL_VIEW_BYTES", 0)
+    tight = artist_dls(df, fold=0, size=16, bs=4, cache=cache, n_folds=3).valid
+    for _ in range(2):
+        assert all(torch.equal(a, b.as_subclass(torch.Tensor)) for a, (b, _) in zip(second[1:], list(tight)[1:]))
+    assert tight._view_bytes == 0
+
+
 def test_prefetching_keeps_the_batches_and_their_order(dataset):
     """The background thread builds the same batches as the main process would, in the same order, epoch after
     epoch (the crops draw from the loader's seeded RNG in batch order either way)."""
