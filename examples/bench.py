@@ -500,8 +500,12 @@ def bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean,
     print(f"epoch: fold 0 of 4 ({n_train} train + {n_valid} valid images), medians of {args.epochs} interleaved "
           "epochs")
     for name in floors:
+        paired = [floor / t for floor, t in zip(times[f"model-only/{name}"], times[name])]
         print(f"{name:<16}: {med[name]:7.2f} s/epoch, model-only {med['model-only/' + name]:.2f} s: "
               f"epoch ratio: {med['model-only/' + name] / med[name]:.2f}")
+        print(f"{'':<16}  per round (model-only / epoch, each pair timed back to back): "
+              + " ".join(f"{r:.3f}" for r in paired) + f"; median {statistics.median(paired):.3f}")
+    print("epochs (s)      : " + "; ".join(f"{name} " + " ".join(f"{t:.2f}" for t in v) for name, v in times.items()))
     if "fastai loop, free batches" in med and "artlearn device" in med:
         loop, ours = med["fastai loop, free batches"], med["artlearn device"]
         floor = med["model-only/artlearn device"]
