@@ -71,7 +71,7 @@ class _SplitModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_classes), a plain tensor even for fastai's typed inputs."""
-        # A TensorImage would carry its Python __torch_function__ through every layer: measured 1.2-1.5x slower
+        # A TensorImage would carry its Python __torch_function__ through every layer: measured 1.15-1.25x slower
         # backward on the CPU (ResNet-18, 64 px, bs 32); fastai keeps the typed batch (xb) for decoding.
         return self.forward_head(self.forward_features(x.as_subclass(torch.Tensor)))
 
