@@ -592,6 +592,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def gpu_memory(device) -> str:
+    """', GPU max allocated X GiB' on CUDA, else ''."""
+    return f", GPU max allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""
+
+
 def main(argv=None):
     """Run every section and print the figures."""
     args = parse_args(argv)
@@ -616,7 +621,7 @@ def main(argv=None):
     mean, std = cache.channel_stats(df["img_path"])
     if args.epochs:
         bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean, std)
-        print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB")
+        print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB{gpu_memory(device)}")
         return
     ceiling = bench_ceiling(args, n_classes, device, dtype, channels_last)
     print(f"ceiling      : {ceiling:8.1f} images/s  (model-only training step)")
@@ -637,8 +642,7 @@ def main(argv=None):
         print(f"cache        : whole table {len(full)} images at presize {whole.presize} px -> "
               f"{whole.nbytes / 2 ** 30:.2f} GiB in {whole.mode if whole.mode != 'auto' else 'memory/auto'} "
               f"({time.perf_counter() - start:.1f} s)")
-    gpu = f", GPU max allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""
-    print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB{gpu}")
+    print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB{gpu_memory(device)}")
 
 
 if __name__ == "__main__":

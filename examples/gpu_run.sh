@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17 on one H200, in ONE device call that stops itself before its deadline and packs what finished.
+# Issues 13 and 17 on one H200, in ONE device call that stops itself before its deadline and packs what finished.
 #
 # Prepare here, in the repository root (not on the GPU machine), once:
 #   ../shared/gpu/fetch-wheels.sh .whl                                    # fastai & co. (.whl/ is git-ignored)
@@ -14,14 +14,19 @@
 #   timeout_s: 600            (GPU_RUN_SECONDS must stay below the call's limit_s; 60 s are left for slack)
 # Then unpack here (files_at is in the reply):
 #   mkdir -p docs/results/gpu && tar -xzf <files_at>/results.tar.gz -C docs/results/gpu
+#   cp <files_at>/bench-bs*.txt docs/results/bench/   (step 0's raw output: rename to gpu-r50-288px-bf16-bs*.txt)
 #
 # Priorities, each writing its results as it finishes (a step past the deadline is stopped; complete folds stay):
+#   0. issue 13's pipeline benchmark: whole epochs of the device pipeline against the model-only time and the plain
+#      torchvision loop, ResNet-50 at 288 px, bf16, channels-last, batch 64 then 128 (bench.py --epochs; the first
+#      also times the model-only ceiling with and without compile=True); raw output in $OUT/bench-bs{64,128}.txt
 #   1. the reference recipe on the full training set: ResNet-50, 288 px, bs 32, 30 epochs, 4 folds (run_kfold.py)
 #   2. the same with --preset best
 #   3. fold 0 of the study's other cells (resnet34, resnet101, 224, 320, gem; study.py reuses 1 and 2 as cells)
 # Then $OUT/results.tar.gz (config.json, summary.json, meta.json, fold*/history.csv, fold*/oof.csv, *.png,
 # results.csv/md; never weights or images) and $OUT/gpu_run.log come back.
-# Knobs (environment): GPU_RUN_SECONDS (540), GPU_DATA (.gpu-train), GPU_RUNS (runs/gpu), EPOCHS (30), BS (32),
+# Knobs (environment): BENCH_EPOCHS (3; 0 skips step 0), BENCH_IMAGES (0 = all), BENCH_PRECISION (bf16),
+# GPU_RUN_SECONDS (540), GPU_DATA (.gpu-train), GPU_RUNS (runs/gpu), EPOCHS (30), BS (32),
 # ARCH (resnet50), SIZE (288), GPU_CELL_SECONDS (180), GPU_SITE (/tmp/site). GPU_RUN_CPU_SMOKE=1 skips the CUDA
 # check: a CPU rehearsal with tiny settings (ARCH=resnet18 SIZE=32 EPOCHS=3 GPU_DATA=<small folder>).
 set -uo pipefail
@@ -118,7 +123,18 @@ python3 -c "import torch, fastai; print('torch', torch.__version__, 'fastai', fa
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')" 2>&1 | tee -a "$LOG"
 say "data: $DATA ($(( $(wc -l < "$DATA/train.csv") - 1 )) images); runs in $RUNS; deadline ${TOTAL}s"
 
-# ---------------------------------------------------------------- 1, 2, 3
+# ---------------------------------------------------------------- 0 (issue 13), 1, 2, 3
+BENCH_EPOCHS=${BENCH_EPOCHS:-3}
+if (( BENCH_EPOCHS > 0 )); then
+  for bs in 64 128; do
+    extra=()
+    (( bs == 64 )) && extra=(--compile)
+    run_step "0 bench bs $bs" env OUT_FILE="$OUT/bench-bs$bs.txt" \
+      bash -c 'python3 examples/bench.py "$@" 2>&1 | tee "$OUT_FILE"' bench \
+      --data "$DATA" --images "${BENCH_IMAGES:-0}" --arch "$ARCH" --size "$SIZE" --bs "$bs" \
+      --precision "${BENCH_PRECISION:-bf16}" --epochs "$BENCH_EPOCHS" --pipelines device "${extra[@]}"
+  done
+fi
 RECIPE=(--data "$DATA" --arch "$ARCH" --size "$SIZE" --bs "$BS" --epochs "$EPOCHS" --n-folds 4 --seed 42 --no-progress)
 run_step "1 reference" python3 examples/run_kfold.py "${RECIPE[@]}" --preset reference \
   --out "$STUDY/reference-$ARCH-$SIZE-avg"  # the study's name for its base cell, so step 3 reuses it
