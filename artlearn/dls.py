@@ -161,29 +161,35 @@ class StoreBatchDL(TfmdDL):
         of = self._views_of
         if of is None or of[0] is not self.dataset or of[1] != self.size or of[2] is not self.cache:
             self._views, self._views_of, self._view_bytes = {}, (self.dataset, self.size, self.cache), 0
-        versions = [self.cache.version(paths[i]) for i in rows]
-        todo = [j for j, (i, v) in enumerate(zip(rows, versions)) if v is None or self._views.get(i, (None,))[0] != v]
+        todo = self._stale(rows, paths)
         fresh = center_views(*self.cache.gather([paths[rows[j]] for j in todo], device), self.size) if todo else None
-        for j, view in zip(todo, fresh if fresh is not None else []):
-            self._keep_view(rows[j], versions[j], view)
+        for j, view in zip(todo, fresh if fresh is not None else []):  # versions read after gather's re-decode
+            self._keep_view(rows[j], self.cache.version(paths[rows[j]]), view)
         if len(todo) == len(rows):
             return fresh
-        out = torch.stack([self._views[i][1] for i in rows]).to(device=device, dtype=torch.float32)
-        if todo:
-            out[torch.tensor(todo, device=out.device)] = fresh
+        done = sorted(set(range(len(rows))) - set(todo))  # read before this batch's fresh views were kept
+        kept = torch.stack([self._views[rows[j]][1] for j in done]).to(device=device, dtype=torch.float32)
+        if not todo:
+            return kept
+        out = torch.empty((len(rows), *kept.shape[1:]), device=kept.device)
+        out[torch.tensor(done, device=out.device)] = kept
+        out[torch.tensor(todo, device=out.device)] = fresh
         return out
 
+    def _stale(self, rows: list, paths: list) -> list:
+        """Positions in `rows` without a kept view of their image's current store version."""
+        return [j for j, i in enumerate(rows)
+                if i not in self._views or self._views[i][0] != self.cache.version(paths[i])]
+
     def _keep_view(self, row: int, version, view: torch.Tensor) -> None:
-        """Keep one row's centre view when its image is stored and the budget allows: as uint8 on the CPU (its
-        views are whole numbers there: torch resizes uint8 directly), float elsewhere."""
-        if version is None:
-            return
+        """Keep one row's centre view (replacing an outdated one) when its image is stored and the budget allows:
+        as uint8 on the CPU (its views are whole numbers there: torch resizes uint8 directly), float elsewhere."""
+        old = self._views.pop(row, None)
+        if old is not None:
+            self._view_bytes -= old[1].nbytes
         kept = view.to(torch.uint8) if view.device.type == "cpu" else view.clone()  # never a view of the batch
-        old = self._views.get(row)
-        spare = EVAL_VIEW_BYTES - self._view_bytes + (old[1].nbytes if old is not None else 0)
-        if kept.nbytes <= spare:
-            self._views[row] = (version, kept)
-            self._view_bytes += kept.nbytes - (old[1].nbytes if old is not None else 0)
+        if version is not None and kept.nbytes <= EVAL_VIEW_BYTES - self._view_bytes:
+            self._views[row], self._view_bytes = (version, kept), self._view_bytes + kept.nbytes
 
     def create_batch(self, b):
         """(TensorImage float in 0..1 on the device[, TensorCategory]) for the dataset rows `b`."""

@@ -233,11 +233,14 @@ def test_validation_views_are_computed_once_and_again_only_for_a_changed_file(da
     torch.testing.assert_close(x.as_subclass(torch.Tensor), center_views(*cache.batch([valid.dataset[0][0], path]),
                                                                          16) / 255)
     assert float(x[1].min()) * 255 > 199  # the new pixels, not the kept view
-    monkeypatch.setattr(dls_module, "EVAL_VIEW_BYTES", 0)
-    tight = artist_dls(df, fold=0, size=16, bs=4, cache=cache, n_folds=3).valid
-    for _ in range(2):
-        assert all(torch.equal(a, b.as_subclass(torch.Tensor)) for a, (b, _) in zip(second[1:], list(tight)[1:]))
-    assert tight._view_bytes == 0
+    valid.create_batch([0, 1])
+    assert computed[-1] == 1 and len(computed) == len(valid) + 1  # the repainted row is kept again: nothing new
+    for budget, kept in ((0, 0), (3 * 3 * 16 * 16, 3)):  # nothing kept; three uint8 views kept, the rest each time
+        monkeypatch.setattr(dls_module, "EVAL_VIEW_BYTES", budget)
+        tight = artist_dls(df, fold=0, size=16, bs=4, cache=cache, n_folds=3).valid
+        for _ in range(2):
+            assert all(torch.equal(a, b.as_subclass(torch.Tensor)) for a, (b, _) in zip(second[1:], list(tight)[1:]))
+        assert tight._view_bytes == budget and len(tight._views) == kept
 
 
 def test_prefetching_keeps_the_batches_and_their_order(dataset):
