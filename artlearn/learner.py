@@ -1,14 +1,17 @@
 """`artist_learner`: a fastai Learner with the recipe's defaults (from-scratch model, torch Adam, label-smoothed
 cross-entropy, per-epoch cosine LR, accuracy and macro-F1) and its optional extras."""
 import numbers
+import tempfile
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import summary  # noqa: F401  (fastai adds Learner.summary on import)
-from fastai.callback.mixup import CutMix, MixUp
+from fastai.callback.mixup import CutMix, MixHandler, MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import lr_find  # noqa: F401  (fastai adds Learner.lr_find, fit_one_cycle)
 from fastai.callback.training import GradientAccumulation
@@ -16,6 +19,8 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, skm_to_fastai
 from fastai.optimizer import OptimWrapper
+from fastai.vision.core import PILImage
+from fastai.vision.learner import plot_top_losses  # noqa: F401  (fastai registers the image plot_top_losses here)
 from fastcore.basics import noop
 from fastcore.foundation import L
 
@@ -64,6 +69,41 @@ class ArtistLearner(Learner):
             if isinstance(e, NonFiniteLossError):
                 e.args = (e.message,)
             raise
+
+    def predict(self, item, rm_type_tfms=None, with_input=False):
+        """`Learner.predict` for what fastai's vision learners take: a path, a PIL image, an ndarray or a tensor."""
+        if isinstance(item, (str, Path, pd.Series)):
+            return super().predict(str(item) if isinstance(item, Path) else item, rm_type_tfms, with_input)
+        with tempfile.TemporaryDirectory(prefix="artlearn-predict-") as tmp:
+            path = Path(tmp) / "image.png"
+            _as_pil(item).save(path)
+            return super().predict(str(path), rm_type_tfms, with_input)
+
+    def load(self, file, device=None, **kwargs):
+        """`Learner.load`; an artlearn fold checkpoint (best.safetensors) is refused with the loader to use."""
+        weights = Path(file).with_suffix(".safetensors")
+        fastai_file = Path(self.path) / self.model_dir / f"{file}.pth"
+        if not fastai_file.is_file() and weights.is_file():
+            raise FileNotFoundError(f"{weights} is an artlearn fold checkpoint (safetensors + meta.json), which "
+                                    f"fastai's Learner.load does not read: use al.fold_learner('{weights.parent}') "
+                                    f"for a ready Learner, or al.load_fold('{weights.parent}') for the model")
+        return super().load(file, device=device, **kwargs)
+
+
+def _as_pil(item) -> PILImage:
+    """A PILImage from a PIL image, an (h, w[, c]) ndarray or a (c, h, w) tensor (uint8, or floats in [0, 1])."""
+    try:
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu()
+            item = (item.permute(1, 2, 0) if item.ndim == 3 and item.shape[0] in (1, 3, 4) else item).numpy()
+        if isinstance(item, np.ndarray) and item.dtype != np.uint8:
+            item = np.clip(np.round(item * 255 if item.max() <= 1 else item), 0, 255).astype(np.uint8)
+        if isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[-1] == 1:
+            item = item[..., 0]
+        return PILImage.create(item).convert("RGB")
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"predict: cannot read {type(item).__name__} as an image ({e}); pass a path, a PIL "
+                         "image, an (h, w, 3) ndarray or a (3, h, w) tensor") from None
 
 
 def f1_macro():
@@ -118,6 +158,17 @@ def _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precisio
         raise ValueError(f"ema={ema!r}: need a decay in (0, 1) (e.g. 0.999) or None")
 
 
+def _check_mix_cbs(mixup, cutmix, cbs) -> None:
+    """ValueError when mixup=/cutmix= and a MixUp/CutMix in `cbs` would both mix the same batches."""
+    mixers = [cb for cb in L(cbs)
+              if isinstance(cb, MixHandler) or (isinstance(cb, type) and issubclass(cb, MixHandler))]
+    if mixers and (mixup or cutmix):
+        given = f"mixup={mixup!r}" if mixup else f"cutmix={cutmix!r}"
+        name = getattr(mixers[0], "__name__", type(mixers[0]).__name__)
+        raise ValueError(f"{given} and cbs=[{name}(...)] would mix every batch twice: pass {given} or the "
+                         "callback in cbs=, not both")
+
+
 def _seeded_model(seed, arch, n_classes, pool, **kw):
     """Build the model; with a seed, initialise it under a forked, seeded torch RNG (global state untouched)."""
     if seed is None:
@@ -170,6 +221,7 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
     """
     _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
                 ema, logit_adjust, monitor, seed)
+    _check_mix_cbs(mixup, cutmix, cbs)
     if getattr(dls.train, "bs", 2) < 2:
         raise ValueError(f"bs={dls.train.bs}: BatchNorm needs at least 2 images per training batch; use bs >= 2")
     if model is None:

@@ -376,3 +376,72 @@ def test_fold_learner_reproduces_the_recorded_best_valid_loss(synthetic, tmp_pat
         fold_learner(tmp_path / "fold0")  # a fold folder outside a run: no data to build loaders from
     with pytest.raises(ValueError, match="not in this fold's vocabulary"):
         fold_learner(tmp_path / "fold0", items=valid.assign(artist="Nobody"))
+
+
+# ---------------------------------------------------------------- fastai habits on an artlearn learner
+
+
+@pytest.fixture(scope="module")
+def trained_fold(synthetic, tmp_path_factory):
+    """A fold trained 1 epoch into a folder: (fold folder, validation rows)."""
+    _, dls = synthetic
+    out = tmp_path_factory.mktemp("habits")
+    artist_learner(dls, arch="resnet18", out=out, fold=0, epochs=1, progress=False, seed=0).fit(1)
+    return out / "fold0", dls.valid_ds.items
+
+
+def test_predict_takes_what_fastai_vision_learners_take(trained_fold):
+    import numpy as np
+    from fastai.vision.core import PILImage
+
+    from artlearn.learner import fold_learner
+    folder, valid = trained_fold
+    learn = fold_learner(folder, items=valid)
+    path = valid["img_path"].iloc[0]
+    pil = PILImage.create(path)
+    array = np.array(pil)
+    inputs = {"str": path, "Path": __import__("pathlib").Path(path), "PILImage": pil, "ndarray": array,
+              "uint8 tensor": torch.from_numpy(array).permute(2, 0, 1),
+              "float tensor": torch.from_numpy(array).permute(2, 0, 1).float() / 255}
+    results = {name: learn.predict(item) for name, item in inputs.items()}
+    expected = results["str"][2]
+    for name, (label, idx, probs) in results.items():
+        assert label == learn.dls.vocab[int(idx)] and probs.shape == (len(learn.dls.vocab),), name
+        torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-4, msg=name)  # same pixels, same answer
+    with pytest.raises(ValueError, match="cannot read ndarray as an image"):
+        learn.predict(np.array(["not", "an", "image"]))
+
+
+def test_learner_load_of_a_fold_checkpoint_points_to_fold_learner(trained_fold):
+    from artlearn.learner import fold_learner
+    folder, valid = trained_fold
+    learn = fold_learner(folder, items=valid)
+    with pytest.raises(FileNotFoundError, match=r"artlearn fold checkpoint .*al\.fold_learner\("):
+        learn.load(str(folder / "best"))
+    with pytest.raises(FileNotFoundError, match="nothing"):  # any other missing file: fastai's own error
+        learn.load(str(folder / "nothing"))
+
+
+@pytest.mark.parametrize("cbs", [[MixUp(0.4)], [MixUp], [CutMix]])
+def test_mixup_twice_is_refused_naming_both(synthetic, cbs):
+    _, dls = synthetic
+    with pytest.raises(ValueError, match=r"mixup=0.4 and cbs=\[(MixUp|CutMix)\(\.\.\.\)\] would mix every batch"):
+        artist_learner(dls, arch="resnet18", progress=False, mixup=0.4, cbs=cbs)
+    assert artist_learner(dls, arch="resnet18", progress=False, cbs=cbs)  # the callback alone is fine
+
+
+def test_plot_top_losses_needs_only_import_artlearn(trained_fold):
+    import subprocess
+    import sys
+    folder, valid = trained_fold
+    items = folder.parent / "items.csv"
+    valid.to_csv(items, index=False)
+    code = ("import sys, pandas as pd, artlearn as al\n"
+            "from fastai.interpret import ClassificationInterpretation\n"
+            f"learn = al.fold_learner({str(folder)!r}, items=pd.read_csv({str(items)!r}, dtype=str))\n"
+            "ClassificationInterpretation.from_learner(learn).plot_top_losses(4)\n"
+            "import matplotlib.pyplot as plt; print(len(plt.gcf().axes), 'fastai.vision.all' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["4", "False"], done.stdout
