@@ -37,7 +37,8 @@ logger = logging.getLogger("artlearn")
 
 __all__ = ["LabelSmoothing", "CosineAnnealing", "cosine_lr", "History", "HISTORY_COLUMNS", "FoldCheckpoint",
            "MONITORS", "NonFiniteGuard", "NonFiniteLossError", "Reproducible", "EMA", "LogitAdjustment",
-           "ProgressiveResize", "TrainingOnly", "FlushDenormals", "ReuseHeap", "data_meta", "is_training_fit"]
+           "ProgressiveResize", "TrainingOnly", "FlushDenormals", "ReuseHeap", "data_meta", "is_training_fit",
+           "EpochTable"]
 
 # monitor name -> the Recorder names it may have (plain metrics, or `valid_*` with Recorder(train_metrics=True))
 MONITORS = {"valid_loss": ("valid_loss",), "valid_acc": ("accuracy", "valid_accuracy"),
@@ -291,6 +292,44 @@ class History(TrainingOnly):
     def frame(self) -> pd.DataFrame:
         """The history as a DataFrame with exactly `HISTORY_COLUMNS`."""
         return pd.DataFrame(self.rows, columns=list(HISTORY_COLUMNS))
+
+
+class EpochTable(TrainingOnly):
+    """The console's per-epoch table: one line per epoch, with `History`'s column names and values (history.csv's).
+
+    Stands in for fastai's printed table (whose `train_loss` is smoothed and whose accuracy is named `accuracy`);
+    `write` prints each line (default `print`, like fastai's `Learner.logger`).
+    """
+    order = History.order + 1
+    WIDTHS = dict(epoch=5, train_loss=10, valid_loss=10, train_acc=9, valid_acc=9, f1_macro=8, lr=8, seconds=7)
+
+    def __init__(self, write=print):
+        self.write, self._last = write, None
+
+    def before_training_fit(self):
+        """Print the header again at the first row of this fit."""
+        self._header = False
+
+    def after_epoch(self):
+        """Print the row `History` just recorded (none when the epoch did not train)."""
+        history = getattr(self.learn, "history", None)
+        row = history.rows[-1] if history is not None and history.rows else None
+        if row is None or row is self._last:
+            return
+        self._last = row
+        if not self._header:
+            self.write("  ".join(f"{name:>{w}}" for name, w in self.WIDTHS.items()))
+            self._header = True
+        self.write("  ".join(f"{self.format(name, row.get(name)):>{w}}" for name, w in self.WIDTHS.items()))
+
+    @staticmethod
+    def format(name: str, value) -> str:
+        """A value of `name` as the table shows it."""
+        if name == "epoch":
+            return str(value)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "nan"
+        return f"{value:.2e}" if name == "lr" else f"{value:.1f}" if name == "seconds" else f"{value:.4f}"
 
 
 class NonFiniteLossError(RuntimeError):

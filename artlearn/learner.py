@@ -1,6 +1,7 @@
 """`artist_learner`: a fastai Learner with the recipe's defaults (from-scratch model, torch Adam, label-smoothed
 cross-entropy, per-epoch cosine LR, accuracy and macro-F1) and its optional extras."""
 import numbers
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -23,10 +24,12 @@ from fastai.vision.core import PILImage
 from fastai.vision.learner import plot_top_losses  # noqa: F401  (fastai registers the image plot_top_losses here)
 from fastcore.basics import noop
 from fastcore.foundation import L
+from fastprogress import fastprogress
 
 from .callbacks import (
     EMA,
     CosineAnnealing,
+    EpochTable,
     FlushDenormals,
     FoldCheckpoint,
     History,
@@ -253,10 +256,20 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
         callbacks.append(EMA(ema))
     learn = ArtistLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=torch_optimizer(optimizer, wd),
                           lr=lr, wd=wd, metrics=[accuracy, f1_macro()], cbs=callbacks + list(L(cbs)))
-    if not progress:
+    learn.logger = noop  # fastai's printed table (smoothed train_loss, 'accuracy') gives way to EpochTable
+    if not (progress and show_bars()):
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
-        learn.logger = noop
+    if progress:
+        learn.add_cb(EpochTable())
     return learn
+
+
+def show_bars() -> bool:
+    """Whether progress bars can be drawn: a terminal or a notebook, unless fastprogress' `NO_BAR` is set (a log
+    file would get a chain of carriage returns per epoch)."""
+    if fastprogress.NO_BAR:
+        return False
+    return fastprogress.IN_NOTEBOOK or bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
 def _fold_validation_rows(fold_dir, meta: dict):

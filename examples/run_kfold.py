@@ -1,35 +1,42 @@
-"""Stratified K-fold training, fold selection, flip-TTA ensemble and submission.csv, with artlearn's public API.
+"""Train an artist classifier with stratified K-fold, ensemble the folds, write submission.csv.
 
-    python examples/run_kfold.py                                   # CPU demo on the built-in synthetic artworks
-    python examples/run_kfold.py --data ../shared/data/artworks    # the reference recipe on a competition folder
-    python examples/run_kfold.py --data DIR --preset best --epochs 40 --out runs/best
+  python examples/run_kfold.py                     demo on built-in synthetic paintings
+  python examples/run_kfold.py --data DIR          train.csv (+ test.csv), or a folder per artist
+  python examples/run_kfold.py --data DIR --preset best
 
-Rerunning the same command resumes: folds whose checkpoint is complete are not retrained. Every flag, the train and
-test tables and every image are checked before anything is written; a problem ends the script with `error: ...` and
-exit status 2. `--out` must be a new or empty folder or an artlearn run (never the data folder); `--overwrite`
-deletes only the files artlearn wrote there, after those checks.
-
-More than one GPU or machine (torchrun starts one process per GPU; see docs/distributed.md):
-
-    torchrun --nproc_per_node 4 examples/run_kfold.py --data DIR          # fold-parallel: each process its own folds
-    torchrun --nproc_per_node 4 examples/run_kfold.py --data DIR --ddp    # data-parallel: each fold on all 4 GPUs
+Rerun the same command to resume: finished folds are kept. Everything is checked
+before anything is written; a problem ends with `error: ...` (exit status 2).
+Defaults shown are those of the chosen --preset (without --data: of the demo).
+Several GPUs: torchrun --nproc_per_node N examples/run_kfold.py ... (docs/distributed.md)
 """
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import artlearn
-import artlearn.distributed
+import artlearn  # light: its modules (torch, fastai) load on first use, after the flags parse
 from artlearn.recipe import PRESET_NAMES, Recipe, field_type
-from artlearn.tables import bad_images_message
 
 SELECT_RULES = {"complete": "complete", "stable": "stable", "auto": "stable"}  # --select names -> select_folds rule
-DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32, lr=2e-3)  # CPU-sized demo on the synthetic data
+DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32)  # CPU-sized demo on the synthetic data (the preset's lr)
 SYNTHETIC_DIR = Path("data") / "synthetic"
+STAGES = ("data", "model", "optimisation", "extras", "evaluation")
+PRESET_HELP = {"reference": "the course project's recipe (ResNet-50, 288 px, 30 epochs: a GPU recipe)",
+               "best": "reference with the measured improvements (crop scale, half the lr, multicrop views)",
+               "fast": "a CPU recipe (ResNet-18, 64 px); with --budget its epochs fit the time"}
+SHORT_HELP = {  # the CLI's shorter text for settings whose Recipe help is long
+    "pipeline": "device (batches cut from the image store) or items (fastai's per-item pipeline)",
+    "store": "stored image size: crop (the smallest crop still sharp), presize (1.15 x size) or full",
+    "zero_init_residual": "ResNets: start every residual block as the identity",
+    "drop_path": "stochastic depth: largest per-block drop probability (none: the architecture's own)",
+    "compile": "torch.compile the model (the first batches pay the compile time)",
+    "tta": "test-time views: flip, multicrop (+ five crops) or none",
+}
 
 
 def _optional(kind):
@@ -40,50 +47,88 @@ def _optional(kind):
     return parse
 
 
-def add_recipe_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per Recipe field (`--min-scale` for `min_scale`), typed and documented from it; default: preset."""
-    group = p.add_argument_group("recipe (default: the preset's value)")
+def _shown(value) -> str:
+    """A default as --help shows it: none, on/off, or the value."""
+    return "none" if value is None else ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def effective_defaults(preset: str, demo: bool) -> Recipe:
+    """The settings a run gets without flags: the preset's, with the demo's sizes when there is no --data."""
+    recipe = Recipe.preset(preset if preset in PRESET_NAMES else "reference")
+    return recipe.replace(**DEMO) if demo else recipe
+
+
+def add_recipe_flags(p: argparse.ArgumentParser, defaults: Recipe) -> None:
+    """One flag per Recipe field (`--min-scale` for `min_scale`), in one group per stage, showing `defaults`."""
+    groups = {stage: p.add_argument_group(f"{stage} settings") for stage in STAGES}
     for f in dataclasses.fields(Recipe):
         kind, optional = field_type(f.name)
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} [{f.metadata['stage']}; reference: {f.default}]"
+        group = groups.get(f.metadata["stage"]) or groups.setdefault(
+            f.metadata["stage"], p.add_argument_group(f"{f.metadata['stage']} settings"))
+        text = f"{SHORT_HELP.get(f.name, f.metadata['help'])} [default: {_shown(getattr(defaults, f.name))}]"
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
         choices = f.metadata["choices"]
-        kind = _optional(kind) if optional else kind
-        group.add_argument(flag, dest=f.name, type=kind, default=None, help=text, choices=choices)
+        group.add_argument(flag, dest=f.name, type=_optional(kind) if optional else kind, default=None,
+                           help=text, choices=choices, metavar="|".join(_shown(c) for c in choices) if choices
+                           else kind.__name__.upper())
+
+
+def _first_pass(argv) -> argparse.Namespace:
+    """--preset and --data alone, so that --help can show the defaults of what will run."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="reference")
+    pre.add_argument("--data")
+    return pre.parse_known_args(argv)[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line flags: the run's own, then one per recipe setting."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="folder with train.csv (+ test.csv), or artist sub-folders; "
-                   "default: the built-in synthetic dataset (built once into data/synthetic)")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/<data>-<preset>-<arch>-<size>)")
-    p.add_argument("--preset", default="reference", choices=list(PRESET_NAMES))
-    p.add_argument("--n-folds", type=int, default=4)
-    p.add_argument("--folds", help="comma-separated folds to train (default: all)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--select", default="complete", help="folds to ensemble: 'complete' (every complete fold; it won "
-                   "issue 16's held-out study), 'stable' (the report's stability rule; 'auto' is its old name) or "
-                   "comma-separated folds")
-    p.add_argument("--prior-adjust", type=float, default=0.0,
-                   help="post-hoc logit adjustment tau at prediction (0: off)")
-    p.add_argument("--workers", type=int, help="data-loader workers (default: 0 on CPU, up to 8 on GPU)")
-    p.add_argument("--limit", type=int, help="train on a stratified subset of N images (smoke runs)")
-    p.add_argument("--resume", action="store_true", help="require an existing run directory and continue it")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing artlearn run in --out first (only "
-                   "the files artlearn wrote; after every check passed)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--ddp", action="store_true", help="under torchrun: train each fold with every process "
-                   "(DistributedDataParallel; --bs is the global batch); default under torchrun: each process "
-                   "trains its own folds")
-    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --ddp: SyncBatchNorm, statistics over the global batch (default: on with CUDA, "
-                   "off on CPU)")
-    add_recipe_flags(p)
-    return p.parse_args(argv)
+    """Command-line flags: the run's own, then one per recipe setting, grouped by stage."""
+    return build_parser(argv).parse_args(argv)
+
+
+def flag_names(argv=()) -> list:
+    """Every flag of the command line (its first spelling; --help left out)."""
+    return [a.option_strings[0] for a in build_parser(list(argv))._actions if a.option_strings and a.dest != "help"]
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The parser, its recipe defaults those of the --preset (and --data) in `argv`."""
+    first = _first_pass(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+        prog, max_help_position=26))
+    run = p.add_argument_group("run")
+    run.add_argument("--data", type=Path, metavar="DIR", help="train.csv (+ test.csv), or one sub-folder per "
+                     "artist [default: synthetic paintings, built once into data/synthetic]")
+    run.add_argument("--out", type=Path, metavar="DIR", help="run folder [default: runs/<data>-<preset>, plus "
+                     "the settings you changed]")
+    presets = "; ".join(f"{name}: {PRESET_HELP.get(name, 'see Recipe.preset')}" for name in PRESET_NAMES)
+    run.add_argument("--preset", default="reference", choices=list(PRESET_NAMES), metavar="NAME",
+                     help=f"{presets} [default: reference]")
+    run.add_argument("--budget", metavar="TIME", help="wall time for the whole run, e.g. 60min or 2h: the epochs "
+                     "are planned to fit it")
+    run.add_argument("--limit", type=int, metavar="N", help="train on a stratified subset of N images")
+    run.add_argument("--resume", action="store_true", help="only continue an existing run")
+    run.add_argument("--overwrite", action="store_true", help="delete the run in --out first (only artlearn's files)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch table stays)")
+    run.add_argument("--workers", type=int, metavar="N", help="data-loader workers [default: 0 on CPU, up to 8 on GPU]")
+    folds = p.add_argument_group("folds and ensemble")
+    folds.add_argument("--n-folds", type=int, default=4, metavar="K", help="number of folds [default: 4]")
+    folds.add_argument("--folds", metavar="LIST", help="folds to train, e.g. 0,2 [default: all]")
+    folds.add_argument("--seed", type=int, default=42, help="seed of the folds and the training [default: 42]")
+    folds.add_argument("--select", default="complete", metavar="RULE", help="folds to ensemble: complete (every "
+                       "finished fold), stable (leave out unstable folds) or a list [default: complete]")
+    folds.add_argument("--prior-adjust", type=float, default=0.0, metavar="TAU",
+                       help="logit adjustment at prediction, towards rare artists [default: 0, off]")
+    add_recipe_flags(p, effective_defaults(first.preset, first.data is None))
+    gpus = p.add_argument_group("several GPUs (under torchrun)")
+    gpus.add_argument("--ddp", action="store_true", help="train each fold on every GPU (--bs is the global batch) "
+                      "[default: each GPU trains its own folds]")
+    gpus.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                      help="with --ddp: BatchNorm statistics over the global batch [default: on with CUDA]")
+    return p
 
 
 def _csv_list(text, flag: str = "--folds"):
@@ -129,6 +174,7 @@ def load_test(base: Path, decode: bool = True):
                          "needs id,img_path")
     if not decode:
         return test
+    from artlearn.tables import bad_images_message
     report = artlearn.check_images(test)
     bad = report[~report["ok"]]
     if len(bad):
@@ -191,12 +237,60 @@ def score_submission(sub_path, solution_path) -> None:
     print(f"synthetic test set ({len(merged)} images, labels known): accuracy {acc:.4f}, macro-F1 {f1:.4f}")
 
 
+def default_out(args, data_name: str) -> Path:
+    """runs/<data>-<preset>, plus every setting given on the command line: other settings, another folder."""
+    given = [(name, getattr(args, name)) for name in Recipe.names() if getattr(args, name) is not None]
+    given += [(flag, getattr(args, flag)) for flag, default in (("n_folds", 4), ("seed", 42), ("limit", None))
+              if getattr(args, flag) != default]
+    parts = [data_name if args.data is not None else "demo", args.preset]
+    parts += [f"{name.replace('_', '-')}{_shown(value)}" for name, value in given]
+    return Path("runs") / "-".join(str(part).replace("/", "_") for part in parts)
+
+
+def next_free(out: Path) -> Path:
+    """`out`, or the first of out-2, out-3, ... that does not exist yet."""
+    n = 2
+    while (out.parent / f"{out.name}-{n}").exists():
+        n += 1
+    return out.parent / f"{out.name}-{n}"
+
+
+def interrupted_at(out: Path) -> str:
+    """Where a run stopped, from its files: 'in fold 2, epoch 5' (epochs count from 0, as in the table and
+    history.csv: the partial fold's finished rows)."""
+    partial = []
+    for folder in out.glob("fold[0-9]*"):
+        meta = folder / "meta.json"
+        try:
+            done = meta.is_file() and json.loads(meta.read_text()).get("complete")
+        except (OSError, ValueError):
+            done = False
+        if not done and folder.name[4:].isdigit():
+            history = folder / "history.csv"
+            rows = max(0, len(history.read_text().splitlines()) - 1) if history.is_file() else 0
+            partial.append((folder.stat().st_mtime, int(folder.name[4:]), rows))
+    if not partial:
+        return "before a fold started training" if not (out / "summary.json").is_file() else "after training"
+    _, fold, rows = max(partial)
+    return f"in fold {fold}, epoch {rows}"
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, `warning: ...` (Python's default also prints the library's source line)."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     """Run the whole workflow and print where every output went (under torchrun: on every process)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    warnings.showwarning = show_warning
     try:
         check_args(args)
+        quiet_fastai_import()
+        if args.no_progress:
+            from fastprogress import fastprogress
+            fastprogress.NO_BAR = True  # no bars; the learner still prints its per-epoch table
         dist = artlearn.distributed.init_distributed()  # torchrun: joins the other processes; one process: nothing
         try:
             return _main(args, dist)
@@ -205,6 +299,21 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # every refusal names the problem and the fix: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = interrupted_at(RUN_DIR[0]) if RUN_DIR else "before training"
+        print(f"interrupted {where}; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+RUN_DIR = []  # the run folder once known, for the Ctrl-C message
+
+
+def quiet_fastai_import() -> None:
+    """Import fastai without torch's FutureWarning about `torch.jit.script`: fastai 2.8's layers.py scripts its
+    Swish/Mish functions at import (artlearn uses neither), which torch >= 2.10 reports as deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import fastai.layers  # noqa: F401
 
 
 def _main(args, dist) -> int:
@@ -217,7 +326,8 @@ def _main(args, dist) -> int:
     if args.limit:
         train = artlearn.stratified_subset(train, args.limit, seed=args.seed)
         say(f"--limit {args.limit}: stratified subset of {len(train)} images, {train['artist'].nunique()} artists")
-    out = args.out or Path("runs") / f"{data_name}-{args.preset}-{recipe.arch}-{recipe.size}"
+    out = args.out or default_out(args, data_name)
+    RUN_DIR[:] = [out]
     if args.resume and not (out / "config.json").is_file():
         print(f"--resume: {out} has no run to resume", file=sys.stderr)
         return 2
@@ -229,10 +339,16 @@ def _main(args, dist) -> int:
     elif args.ddp:
         say("--ddp: not launched by torchrun (WORLD_SIZE unset), so one process trains every fold")
     protect = [p for p in (args.data, solution) if p is not None] + (list(test["img_path"]) if test is not None else [])
-    run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds), preset=args.preset,
-                               seed=args.seed, workers=args.workers, progress=not args.no_progress,
-                               ddp=args.ddp, sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect,
-                               **chosen)
+    budget = {"budget": args.budget} if args.budget is not None else {}
+    try:
+        run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds),
+                                   preset=args.preset, seed=args.seed, workers=args.workers, ddp=args.ddp,
+                                   sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect, **budget,
+                                   **chosen)
+    except ValueError as e:
+        if args.out is None and "different configuration" in str(e):
+            raise ValueError(f"{e}; or pass --out {next_free(out)} (a free folder)") from None
+        raise
     if not dist.is_main:
         return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
     rule = SELECT_RULES.get(args.select, "complete")

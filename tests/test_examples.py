@@ -67,9 +67,87 @@ def test_run_kfold_without_data_builds_the_synthetic_set(tmp_path):
     done = _run(args, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "data" / "synthetic" / "train.csv").is_file()
-    runs = list((tmp_path / "runs").glob("synthetic-reference-resnet18-32"))
+    runs = list((tmp_path / "runs").glob("demo-reference-size32-epochs1-*"))
     assert runs and (runs[0] / "submission.csv").is_file()
     assert "synthetic test set" in done.stdout
+
+
+TINY = ["--arch", "resnet18", "--size", "16", "--bs", "8", "--n-folds", "2"]
+
+
+def test_help_is_quick_grouped_plain_and_shows_what_will_run(tmp_path):
+    code = ("import runpy, sys\nsys.argv = ['run_kfold.py', *sys.argv[1:]]\ntry:\n"
+            f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('imported:', 'torch' in sys.modules, 'fastai' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"COLUMNS": "100"}
+
+    def helped(*args):
+        done = subprocess.run([sys.executable, "-c", code, *args, "--help"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stderr == "", done.stderr  # no warning before the help
+        return done.stdout
+
+    demo, best = helped(), helped("--preset", "best", "--data", "somewhere")
+    assert demo.rstrip().endswith("imported: False False")  # --help loads neither torch nor fastai
+    for group in ("run:", "folds and ensemble:", "data settings:", "model settings:", "optimisation settings:",
+                  "extras settings:", "evaluation settings:"):
+        assert f"\n{group}\n" in demo, group
+    assert max(len(line) for line in demo.splitlines()) <= 100
+    for word in ("issue", "v0.1", "report's", "the report"):
+        assert word not in demo.lower() and word not in best.lower(), word
+    flat = {which: " ".join(text.split()) for which, text in (("demo", demo), ("best", best))}
+    assert "--size INT training resolution in pixels [default: 64]" in flat["demo"]  # the demo's size
+    assert "[default: 288]" in flat["best"] and "base learning rate [default: 0.0005]" in flat["best"]
+    assert "--preset NAME reference:" in flat["demo"] and "best:" in flat["demo"]
+
+
+def test_flag_count_matches_the_docs():
+    from artlearn.recipe import Recipe
+    spec = __import__("importlib.util").util.spec_from_file_location("run_kfold_count", SCRIPT)
+    module = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser_flags = module.flag_names()
+    assert len([f for f in parser_flags if f.replace("-", "_")[2:] in Recipe.names()]) == len(Recipe.names())
+    readme = (ROOT / "README.md").read_text()
+    assert f"{len(parser_flags)} flags" in readme, len(parser_flags)
+
+
+def test_output_fits_a_log_and_default_outs_do_not_collide(tiny_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"MPLBACKEND": "Agg"}
+    runs = []
+    for epochs in ("1", "2"):
+        runs.append(subprocess.run([sys.executable, str(SCRIPT), "--data", str(tiny_data), *TINY, "--folds", "0",
+                                    "--epochs", epochs], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                   timeout=300))
+        assert runs[-1].returncode == 0, runs[-1].stdout + runs[-1].stderr
+    first = runs[0]
+    assert "\r" not in first.stdout and "\u2588" not in first.stdout  # no bars in a log file
+    header = "epoch  train_loss  valid_loss  train_acc  valid_acc  f1_macro        lr  seconds"
+    assert header in first.stdout
+    assert first.stderr.strip() == "", first.stderr  # no FutureWarning, no echoed library source line
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(name.startswith(f"{tiny_data.name}-reference-") for name in folders)
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_resumes(tiny_data, tmp_path):
+    import signal
+    import time
+    args = [sys.executable, str(SCRIPT), "--data", str(tiny_data), *TINY, "--epochs", "6", "--out", "run",
+            "--no-progress"]
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "run" / "fold0" / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (history.is_file() and len(history.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    rows = len(history.read_text().splitlines()) - 1
+    assert err.strip().splitlines() == [f"interrupted in fold 0, epoch {rows}; rerun the same command to resume"]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(json.loads((tmp_path / "run" / f"fold{k}" / "meta.json").read_text())["complete"] for k in (0, 1))
 
 
 def test_resume_without_a_run_is_an_error(tiny_data, tmp_path):

@@ -158,8 +158,26 @@ def test_progress_false_is_quiet_and_metric_names(capsys):
     assert capsys.readouterr().out == ""
     assert list(learn.recorder.metric_names) == ["epoch", "train_loss", "valid_loss", "accuracy", "f1_macro", "time"]
     loud = artist_learner(image_dls(), arch="resnet18")
-    loud.fit(1)
-    assert "f1_macro" in capsys.readouterr().out
+    loud.fit(2)
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\u2588" not in out  # not a terminal: no bars, no carriage-return chains
+    header, *rows = out.splitlines()
+    assert header.split() == list(HISTORY_COLUMNS) and len(rows) == 2  # one plain line per epoch
+    hist = loud.history.frame()
+    for line, (_, expected) in zip(rows, hist.iterrows()):  # the console shows history.csv's values
+        values = dict(zip(HISTORY_COLUMNS, line.split()))
+        assert int(values["epoch"]) == expected["epoch"]
+        for name in ("train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro"):
+            assert float(values[name]) == pytest.approx(expected[name], abs=6e-5), name
+
+
+def test_no_bar_keeps_the_epoch_table(capsys, monkeypatch):
+    from fastprogress import fastprogress
+    monkeypatch.setattr(fastprogress, "NO_BAR", True)
+    learn = artist_learner(image_dls(), arch="resnet18")
+    assert not any(type(cb).__name__ == "ProgressCallback" for cb in learn.cbs)
+    learn.fit(1)
+    assert len(capsys.readouterr().out.splitlines()) == 2  # header + the epoch
 
 
 def test_same_seed_same_initialisation_and_first_epoch():
