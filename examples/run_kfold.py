@@ -76,6 +76,11 @@ def add_recipe_flags(p: argparse.ArgumentParser, defaults: Recipe) -> None:
                            else kind.__name__.upper())
 
 
+def _formatter(prog):
+    """Help with the description as written and the flags' text from column 26."""
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=26)
+
+
 def _first_pass(argv) -> argparse.Namespace:
     """--preset and --data alone, so that --help can show the defaults of what will run."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -97,8 +102,8 @@ def flag_names(argv=()) -> list:
 def build_parser(argv=None) -> argparse.ArgumentParser:
     """The parser, its recipe defaults those of the --preset (and --data) in `argv`."""
     first = _first_pass(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-        prog, max_help_position=26))
+    p = argparse.ArgumentParser(usage="%(prog)s [--data DIR] [--preset NAME] [--budget TIME] [options]",
+                                description=__doc__, formatter_class=_formatter)
     run = p.add_argument_group("run")
     run.add_argument("--data", type=Path, metavar="DIR", help="train.csv (+ test.csv), or one sub-folder per "
                      "artist [default: synthetic paintings, built once into data/synthetic]")
