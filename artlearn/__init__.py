@@ -1,6 +1,7 @@
 """artlearn: artist classifiers trained from scratch, with stratified K-fold and fold ensembles."""
 import sys
 import types
+import warnings
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -33,14 +34,23 @@ _SUBMODULES = ("checks", "files", "rng", "device", "tables", "folds", "store", "
 __all__ = ["__version__", *_EXPORTS]
 
 
+def _load(module: str):
+    """Import one of artlearn's modules. fastai 2.8 scripts its Swish/Mish functions with `torch.jit.script` when
+    imported (artlearn uses neither), which torch >= 2.10 reports with a FutureWarning no user can act on: that
+    one warning is ignored while artlearn's first import loads fastai."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        return import_module(f".{module}", __name__)
+
+
 def __getattr__(name):
     """Import public names lazily so that `import artlearn` stays fast (fastai loads on first use)."""
     if name in _EXPORTS:
-        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        value = getattr(_load(_EXPORTS[name]), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return import_module(f".{name}", __name__)
+        return _load(name)
     raise AttributeError(f"module 'artlearn' has no attribute {name!r}")
 
 

@@ -292,7 +292,6 @@ def main(argv=None) -> int:
     warnings.showwarning = show_warning
     try:
         check_args(args)
-        quiet_fastai_import()
         if args.no_progress:
             from fastprogress import fastprogress
             fastprogress.NO_BAR = True  # no bars; the learner still prints its per-epoch table
@@ -311,14 +310,6 @@ def main(argv=None) -> int:
 
 
 RUN_DIR = []  # the run folder once known, for the Ctrl-C message
-
-
-def quiet_fastai_import() -> None:
-    """Import fastai without torch's FutureWarning about `torch.jit.script`: fastai 2.8's layers.py scripts its
-    Swish/Mish functions at import (artlearn uses neither), which torch >= 2.10 reports as deprecated."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        import fastai.layers  # noqa: F401
 
 
 def _main(args, dist) -> int:
