@@ -111,11 +111,22 @@ def explain_map(run, image, artist=None, folds=None, device=None) -> tuple[np.nd
     return _rescale(heat), crops[0].permute(1, 2, 0).numpy(), vocab[idx]
 
 
-def _draw_overlay(ax, crop: np.ndarray, heat: np.ndarray, artist: str, alpha: float, cmap: str) -> None:
-    """The painting with the heatmap on top."""
+def _draw_overlay(ax, crop: np.ndarray, heat: np.ndarray, artist: str, alpha: float, cmap: str):
+    """The painting with the heatmap on top, opaque only where the map is high (up to `alpha`), so the painting
+    stays visible; returns the colour mapping for the colour bar."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     ax.imshow(crop)
-    ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
+    ax.imshow(heat, cmap=cmap, alpha=np.clip(heat, 0.0, 1.0) * alpha, vmin=0.0, vmax=1.0)
     ax.set_title(f"Grad-CAM: {artist}", fontsize=10)
+    ax.set_axis_off()
+    return ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+
+
+def _draw_painting(ax, crop: np.ndarray) -> None:
+    """The painting as the model saw it (the evaluation crop)."""
+    ax.imshow(crop)
+    ax.set_title("the painting (model's view)", fontsize=10)
     ax.set_axis_off()
 
 
@@ -133,9 +144,10 @@ def _draw_bars(ax, top, artist: str, tta) -> None:
     ax.set_title(f"top-{len(top)} artists (tta={tta})", fontsize=10)
 
 
-def explain(run, image, artist=None, folds=None, k: int = 5, tta=None, device=None, alpha: float = 0.45,
-            cmap: str = "jet") -> Figure:
-    """Figure: the painting with Grad-CAM for the predicted (or named) artist, and `predict`'s top-k bars."""
+def explain(run, image, artist=None, folds=None, k: int = 5, tta=None, device=None, alpha: float = 0.7,
+            cmap: str = "inferno") -> Figure:
+    """Figure: the painting, Grad-CAM for the predicted (or named) artist over it (with a colour bar) and
+    `predict`'s top-k bars; `alpha` is the heatmap's opacity where it is highest."""
     if isinstance(image, (list, tuple)) and len(image) != 1:
         raise ValueError(f"explain takes one image, got {len(image)}: pass one path or one PIL image")
     if artist is not None:  # an unknown name fails before any prediction
@@ -143,9 +155,11 @@ def explain(run, image, artist=None, folds=None, k: int = 5, tta=None, device=No
     top = predict(run, image, k=k, tta=tta, folds=folds, device=device)
     if artist is None:
         heat, crop, target = explain_map(run, image, artist=top["artist"].iloc[0], folds=folds, device=device)
-    fig = Figure(figsize=(9.0, 3.8), layout="constrained")
-    ax_img, ax_bar = fig.subplots(1, 2, width_ratios=[1.0, 1.3])
-    _draw_overlay(ax_img, crop, heat, target, alpha, cmap)
+    fig = Figure(figsize=(12.0, 3.8), layout="constrained")
+    ax_paint, ax_img, ax_bar = fig.subplots(1, 3, width_ratios=[1.0, 1.0, 1.3])
+    _draw_painting(ax_paint, crop)
+    mapping = _draw_overlay(ax_img, crop, heat, target, alpha, cmap)
+    fig.colorbar(mapping, ax=ax_img, fraction=0.05, pad=0.02, label="Grad-CAM (0: none, 1: most)")
     _draw_bars(ax_bar, top, target, tta)
     fig.suptitle(Path(str(top["image"].iloc[0])).name, fontsize=9)
     return fig

@@ -193,8 +193,14 @@ def test_explain_figure_and_unknown_artist(tiny):
     run, _, test = tiny
     path = test["img_path"].iloc[0]
     fig = explain(run, path, k=3)
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
-    assert len(fig.axes[1].patches) == 3 and fig.axes[0].get_title().startswith("Grad-CAM: ")
+    painting, overlay, bars, colorbar = fig.axes
+    assert isinstance(fig, Figure) and len(bars.patches) == 3 and overlay.get_title().startswith("Grad-CAM: ")
+    assert colorbar.get_ylabel().startswith("Grad-CAM") and colorbar.get_ylim() == (0.0, 1.0)
+    crop = painting.images[0].get_array()
+    assert [im.get_array().shape[:2] for im in overlay.images] == [crop.shape[:2]] * 2  # the painting, the map
+    heat, opacity = overlay.images[1].get_array(), overlay.images[1].get_alpha()
+    assert opacity.shape == heat.shape and opacity.max() <= 0.7 + 1e-6  # never hides the painting
+    assert np.allclose(opacity, 0.7 * np.clip(heat, 0, 1))  # see-through where the map is low
     with pytest.raises(ValueError, match=f"'Nobody'.*{run.vocab[0]}"):
         explain(run, path, artist="Nobody")
     with pytest.raises(ValueError, match="one image"):
