@@ -62,16 +62,6 @@ def test_run_kfold_preset_keeps_its_settings_unless_a_flag_is_given(tiny_data, t
     assert (config["tta"], config["lr"], config["min_scale"]) == ("none", 0.002, BEST.min_scale)
 
 
-def test_run_kfold_without_data_builds_the_synthetic_set(tmp_path):
-    args = ["--epochs", "1", "--n-folds", "2", "--size", "32", "--limit", "60", "--no-progress"]
-    done = _run(args, tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "data" / "synthetic" / "train.csv").is_file()
-    runs = list((tmp_path / "runs").glob("demo-reference-size32-epochs1-*"))
-    assert runs and (runs[0] / "submission.csv").is_file()
-    assert "synthetic test set" in done.stdout
-
-
 TINY = ["--arch", "resnet18", "--size", "16", "--bs", "8", "--n-folds", "2"]
 
 
