@@ -16,6 +16,7 @@ from fastai.callback.mixup import CutMix, MixHandler, MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import lr_find  # noqa: F401  (fastai adds Learner.lr_find, fit_one_cycle)
 from fastai.callback.training import GradientAccumulation
+from fastai.imports import noop as fastai_noop  # what fastai's ProgressCallback compares `learn.logger` with
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, skm_to_fastai
@@ -256,7 +257,7 @@ def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothin
         callbacks.append(EMA(ema))
     learn = ArtistLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=torch_optimizer(optimizer, wd),
                           lr=lr, wd=wd, metrics=[accuracy, f1_macro()], cbs=callbacks + list(L(cbs)))
-    learn.logger = noop  # fastai's printed table (smoothed train_loss, 'accuracy') gives way to EpochTable
+    learn.logger = fastai_noop  # fastai's printed table (smoothed train_loss, 'accuracy') gives way to EpochTable
     if not (progress and show_bars()):
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
     if progress:

@@ -22,6 +22,7 @@ from fastai.torch_core import TensorCategory, TensorImage
 
 from artlearn.callbacks import (
     EMA,
+    EpochTable,
     HISTORY_COLUMNS,
     CosineAnnealing,
     FoldCheckpoint,
@@ -169,6 +170,24 @@ def test_progress_false_is_quiet_and_metric_names(capsys):
         assert int(values["epoch"]) == expected["epoch"]
         for name in ("train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro"):
             assert float(values[name]) == pytest.approx(expected[name], abs=6e-5), name
+
+
+def test_a_terminal_gets_bars_and_the_same_table(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    learn = artist_learner(image_dls(), arch="resnet18")
+    learn.fit(1)
+    text = screen.getvalue()
+    assert "Epoch 1/1" in text and "\r" in text  # fastai's bars
+    lines = [line.split("\r")[-1] for line in text.splitlines()]
+    assert lines.count("  ".join(f"{n:>{w}}" for n, w in EpochTable.WIDTHS.items())) == 1
+    assert "accuracy" not in text  # fastai's own table (other names, smoothed train_loss) is not printed
 
 
 def test_no_bar_keeps_the_epoch_table(capsys, monkeypatch):
