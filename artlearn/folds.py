@@ -1,5 +1,6 @@
 """Stratified K-fold assignment (identical images kept in one fold), the fastai fold splitter, stratified subsets."""
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -149,6 +150,15 @@ def _group_keys(df: pd.DataFrame, groups) -> list | None:
     return keys
 
 
+def _caller_outside() -> int:
+    """The `stacklevel` of the first caller outside artlearn, so that a warning points at the user's line (and
+    Python's warning display echoes that line, not a line of artlearn's own source)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("artlearn."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def assign_folds(df: pd.DataFrame, n_folds: int = 4, seed: int = 42, groups="content",
                  source="assign_folds") -> pd.DataFrame:
     """Copy of df with an integer 'fold' column: stratified by artist, balanced, deterministic for a seed.
@@ -171,7 +181,7 @@ def assign_folds(df: pd.DataFrame, n_folds: int = 4, seed: int = 42, groups="con
     if rare:
         warnings.warn(f"{len(rare)} artist(s) have fewer works than n_folds={n_folds}: {listing(rare, len(rare))}; "
                       "each of their works goes to a different fold, so they are missing from some validation "
-                      "splits (and single-work artists from one training split)", stacklevel=2)
+                      "splits (and single-work artists from one training split)", stacklevel=_caller_outside())
     out = df.copy()
     if sets:
         out["fold"] = stratified_group_fold_ids(df["artist"], keys, n_folds, seed, keys=df.get("img_path"))

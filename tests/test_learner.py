@@ -482,3 +482,19 @@ def test_plot_top_losses_needs_only_import_artlearn(trained_fold):
                           env={**__import__("os").environ, "MPLBACKEND": "Agg"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["4", "False"], done.stdout
+
+
+def test_the_rare_artist_warning_points_at_the_callers_line(tmp_path):
+    """Through train_kfold, the warning names the user's file and line, not artlearn's source (nor echoes it)."""
+    import warnings
+
+    import artlearn as al
+    root = al.make_synthetic_artworks(tmp_path / "data", n_artists=4, n_train=40, n_test=2, seed=1)
+    df = al.read_artworks(root / "train.csv", kind="train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError):
+            al.train_kfold(df, tmp_path / "run", n_folds=16, bs=1000)  # folds assigned (warned), then bs refused
+        al.assign_folds(df, 16)
+    rare = [w for w in caught if "fewer works than n_folds" in str(w.message)]
+    assert len(rare) == 2 and {w.filename for w in rare} == {__file__}
