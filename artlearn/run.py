@@ -39,11 +39,11 @@ CONTENT_VERSION = 3  # the first format version whose 'data' fingerprint covers 
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds")
 TEXT_COLUMNS = ("id", "img_path", "artist", "pred")  # read back as text, never as numbers or NaN
 # config.json keys added after runs were first written, and the value their absence stands for
-ABSENT_MEANS = {"pipeline": "items", "store": "presize", "zero_init_residual": False}
+ABSENT_MEANS = {"pipeline": "items", "store": "presize", "zero_init_residual": False, "budget": None}
 # config.json values whose spelling changed, old -> now (tta was a train_kfold argument, None for no TTA)
 OLD_SPELLINGS = {"tta": {None: "none"}}
 # settings of a run that may differ between a run and its resume
-RUNTIME_KEYS = ("folds", "library_version", "format", "format_version")
+RUNTIME_KEYS = ("folds", "library_version", "format", "format_version", "budget")  # budget: how long, not what
 
 
 def fold_dir(run_dir, fold: int) -> Path:

@@ -23,9 +23,13 @@ import time
 from pathlib import Path
 
 import artlearn
+import artlearn.budget
 import artlearn.distributed
+import artlearn.kfold
 from artlearn.recipe import PRESET_NAMES, Recipe, field_type
 from artlearn.tables import bad_images_message
+
+STARTED = time.time()  # --budget counts the script's wall time from here (artlearn loads torch lazily, later)
 
 SELECT_RULES = {"complete": "complete", "stable": "stable", "auto": "stable"}  # --select names -> select_folds rule
 DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32, lr=2e-3)  # CPU-sized demo on the synthetic data
@@ -73,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="data-loader workers (default: 0 on CPU, up to 8 on GPU)")
     p.add_argument("--limit", type=int, help="train on a stratified subset of N images (smoke runs)")
     p.add_argument("--resume", action="store_true", help="require an existing run directory and continue it")
+    p.add_argument("--budget", help="wall time for the whole run, e.g. 15min, 60min, 2h: the epochs are planned "
+                   "to fit it on this machine (training, ensemble and submission)")
+    p.add_argument("--procs", type=int, help="processes training folds side by side on the CPU (default: one per "
+                   "core with --budget, else 1)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing artlearn run in --out first (only "
                    "the files artlearn wrote; after every check passed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -115,6 +123,9 @@ def check_args(args) -> None:
         raise ValueError(f"--prior-adjust {args.prior_adjust}: need a finite number >= 0 (0: off)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
+    artlearn.budget.parse_budget(args.budget)  # ValueError for a duration it cannot read
+    if args.procs is not None and args.procs < 1:
+        raise ValueError(f"--procs {args.procs}: need 1 or more")
     if args.data is not None and not args.data.exists():
         raise ValueError(f"--data {args.data}: no such folder or file")
 
@@ -180,6 +191,12 @@ def print_table(run, selection, baseline) -> None:
         print(f"  fold {k} left out: {why}")
 
 
+def _budget_left(budget):
+    """The seconds of --budget still left for train_kfold (the script's own start-up already spent), or None."""
+    seconds = artlearn.budget.parse_budget(budget)
+    return None if seconds is None else max(1.0, seconds - (time.time() - STARTED))
+
+
 def score_submission(sub_path, solution_path) -> None:
     """Accuracy/macro-F1 of a submission against known labels (synthetic data only)."""
     import pandas as pd
@@ -232,7 +249,8 @@ def _main(args, dist) -> int:
     run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds), preset=args.preset,
                                seed=args.seed, workers=args.workers, progress=not args.no_progress,
                                ddp=args.ddp, sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect,
-                               **chosen)
+                               budget=_budget_left(args.budget), predict_after=len(test) if test is not None else 0,
+                               procs=args.procs, **chosen)
     if not dist.is_main:
         return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
     rule = SELECT_RULES.get(args.select, "complete")
@@ -250,6 +268,7 @@ def _main(args, dist) -> int:
             score_submission(sub, solution)
     for fig in artlearn.plots.save_run_figures(out):
         print(f"figure: {fig}")
+    artlearn.kfold.record_wall_time(out, time.time() - started)
     print(f"summary: {out / 'summary.json'}\nwall time: {time.time() - started:.0f} s")
     return 0
 
