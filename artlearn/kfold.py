@@ -28,6 +28,7 @@ from .run import (
     KFoldRun,
     best_row,
     check_config,
+    check_data_unchanged,
     check_out_dir,
     clear_fold,
     clear_run,
@@ -327,11 +328,13 @@ def _write_missing_oof(job: _FoldJob, k: int) -> None:
 def _run_fold(job: _FoldJob, k: int) -> None:
     """Fold k, resumably: skip it when its checkpoint is complete, else train it afresh; then write its OOF."""
     folder = fold_dir(job.out, k)
+    check_data_unchanged(job.df, job.config, f"fold {k}")  # issue 29: images changed under the run are named
     if fold_is_complete(folder, job.config):
         logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")
     else:
         clear_fold(folder)
         _train_fold(job, k)
+        check_data_unchanged(job.df, job.config, f"fold {k}'s out-of-fold predictions")
     _write_missing_oof(job, k)
 
 
