@@ -1508,3 +1508,267 @@ def test_red_team(case, data, base_run, tmp_path, monkeypatch):
             undo()
         for p in set(data.root.iterdir()) - extra:  # red.csv and the like
             p.unlink()
+
+
+# ---------------------------------------------------------------- 10. identity, changed data, private store (issue 29)
+
+
+def _rewrite_meta(folder, change) -> dict:
+    """Edit a fold's meta.json as a new file (a run copy's files are hard links to the base run's)."""
+    path = Path(folder) / "meta.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.unlink()
+    path.write_text(json.dumps(meta))
+    return meta
+
+
+def _replace_file(path, data: bytes) -> None:
+    """Write `data` to a new file at path (never through a hard link)."""
+    Path(path).unlink()
+    Path(path).write_bytes(data)
+
+
+def test_weights_copied_from_another_fold_are_refused_and_retrained_on_resume(base_run, data, tmp_path, dry):
+    out = _run_copy(base_run, tmp_path / "run")
+    _replace_file(out / "fold1" / "best.safetensors", (out / "fold0" / "best.safetensors").read_bytes())
+    fold0 = snapshot(out / "fold0")
+    with refused("identity: fold0/best.safetensors copied into fold1/ (load_fold)", "fold1/best.safetensors",
+                 "sha256", "its meta.json recorded", "rerun train_kfold"):
+        load_fold(out / "fold1")
+    with refused("identity: fold0/best.safetensors copied into fold1/ (ensemble)", "fold1/best.safetensors", "sha256"):
+        al.ensemble(out, data.test, bs=4)
+    with refused("identity: fold0/best.safetensors copied into fold1/ (predict)", "fold1/best.safetensors", "sha256"):
+        al.predict(out, data.test["img_path"][:1].tolist())
+    _, lines, _ = train(data.train, out)
+    assert dry == [1]  # only the copied fold is trained again; fold 0 is kept byte for byte
+    assert snapshot(out / "fold0") == fold0 and not (out / "fold1" / "best.safetensors").exists()
+    why = next(line for line in lines if "not this run's" in line)
+    assert "fold 1" in why and "sha256" in why
+    note("identity: fold0/best.safetensors copied into fold1/ (resume retrains it)", why)
+
+
+def test_a_fold_folder_linked_to_another_runs_fold_is_refused_and_never_written_through(base_run, data, tmp_path):
+    out, other = _run_copy(base_run, tmp_path / "run"), _run_copy(base_run, tmp_path / "other")
+    shutil.rmtree(out / "fold1")
+    (out / "fold1").symlink_to(other / "fold1", target_is_directory=True)
+    with refused("identity: fold1/ a symlink to another run's fold1 (load_fold)", "fold1 is a symbolic link"):
+        load_fold(out / "fold1")
+    run = al.load_run(out)
+    assert run.folds == [0] and "symbolic link" in run.ignored["fold1"]
+    with unchanged(other), refused("identity: fold1/ a symlink to another run's fold1 (ensemble)", "folds [1]"):
+        al.ensemble(out, data.test)
+    refused_run("identity: fold1/ a symlink to another run's fold1 (resume)", data.train, out,
+                f"fold1 -> {other / 'fold1'}", "symbolic link", "remove the link", watch=[other])
+
+
+FOREIGN_META = {  # case: (change to fold1's meta.json, parts of the message)
+    "another tool's format": (lambda m: m.update(format="other-tool", format_version=99),
+                              ["'format' is 'other-tool'", "'artlearn-fold'"]),
+    "a newer format version": (lambda m: m.update(format_version=99), ["'format_version' is 99", "1..3"]),
+    "vocab reversed": (lambda m: m.update(vocab=m["vocab"][::-1]),
+                       ["'vocab' is not the run's artists", "folds.csv", "another order"]),
+    "pipeline 'bogus'": (lambda m: m.update(pipeline="bogus"), ["'pipeline' is 'bogus'", "['device', 'items']"]),
+    "run_id of another run": (lambda m: m.update(run_id="0" * 32), ["run_id 000", "is not this run's", "config.json"]),
+    "weights digest not hex": (lambda m: m.update(weights_sha256="xyz"), ["'weights_sha256' is 'xyz'"]),
+    "fold number of fold 0": (lambda m: m.update(fold=0), ["says fold=0", "fold1"]),
+    "complete as text": (lambda m: m.update(complete="yes"), ["'complete' is 'yes'", "true or false"]),
+    "monitor unknown": (lambda m: m.update(monitor="loss"), ["'monitor' is 'loss'"]),
+    "class_counts too short": (lambda m: m.update(class_counts=[1, 2]), ["'class_counts' is [1, 2]"]),
+    "ema out of range": (lambda m: m.update(ema=1.5), ["'ema' is 1.5"]),
+    "score NaN": (lambda m: m.update(score=float("nan")), ["'score' is nan"]),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN_META))
+def test_a_fold_meta_json_that_is_not_this_runs_is_refused_never_coerced(base_run, data, tmp_path, dry, case):
+    change, parts = FOREIGN_META[case]
+    out = _run_copy(base_run, tmp_path / "run")
+    _rewrite_meta(out / "fold1", change)
+    with refused(f"identity: fold meta.json with {case}", "fold1", *parts):
+        load_fold(out / "fold1")
+    with refused(f"identity: fold meta.json with {case} (ensemble)", "fold1", *parts):
+        al.ensemble([out / "fold0", out / "fold1"], data.test)
+    fold0 = snapshot(out / "fold0")
+    _, lines, _ = train(data.train, out)
+    assert dry == [1] and snapshot(out / "fold0") == fold0
+    assert any("fold 1: its checkpoint is not this run's" in line and parts[0] in line for line in lines)
+
+
+def test_a_tensor_of_another_dtype_is_refused_never_cast(base_run, tmp_path):
+    from safetensors.torch import save_file
+    folder = fold_copy(base_run.run.fold_dir(0), tmp_path / "fold0", weights=False)
+    state = load_weights(base_run.run.fold_dir(0) / "best.safetensors")
+    state["fc.weight"] = (state["fc.weight"] * 1000).to(torch.int64)
+    save_file(state, folder / "best.safetensors")
+    _rewrite_meta(folder, lambda m: m.update(weights_sha256=al.checkpoint.file_sha256(folder / "best.safetensors")))
+    with refused("identity: classifier weight stored as int64", "best.safetensors: tensor 'fc.weight' is torch.int64",
+                 "expects torch.float32", "never casts"):
+        load_fold(folder)
+
+
+def test_runs_written_before_the_identity_fields_still_load_and_resume(base_run, data, tmp_path, dry):
+    out = _run_copy(base_run, tmp_path / "run")
+    for k in (0, 1):
+        meta = _rewrite_meta(out / f"fold{k}", lambda m: [m.pop(key) for key in ("run_id", "weights_sha256")]
+                             + [m.update(format_version=2)])
+        assert "run_id" not in meta and meta["format_version"] == 2
+    model, meta = load_fold(out / "fold1")
+    assert meta["fold"] == 1
+    probs, vocab = al.ensemble(out, data.test, bs=4)
+    assert probs.shape == (len(data.test), len(vocab))
+    train(data.train, out)
+    assert dry == []  # nothing retrained
+    written = json.loads((base_run.run.fold_dir(0) / "meta.json").read_text())
+    assert written["format_version"] == 3 and len(written["run_id"]) == 32 and len(written["weights_sha256"]) == 64
+    assert written["weights_sha256"] == al.checkpoint.file_sha256(base_run.run.fold_dir(0) / "best.safetensors")
+
+
+def _own_data(tmp_path) -> pd.DataFrame:
+    """A small training table of its own (the test changes its images)."""
+    csv = make_dataset(tmp_path / "own", {"Ana": 5, "Bo": 5, "Cy": 4}, size=(36, 36))
+    return al.read_artworks(csv, kind="train")
+
+
+@pytest.mark.parametrize("change", ["repainted", "deleted"])
+def test_images_changed_between_folds_stop_the_run_naming_them(tmp_path, monkeypatch, change):
+    df = _own_data(tmp_path)
+    victim = df["img_path"][3]
+    fitted = []
+
+    def fake_train(job, k, **kw):
+        fitted.append(k)
+        if k == 0:
+            if change == "repainted":
+                write_image(victim, (36, 36), color=(0, 250, 0), seed=99)
+            else:
+                os.unlink(victim)
+
+    monkeypatch.setattr(kfold_module, "_train_fold", fake_train)
+    out = tmp_path / "run"
+    why = "content changed" if change == "repainted" else "deleted or moved"
+    with refused(f"changed data: an image {change} during fold 0", "fold 0's out-of-fold predictions", victim, why,
+                 "Restore the images"):
+        train(df, out)
+    assert fitted == [0] and not (out / "summary.json").exists()
+
+
+def test_images_changed_before_a_resume_are_named_by_the_config_check(tmp_path, dry):
+    df = _own_data(tmp_path)
+    train(df, tmp_path / "run")
+    write_image(df["img_path"][0], (36, 36), color=(0, 250, 0), seed=99)
+    with refused("changed data: an image repainted between two train_kfold calls", "different configuration",
+                 "data:"):
+        train(al.read_artworks(tmp_path / "own" / "train.csv", kind="train"), tmp_path / "run")
+
+
+def test_the_data_recheck_rereads_only_changed_files(tmp_path, monkeypatch):
+    from artlearn import tables
+    df = _own_data(tmp_path)
+    digests, changes = tables.digest_changes(df["img_path"])
+    assert changes == [] and None not in digests
+    read = []
+    real = tables.content_digest
+    monkeypatch.setattr(tables, "content_digest", lambda p: read.append(p) or real(p))
+    again, changes = tables.digest_changes(df["img_path"])
+    assert again == digests and read == [] and changes == []
+    os.utime(df["img_path"][2])  # touched, same bytes: read again, not a change
+    again, changes = tables.digest_changes(df["img_path"])
+    assert read == [df["img_path"][2]] and changes == [] and again == digests
+
+
+def test_a_store_file_replaced_by_another_images_array_is_never_served(tmp_path, caplog):
+    from artlearn.store import PresizeCache
+    a = str(write_image(tmp_path / "a.png", (30, 20), color=(200, 0, 0), seed=1))
+    b = str(write_image(tmp_path / "b.png", (30, 20), color=(0, 0, 200), seed=2))
+    first = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    first.fill([a, b])
+    want_a = first.get(a).copy()
+    file_a, file_b = (first._disk_path(first._disk_keys[p]) for p in (a, b))
+    shutil.copy(file_b, file_a)  # a's store file now holds b's array
+    caplog.set_level("WARNING", logger="artlearn")
+    assert np.array_equal(first.get(a), want_a)  # read in this process: the claim is checked, a is decoded again
+    again = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    shutil.copy(file_b, file_a)
+    again.fill([a])  # a later process: the file's claim is not a's
+    assert again.n_decodes == 1 and np.array_equal(again.get(a), want_a)
+    assert sum("claims to hold image" in r.getMessage() for r in caplog.records) == 2
+    np.save(file_a, np.load(file_a)[:300])  # not a store file at all
+    third = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    third.fill([a])
+    assert third.n_decodes == 1 and np.array_equal(third.get(a), want_a)
+
+
+def test_an_image_deleted_after_it_was_stored_is_a_clear_error(tmp_path):
+    from artlearn.store import PresizeCache
+    a = write_image(tmp_path / "a.png", (30, 20), seed=1)
+    for mode in ("memory", "disk"):
+        cache = PresizeCache(16, mode=mode, cache_dir=tmp_path / "cache")
+        cache.fill([str(a)])
+        moved = a.rename(tmp_path / "moved.png")
+        with refused(f"changed data: an image deleted after the store read it ({mode})", str(a), "deleted or moved"):
+            cache.get(str(a))
+        moved.rename(a)
+
+
+PLANT = r"""
+import os, sys
+import numpy as np
+os.setuid(65534)
+folder = sys.argv[1]
+os.mkdir(folder, 0o777)
+os.chmod(folder, 0o777)
+np.save(os.path.join(folder, "planted.npy"), np.zeros(10, np.uint8))
+if len(sys.argv) > 2:
+    os.symlink(sys.argv[3], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to act as a second user")
+def test_a_store_folder_planted_by_another_user_is_never_used(tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    from artlearn.store import PresizeCache, default_store_dir
+    shared = Path(tempfile.mkdtemp(prefix="artlearn-test-tmp-", dir="/tmp"))  # a /tmp of its own: sticky, 1777
+    try:
+        shared.chmod(0o1777)
+        monkeypatch.setattr(tempfile, "tempdir", str(shared))
+        mine = default_store_dir()
+        assert mine.parent == shared and mine.name.endswith(str(os.getuid()))
+        subprocess.run([sys.executable, "-c", PLANT, str(mine)], check=True)  # uid 65534 takes the name first
+        assert mine.stat().st_uid == 65534
+        img = str(write_image(tmp_path / "a.png", (30, 20), seed=1))
+        caplog.set_level("WARNING", logger="artlearn")
+        cache = PresizeCache(16, mode="disk")
+        cache.fill([img])
+        used = cache.cache_dir
+        assert used != mine and used.parent == shared and (used.stat().st_mode & 0o777) == 0o700
+        assert used.stat().st_uid == os.getuid() and len(list(used.glob("*.npy"))) == 1
+        assert sorted(p.name for p in mine.iterdir()) == ["planted.npy"]  # nothing written into the planted folder
+        message = next(r.getMessage() for r in caplog.records if "belongs to another user" in r.getMessage())
+        note("private store: the default store folder pre-created by another user", message)
+        with refused("private store: cache_dir owned by another user", "belongs to another user (uid 65534"):
+            PresizeCache(16, mode="disk", cache_dir=mine).fill([img])
+        link = shared / "linked"
+        subprocess.run([sys.executable, "-c", PLANT, str(shared / "other"), str(link), str(tmp_path)], check=True)
+        with refused("private store: cache_dir a symlink planted by another user", "is a symbolic link"):
+            PresizeCache(16, mode="disk", cache_dir=link).fill([img])
+        open_dir = tmp_path / "open"
+        open_dir.mkdir(mode=0o777)
+        open_dir.chmod(0o777)
+        with refused("private store: cache_dir writable by everyone", "writable by other users (mode 777)"):
+            PresizeCache(16, mode="disk", cache_dir=open_dir).fill([img])
+        assert list(open_dir.iterdir()) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_the_device_pipeline_trains_on_1x1_to_3x3_images(tmp_path):
+    rows = []
+    for i in range(12):
+        side = 1 + i % 3
+        path = write_image(tmp_path / f"im{i}.png", (side, side + i % 2), color=(80 * (i % 3), 0, 0), seed=i)
+        rows.append((f"i{i}", str(path), f"A{i % 3}"))
+    df = pd.DataFrame(rows, columns=["id", "img_path", "artist"])
+    run, _, _ = train(df, tmp_path / "run", size=16, bs=4, pipeline="device")
+    assert run.folds == [0, 1] and len(run.oof) == 12 and np.isfinite(run.oof.filter(like="p_").to_numpy()).all()
