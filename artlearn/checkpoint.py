@@ -63,11 +63,11 @@ def file_sha256(path) -> str:
 
 
 def run_id_of(run_dir) -> str | None:
-    """A run's identity: the sha256 (32 hex digits) of its config.json bytes; None for a folder that is not a run."""
-    config = Path(run_dir) / RUN_CONFIG_NAME
-    if not config.is_file():
+    """A run's identity (`artlearn.run.run_identity` of its config.json); None for a folder that is not a run."""
+    from .run import read_config, run_identity  # run.py owns the config's terms; imported here, as ensemble does
+    if not (Path(run_dir) / RUN_CONFIG_NAME).is_file():
         return None
-    return hashlib.sha256(config.read_bytes()).hexdigest()[:32]
+    return run_identity(read_config(run_dir))
 
 
 def fold_identity(fold_dir, digest: str | None = None) -> dict:

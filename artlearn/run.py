@@ -7,6 +7,7 @@ content to the data fingerprint. artlearn writes only into a new or empty folder
 only the files it writes there, and never touches a folder that holds the data.
 """
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -184,6 +185,15 @@ def config_as_now(config: dict) -> dict:
     config = {**ABSENT_MEANS, **config}
     return {k: OLD_SPELLINGS.get(k, {}).get(v, v) if isinstance(v, (str, type(None))) else v
             for k, v in config.items()}
+
+
+def run_identity(config: dict) -> str:
+    """A run's identity, which every fold's meta.json records as run_id: a sha256 (32 hex digits) of its config in
+    today's terms, without the runtime keys and without settings that hold what their absence means (so a library
+    that adds a setting, or a config with an old spelling, keeps the identity; any other change does not)."""
+    settings = {k: v for k, v in config_as_now(config).items()
+                if k not in RUNTIME_KEYS and not (k in ABSENT_MEANS and v == ABSENT_MEANS[k])}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def check_config(out: Path, config: dict, legacy: dict | None = None) -> None:
