@@ -344,10 +344,46 @@ def read_jsonl(path: Path) -> list:
     for i, line in enumerate(path.read_text().splitlines()):
         if line.strip():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 print(f"warning: {path}:{i + 1} is not JSON, ignored", file=sys.stderr)
+                continue
+            problem = _record_problem(rec)
+            if problem:  # a hand-edited line: named, left out of the plan and the report, never a traceback
+                print(f"warning: {path}:{i + 1} is not a usable record ({problem}), ignored", file=sys.stderr)
+                continue
+            out.append(rec)
     return out
+
+
+_RECORD_TEXT = ("row", "data_fingerprint", "data", "arch")
+_RECORD_NUMBERS = ("accuracy", "f1_macro", "wall_s", "size", "epochs", "bs", "n_folds", "fold_seed", "n_images",
+                   "n_artists")
+
+
+def _record_problem(rec) -> str | None:
+    """Why a jsonl line is not a record write_report and the plan can use (a missing key, a value of another type)."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    bad = [k for k in _RECORD_TEXT if not isinstance(rec.get(k), str)]
+    bad += [k for k in _RECORD_NUMBERS if not is_number(rec.get(k))]
+    if not isinstance(rec.get("seed"), int) or isinstance(rec.get("seed"), bool):
+        bad.append("seed")
+    if not isinstance(rec.get("folds"), list) or not all(isinstance(f, int) for f in rec["folds"]):
+        bad.append("folds")
+    if not isinstance(rec.get("per_fold"), dict) or not all(isinstance(v, dict) for v in rec["per_fold"].values()):
+        bad.append("per_fold")
+    base = rec.get("majority_baseline")
+    if not isinstance(base, dict) or not isinstance(base.get("artist"), str) or not all(
+            is_number(base.get(k)) for k in ("accuracy", "f1_macro")):
+        bad.append("majority_baseline")
+    if rec.get("train_seconds") is not None and not is_number(rec["train_seconds"]):
+        bad.append("train_seconds")
+    for key in ("overrides", "evaluate"):
+        if rec.get(key) is not None and not isinstance(rec[key], dict):
+            bad.append(key)
+    return f"missing or malformed {', '.join(repr(k) for k in bad)}" if bad else None
 
 
 def record_key(rec: dict) -> tuple:
