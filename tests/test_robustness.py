@@ -448,8 +448,8 @@ def _generation(state: dict) -> int:
 
 def test_sigkill_while_saving_leaves_the_previous_complete_checkpoint_or_none(base_run, tmp_path):
     """kill -9 a process that rewrites best.safetensors in a loop; every kill leaves a complete file."""
-    source = base_run.run.fold_dir(0)
-    folder = fold_copy(source, tmp_path / "fold0", weights=False)
+    source = base_run.run.fold_dir(0)  # the writer's weights are not the ones meta.json records: no digest kept
+    folder = fold_copy(source, tmp_path / "fold0", meta_change=lambda m: m.pop("weights_sha256"), weights=False)
     target = folder / "best.safetensors"
     rng, last, mid_write = random.Random(0), None, 0
     for attempt in range(4):
@@ -651,7 +651,7 @@ def forbid_real_models(monkeypatch):
 def _seven_classes(meta):
     """A consistent meta.json for 7 artists (so only the weights disagree)."""
     meta["model"].update(n_classes=7)
-    meta.update(n_classes=7, vocab=[f"A{i}" for i in range(7)])
+    meta.update(n_classes=7, vocab=[f"A{i}" for i in range(7)], class_counts=[1] * 7)
 
 
 TAMPERED = {  # case: (change to meta.json, parts of the message)
