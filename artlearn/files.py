@@ -52,8 +52,8 @@ def current_umask() -> int:
     return mask
 
 
-def _write_all(f, data: bytes) -> None:
-    """Write every byte of `data` to the open file `f`."""
+def _write_all(f, data: bytes, path: Path) -> None:
+    """Write every byte of `data` (bound for `path`) to the open temp file `f`."""
     f.write(data)
 
 
@@ -127,7 +127,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when closed: a dead writer's temp is unlocked
             os.chmod(tmp, 0o666 & ~current_umask())
-            _write_all(f, data)
+            _write_all(f, data, path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1772,3 +1772,155 @@ def test_the_device_pipeline_trains_on_1x1_to_3x3_images(tmp_path):
     df = pd.DataFrame(rows, columns=["id", "img_path", "artist"])
     run, _, _ = train(df, tmp_path / "run", size=16, bs=4, pipeline="device")
     assert run.folds == [0, 1] and len(run.oof) == 12 and np.isfinite(run.oof.filter(like="p_").to_numpy()).all()
+
+
+# ---------------------------------------------------------------- 11. the last raw errors (issue 29)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def script(name: str):
+    """An example script loaded in-process (no second interpreter start-up)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_script_29", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_line(capsys, case, *parts) -> str:
+    """The script's stderr: one 'error: ...' line holding every part (recorded for docs/robustness.md)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    missing = [p for p in parts if p not in err]
+    assert not missing, f"{missing} not in {err}"
+    return note(case, err.strip())
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_earlier_one_and_the_run_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from artlearn import files
+    df = _own_data(tmp_path)
+    real, seen = files._write_all, []
+
+    def full_disk(f, data, path):
+        seen.append(Path(path).name)
+        if {"history.csv", "meta.json"} <= set(seen[:-1]) and seen[-1] in ("best.safetensors", "history.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # the second epoch's first write
+        real(f, data, path)
+
+    monkeypatch.setattr(files, "_write_all", full_disk)
+    out = tmp_path / "run"
+    with refused("resource: disk full during a checkpoint write", "no space left on the device",
+                 "previous version of the file (an earlier checkpoint) is kept", "rerun"):
+        train(df, out, epochs=2)
+    monkeypatch.setattr(files, "_write_all", real)
+    kept = read_meta(out / "fold0")
+    assert kept["epoch"] == 0 and not kept["complete"] and load_fold(out / "fold0")[1]["epoch"] == 0
+    assert not list(out.rglob("*.tmp"))
+    run, _, _ = train(df, out, epochs=2)
+    assert run.folds == [0, 1]
+
+
+def test_a_submission_into_a_read_only_folder_or_a_folder_path_is_one_clear_error(tmp_path):
+    probs, ids, vocab = np.eye(3), ["a", "b", "c"], ["X", "Y", "Z"]
+    with refused("resource: write_submission to a folder", str(tmp_path), "is a folder", "submission.csv"):
+        al.write_submission(ids, probs, vocab, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    al.write_submission(ids, probs, vocab, locked / "submission.csv")
+    before = (locked / "submission.csv").read_bytes()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits: a read-only mount is simulated instead
+            import errno
+
+            from artlearn import files
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(files.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
+                    OSError(errno.EROFS, "Read-only file system")))
+                with refused("resource: write_submission into a read-only place", "submission.csv",
+                             "cannot be written (Read-only file system)"):
+                    al.write_submission(ids, probs[::-1], vocab, locked / "submission.csv")
+        else:
+            with refused("resource: write_submission into a read-only place", "cannot be written"):
+                al.write_submission(ids, probs[::-1], vocab, locked / "submission.csv")
+    finally:
+        locked.chmod(0o755)
+    assert (locked / "submission.csv").read_bytes() == before and sorted(os.listdir(locked)) == ["submission.csv"]
+
+
+def test_a_temp_file_of_a_killed_write_is_removed_by_the_next_good_write(tmp_path):
+    probs, ids, vocab = np.eye(2), ["a", "b"], ["X", "Y"]
+    stale = tmp_path / ".submission.csv.k1ll3d_x.tmp"  # as a write killed mid-way leaves it
+    stale.write_text("id,artist\na,")
+    fresh = tmp_path / ".submission.csv.s7arting.tmp"  # a write that has just started (not locked yet)
+    fresh.write_text("")
+    foreign = [tmp_path / ".submission.csv.notes.tmp", tmp_path / ".other.csv.k1ll3d_x.tmp", tmp_path / "mine.tmp"]
+    for p in [stale, *foreign]:
+        p.write_text("keep")
+        os.utime(p, (0, 0))
+    al.write_submission(ids, probs, vocab, tmp_path / "submission.csv")
+    assert not stale.exists() and fresh.exists() and all(p.exists() for p in foreign)
+
+
+def test_ensemble_and_predict_refuse_bad_numbers_before_loading(base_run, data, monkeypatch):
+    forbid_real_models(monkeypatch)
+    for case, kw, part in [("bs=0", dict(bs=0), "bs=0: need an integer >= 1"),
+                           ("prior_adjust=-5", dict(prior_adjust=-5), "prior_adjust=-5: need a number >= 0"),
+                           ("prior_adjust=inf", dict(prior_adjust=float("inf")), "not inf or NaN")]:
+        with refused(f"arguments: ensemble({case})", part):
+            al.ensemble(base_run.run, data.test, **kw)
+        with refused(f"arguments: predict({case})", part):
+            al.predict(base_run.run, data.test["img_path"][:1].tolist(), **kw)
+
+
+def test_train_kfold_refuses_a_non_finite_learning_rate(data, tmp_path):
+    for value in (float("inf"), float("nan")):
+        refused_run(f"arguments: train_kfold(lr={value})", data.train, tmp_path / "run", f"lr={value}",
+                    "need a finite number > 0", lr=value)
+
+
+def test_check_images_and_a_repeated_csv_column_are_refused_naming_the_column(data, tmp_path):
+    with refused("arguments: check_images on a table without img_path", "'img_path' column", "['id', 'artist']"):
+        al.check_images(data.train[["id", "artist"]])
+    csv = tmp_path / "twice.csv"
+    csv.write_text("id,img_path,artist,artist\na,x.jpg,Ana,Bo\n")
+    with refused("tables: a CSV header naming 'artist' twice", str(csv), "['artist'] more than once"):
+        al.read_artworks(csv, kind="train")
+
+
+def test_fold_learner_refuses_items_without_artists(base_run, data):
+    items = data.train[data.train["fold"] == 0] if "fold" in data.train.columns else data.train
+    with refused("arguments: fold_learner(items=<table without artist>)", "no 'artist' column", "predict"):
+        al.fold_learner(base_run.run.fold_dir(0), items=items.drop(columns="artist"))
+    learn = al.fold_learner(base_run.run.fold_dir(0), items=items)
+    assert len(learn.validate()) >= 2
+
+
+def test_predict_script_errors_are_one_line_and_nothing_is_written(base_run, data, tmp_path, capsys):
+    predict_py, image = script("predict"), data.test["img_path"][0]
+    assert predict_py.main([str(base_run.run.path), image, "--folds", "0,x"]) == 2
+    one_line(capsys, "cli: predict.py --folds 0,x", "--folds '0,x'", "comma-separated fold numbers")
+    assert predict_py.main([str(base_run.run.path), image, "--csv", str(tmp_path)]) == 2
+    one_line(capsys, "cli: predict.py --csv <a folder>", "--csv", "is a folder")
+    assert predict_py.main([str(base_run.run.path), image, "--explain", str(tmp_path)]) == 2
+    one_line(capsys, "cli: predict.py --explain <a folder>", "--explain", "is a folder")
+    (tmp_path / "file").write_text("")
+    assert predict_py.main([str(base_run.run.path), image, "--csv", str(tmp_path / "file" / "top.csv")]) == 2
+    one_line(capsys, "cli: predict.py --csv under a file", "is not a folder this user can write")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+    assert predict_py.main([str(base_run.run.path), image, "--csv", str(tmp_path / "top.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "top.csv")) == 4  # 4 artists
+
+
+def test_compare_report_only_on_a_hand_edited_jsonl_names_the_lines(tmp_path, capsys):
+    compare = script("compare_recipes")
+    jsonl = tmp_path / "edited.jsonl"
+    jsonl.write_text('{"row": "best"}\n[1, 2]\nnot json\n{"row": "reference", "seed": "0"}\n')
+    assert compare.read_jsonl(jsonl) == []
+    err = capsys.readouterr().err
+    note("cli: compare_recipes --report-only on a hand-edited jsonl", err.strip().splitlines()[0])
+    assert [f"edited.jsonl:{i}" in err for i in (1, 2, 3, 4)] == [True] * 4
+    assert "missing or malformed 'data_fingerprint'" in err and "a JSON list" in err and "'seed'" in err
