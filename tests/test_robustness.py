@@ -1924,3 +1924,396 @@ def test_compare_report_only_on_a_hand_edited_jsonl_names_the_lines(tmp_path, ca
     note("cli: compare_recipes --report-only on a hand-edited jsonl", err.strip().splitlines()[0])
     assert [f"edited.jsonl:{i}" in err for i in (1, 2, 3, 4)] == [True] * 4
     assert "missing or malformed 'data_fingerprint'" in err and "a JSON list" in err and "'seed'" in err
+
+
+# ---------------------------------------------------------------- 12. red team of issue 29 (docs/robustness.md)
+
+RED29 = {}  # case -> (class, verdict, parts of the message, function)
+
+
+def red29(kind, case, verdict, *parts):
+    """Register a case: 'refused' (fn does the set-up and returns the action, refused changing nothing under the
+    test's folder) or 'handled' (fn asserts the right result and may return a note)."""
+    def register(fn):
+        RED29[case] = (kind, verdict, parts, fn)
+        return fn
+    return register
+
+
+def _fold1(c, change):
+    """A copy of the base run with fold1's meta.json changed; the action loads fold1."""
+    out = _run_copy(c.base, c.tmp / "run")
+    _rewrite_meta(out / "fold1", change)
+    return lambda: load_fold(out / "fold1")
+
+
+for _case, _change, _part in [
+        ("meta.json 'fold' as text", lambda m: m.update(fold="1"), "'fold' is '1'"),
+        ("meta.json n_folds 1", lambda m: m.update(n_folds=1), "'n_folds' is 1"),
+        ("meta.json split_seed -1", lambda m: m.update(split_seed=-1), "'split_seed' is -1"),
+        ("meta.json epoch -1", lambda m: m.update(epoch=-1), "'epoch' is -1"),
+        ("meta.json epochs_run 2.0 (a float)", lambda m: m.update(epochs_run=2.0), "'epochs_run' is 2.0"),
+        ("meta.json artlearn_version a number", lambda m: m.update(artlearn_version=1), "'artlearn_version' is 1"),
+        ("meta.json weights_sha256 in upper case", lambda m: m.update(weights_sha256=m["weights_sha256"].upper()),
+         "'weights_sha256' is '"),
+        ("meta.json run_id of 31 digits", lambda m: m.update(run_id=m["run_id"][:31]), "'run_id' is '"),
+        ("meta.json vocab naming an artist the run lacks", lambda m: m.update(vocab=[*m["vocab"][:-1], "Zed"]),
+         "artists not in both: ['Solo', 'Zed']"),
+        ("meta.json stopped a number", lambda m: m.update(stopped=3), "'stopped' is 3"),
+        ("meta.json of fold0 copied over fold1's (weights fold1's)", lambda m: m.update(fold=0), "says fold=0")]:
+    red29("identity", _case, "refused", "fold1", _part)(lambda c, change=_change: _fold1(c, change))
+
+
+def _retyped(c, convert):
+    """A fold folder (outside a run) whose tensors `convert` changed, with the digest of the new file recorded."""
+    from safetensors.torch import save_file
+    folder = fold_copy(c.base.run.fold_dir(0), c.tmp / "fold0", weights=False)
+    state = {k: convert(k, v) for k, v in load_weights(c.base.run.fold_dir(0) / "best.safetensors").items()}
+    save_file(state, folder / "best.safetensors")
+    _rewrite_meta(folder, lambda m: m.update(weights_sha256=al.checkpoint.file_sha256(folder / "best.safetensors")))
+    return lambda: load_fold(folder)
+
+
+red29("identity", "every tensor stored as float16", "refused", "is torch.float16", "never casts")(
+    lambda c: _retyped(c, lambda k, v: v.half() if v.is_floating_point() else v))
+red29("identity", "num_batches_tracked stored as float32", "refused", "num_batches_tracked' is torch.float32")(
+    lambda c: _retyped(c, lambda k, v: v.float()))
+
+
+@red29("identity", "config.json edited (epochs) after the folds were trained", "refused", "is not this run's",
+       "config.json")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").unlink()
+    (out / "config.json").write_text(json.dumps({**config, "epochs": 9}))
+    return lambda: load_fold(out / "fold0")
+
+
+@red29("identity", "both files of fold0 copied into fold1/", "refused", "says fold=0")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    for name in ("meta.json", "best.safetensors"):
+        _replace_file(out / "fold1" / name, (out / "fold0" / name).read_bytes())
+    return lambda: load_fold(out / "fold1")
+
+
+@red29("identity", "a whole run directory copied elsewhere", "handled")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "moved")
+    probs, _ = al.ensemble(out, c.data.test, bs=4)
+    assert np.allclose(probs, al.ensemble(c.base.run, c.data.test, bs=4)[0], atol=1e-6)
+    return "the copy keeps its identity (run_id is the config's fingerprint, not the path): same predictions"
+
+
+@red29("identity", "a fold folder copied out of its run", "handled")
+def _(c):
+    folder = fold_copy(c.base.run.fold_dir(1), c.tmp / "fold1")
+    assert load_fold(folder)[1]["fold"] == 1
+    return "loads alone: the weights digest is checked, the run's identity only inside a run"
+
+
+@red29("identity", "weights replaced by a byte-identical copy", "handled")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    _replace_file(out / "fold0" / "best.safetensors", (out / "fold0" / "best.safetensors").read_bytes())
+    assert load_fold(out / "fold0")[1]["fold"] == 0
+    return "same bytes, same digest: accepted"
+
+
+def _changed(c, change, *, extra=None):
+    """A small table with its fingerprint; `change` edits the images; the action re-checks them."""
+    df = _own_data(c.tmp)
+    config = {"data": al.run.data_fingerprint(df, al.tables.content_digests(df["img_path"]))}
+    change(df)
+    return lambda: al.run.check_data_unchanged(df, config, "fold 1")
+
+
+def _repaint(path, seed=99):
+    write_image(path, (36, 36), color=(0, 250, 0), seed=seed)
+
+
+red29("changed data", "an image truncated between folds", "refused", "TRAIN_0001.jpg (content changed)")(
+    lambda c: _changed(c, lambda df: Path(df["img_path"][1]).write_bytes(Path(df["img_path"][1]).read_bytes()[:50])))
+
+
+def _restore_mtime(df):
+    path = df["img_path"][2]
+    st = os.stat(path)
+    _repaint(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: the mtime says nothing changed
+
+
+red29("changed data", "an image repainted and its mtime restored", "refused", "TRAIN_0002.jpg (content changed)")(
+    lambda c: _changed(c, _restore_mtime))
+
+
+def _relink(df):
+    os.unlink(df["img_path"][3])
+    os.symlink(df["img_path"][9], df["img_path"][3])
+
+
+red29("changed data", "an image replaced by a symlink to another image", "refused",
+      "TRAIN_0003.jpg (content changed)")(lambda c: _changed(c, _relink))
+
+
+def _swap(df):
+    a, b = df["img_path"][0], df["img_path"][12]
+    os.rename(a, a + ".x")
+    os.rename(b, a)
+    os.rename(a + ".x", b)
+
+
+red29("changed data", "two images swapped", "refused", "2 training image(s) changed", "TRAIN_0000.jpg",
+      "TRAIN_0012.jpg")(lambda c: _changed(c, _swap))
+red29("changed data", "an image moved away", "refused", "TRAIN_0004.jpg (deleted or moved)")(
+    lambda c: _changed(c, lambda df: os.rename(df["img_path"][4], df["img_path"][4] + ".bak")))
+
+
+def _to_folder(df):
+    os.unlink(df["img_path"][5])
+    os.mkdir(df["img_path"][5])
+
+
+red29("changed data", "an image replaced by a folder of the same name", "refused",
+      "TRAIN_0005.jpg (cannot be read")(lambda c: _changed(c, _to_folder))
+
+
+@red29("changed data", "an image rewritten with the same bytes", "handled")
+def _(c):
+    action = _changed(c, lambda df: _replace_file(df["img_path"][6], Path(df["img_path"][6]).read_bytes()))
+    action()
+    return "read again (new inode), same digest: the run goes on"
+
+
+def _stored(c, mode="disk"):
+    """A disk store holding two images: (cache, a, b, a's store file, b's store file)."""
+    from artlearn.store import PresizeCache
+    a = str(write_image(c.tmp / "a.png", (30, 20), color=(200, 0, 0), seed=1))
+    b = str(write_image(c.tmp / "b.png", (30, 20), color=(0, 0, 200), seed=2))
+    cache = PresizeCache(16, mode=mode, cache_dir=c.tmp / "cache")
+    cache.fill([a, b])
+    return cache, a, b, *(cache._disk_path(cache._disk_keys[p]) for p in (a, b))
+
+
+def _served_again(c, tamper) -> str:
+    """Tamper with a's store file; a new store must decode a again (never serve the file)."""
+    from artlearn.store import PresizeCache
+    cache, a, b, file_a, file_b = _stored(c)
+    want = cache.get(a).copy()
+    tamper(cache, a, b, file_a, file_b)
+    again = PresizeCache(16, mode="disk", cache_dir=c.tmp / "cache")
+    again.fill([a])
+    assert again.n_decodes == 1 and np.array_equal(again.get(a), want)
+    return "decoded again from the image, with a warning naming the store file"
+
+
+def _other_presize(cache, a, b, file_a, file_b):
+    from artlearn.store import PresizeCache
+    other = PresizeCache(24, mode="disk", cache_dir=cache.cache_dir)
+    other.fill([a])
+    shutil.copy(other._disk_path(other._disk_keys[a]), file_a)
+
+
+red29("private store", "a store file of the same image at another presize copied over", "handled")(
+    lambda c: _served_again(c, _other_presize))
+red29("private store", "a store file replaced by a symlink to another store file", "handled")(
+    lambda c: _served_again(c, lambda cache, a, b, fa, fb: (fa.unlink(), fa.symlink_to(fb))))
+red29("private store", "a plain .npy (older artlearn, no claim) in the store", "handled")(
+    lambda c: _served_again(c, lambda cache, a, b, fa, fb: np.save(fa, cache.get(a))))
+
+
+def _edit_pixels(cache, a, b, file_a, file_b):
+    flat = np.load(file_a)
+    flat[-1] ^= 0xFF
+    np.save(file_a, flat)
+
+
+red29("private store", "a store file's pixels edited in place (claim kept)", "handled")(
+    lambda c: _served_again(c, _edit_pixels))
+
+
+@red29("private store", "the default store folder is this user's but mode 0777", "handled")
+def _(c):
+    import tempfile
+
+    from artlearn.store import PresizeCache, default_store_dir
+    c.mp.setattr(tempfile, "tempdir", str(c.tmp))
+    folder = default_store_dir()
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    cache = PresizeCache(16, mode="disk")
+    cache.fill([str(write_image(c.tmp / "a.png", (30, 20), seed=1))])
+    assert cache.cache_dir != folder and (cache.cache_dir.stat().st_mode & 0o777) == 0o700
+    assert list(folder.iterdir()) == []
+    return f"replaced by a fresh private folder {cache.cache_dir.name} (warning names both)"
+
+
+@red29("private store", "cache_dir is a regular file", "refused", "is not a folder")
+def _(c):
+    from artlearn.store import PresizeCache
+    (c.tmp / "afile").write_text("x")
+    img = str(write_image(c.tmp / "a.png", (30, 20), seed=1))
+    return lambda: PresizeCache(16, mode="disk", cache_dir=c.tmp / "afile").fill([img])
+
+
+@red29("private store", "a cache_dir that does not exist yet", "handled")
+def _(c):
+    cache, *_ = _stored(c)
+    assert (cache.cache_dir.stat().st_mode & 0o777) == 0o700
+    return "created 0700"
+
+
+@red29("resource errors", "write_submission under a path whose parent is a file", "refused", "cannot be written")
+def _(c):
+    (c.tmp / "afile").write_text("x")
+    return lambda: al.write_submission(["a"], np.ones((1, 1)), ["X"], c.tmp / "afile" / "submission.csv")
+
+
+@red29("resource errors", "save_weights to a folder path", "refused", "is a folder")
+def _(c):
+    return lambda: al.checkpoint.save_weights(c.tmp, {"w": torch.zeros(1)})
+
+
+@red29("resource errors", "disk full while writing config.json", "refused", "config.json: cannot be written",
+       "no space left")
+def _(c):
+    import errno
+
+    from artlearn import files
+    real = files._write_all
+
+    def full(f, data, path):
+        if Path(path).name == "config.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data, path)
+
+    c.mp.setattr(files, "_write_all", full)
+    c.mp.setattr(kfold_module, "_train_fold", lambda job, k, **kw: None)
+    (c.tmp / "run").mkdir()  # an empty --out: after the failure it holds nothing but the lock file
+    return lambda: _run_then_check(c.data.train, c.tmp / "run")
+
+
+def _run_then_check(df, out):
+    """train_kfold that must fail before config.json exists (and leave no temp file)."""
+    try:
+        train(df, out)
+    finally:
+        assert not (out / "config.json").exists() and not list(out.glob(".*.tmp"))
+
+
+@red29("resource errors", "a temp file locked by a live writer", "handled")
+def _(c):
+    import fcntl
+    tmp = c.tmp / ".submission.csv.l1vewrit.tmp"
+    tmp.write_text("")
+    os.utime(tmp, (0, 0))
+    with open(tmp) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        al.write_submission(["a"], np.ones((1, 1)), ["X"], c.tmp / "submission.csv")
+        assert tmp.exists()
+    return "kept: its writer holds the lock"
+
+
+@red29("resource errors", "a symlink named like a temp file", "handled")
+def _(c):
+    target = c.tmp / "precious.txt"
+    target.write_text("keep")
+    link = c.tmp / ".submission.csv.s1mlink_.tmp"
+    link.symlink_to(target)
+    os.utime(link, (0, 0), follow_symlinks=False)
+    al.write_submission(["a"], np.ones((1, 1)), ["X"], c.tmp / "submission.csv")
+    assert link.is_symlink() and target.read_text() == "keep"
+    return "neither followed nor removed"
+
+
+@red29("resource errors", "an I/O error artlearn has no advice for", "handled")
+def _(c):
+    import errno
+
+    from artlearn import files
+    c.mp.setattr(files, "_write_all", lambda f, d, p: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        files.atomic_write_text(c.tmp / "x.txt", "x")
+    assert list(c.tmp.iterdir()) == []
+    return "re-raised as it is (OSError EIO), no temp file left"
+
+
+for _case, _kw, _part in [("ensemble(bs=2.5)", dict(bs=2.5), "bs=2.5: need an integer >= 1"),
+                          ("ensemble(bs=True)", dict(bs=True), "bs=True: need an integer >= 1"),
+                          ("ensemble(prior_adjust=nan)", dict(prior_adjust=float("nan")), "not inf or NaN")]:
+    red29("argument checks", _case, "refused", _part)(
+        lambda c, kw=_kw: (lambda: al.ensemble(c.base.run, c.data.test, **kw)))
+
+for _case, _kw, _part in [("train_kfold(epochs=inf)", dict(epochs=float("inf")), "epochs=inf: need a finite"),
+                          ("train_kfold(wd=inf)", dict(wd=float("inf")), "wd=inf: need a finite")]:
+    red29("argument checks", _case, "refused", _part)(
+        lambda c, kw=_kw: (lambda: train(c.data.train, c.tmp / "run", **kw)))
+
+
+def _header(c, header):
+    csv = c.tmp / "t.csv"
+    csv.write_text(header + "\n" + ",".join(["a"] * len(header.split(","))) + "\n")
+    return lambda: al.read_artworks(csv)
+
+
+red29("argument checks", "a CSV header naming img_path twice", "refused", "['img_path'] more than once")(
+    lambda c: _header(c, "id,img_path,img_path,artist"))
+red29("argument checks", "a CSV header with ' artist' and 'artist'", "refused", "['artist'] more than once")(
+    lambda c: _header(c, "id,img_path, artist,artist"))
+red29("argument checks", "check_images on a list of paths", "refused", "'img_path' column", "list")(
+    lambda c: (lambda: al.check_images(list(c.data.train["img_path"]))))
+
+
+def _cli(c, argv, *parts):
+    """predict.py main(argv): exit status 2 and one line naming every part."""
+    predict_py = script("predict")
+
+    def action():
+        assert predict_py.main([str(c.base.run.path), *argv]) == 2
+        err = c.capsys.readouterr().err
+        assert err.count("\n") == 1 and all(p in err for p in parts), err
+        raise ValueError(err.strip())  # reported like the refusals
+    return action
+
+
+red29("argument checks", "predict.py --folds 7", "refused", "folds [7] have no complete checkpoint")(
+    lambda c: _cli(c, [c.data.test["img_path"][0], "--folds", "7"], "folds [7]"))
+red29("argument checks", "predict.py with a missing image", "refused", "nope.jpg")(
+    lambda c: _cli(c, [str(c.tmp / "nope.jpg")], "nope.jpg"))
+
+
+@red29("argument checks", "study.py --grids arch,arch", "handled")
+def _(c):
+    assert script("study").parse_grids("arch,arch") == ["arch"]
+    return "one arch grid"
+
+
+@red29("argument checks", "predict.py --csv in a folder that does not exist yet", "handled")
+def _(c):
+    assert script("predict").main([str(c.base.run.path), c.data.test["img_path"][0], "--csv",
+                                   str(c.tmp / "new" / "top.csv")]) == 0
+    assert len(pd.read_csv(c.tmp / "new" / "top.csv")) == 4
+    c.capsys.readouterr()
+    return "the folder is created, the table written atomically"
+
+
+@red29("argument checks", "run_cli on a message spread over lines", "handled")
+def _(c):
+    def main(argv):
+        raise al.checks.ArtlearnError("first\n\tsecond")
+    assert al.checks.run_cli(main) == 2
+    assert c.capsys.readouterr().err == "error: first second\n"
+    return "one line"
+
+
+@pytest.mark.parametrize("case", list(RED29))
+def test_red_team_29(case, data, base_run, tmp_path, monkeypatch, capsys):
+    kind, verdict, parts, fn = RED29[case]
+    c = SimpleNamespace(data=data, base=base_run, tmp=tmp_path, mp=monkeypatch, capsys=capsys)
+    if verdict == "refused":
+        action = fn(c)
+        with unchanged(tmp_path), refused(f"red29: {kind}: {case}", *parts):
+            action()
+    else:
+        note(f"red29: {kind}: {case}", fn(c) or "handled correctly")
