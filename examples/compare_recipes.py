@@ -344,14 +344,21 @@ def read_jsonl(path: Path) -> list:
     for i, line in enumerate(path.read_text().splitlines()):
         if line.strip():
             try:
-                rec = json.loads(line)
+                out.append(json.loads(line))
             except json.JSONDecodeError:
                 print(f"warning: {path}:{i + 1} is not JSON, ignored", file=sys.stderr)
-                continue
-            problem = _record_problem(rec)
-            if problem:  # a hand-edited line: named, left out of the plan and the report, never a traceback
-                print(f"warning: {path}:{i + 1} is not a usable record ({problem}), ignored", file=sys.stderr)
-                continue
+    return out
+
+
+def read_records(path: Path) -> list:
+    """This script's records in a jsonl: a hand-edited line that is not a usable record is named on stderr and left
+    out of the plan and the report (never a traceback)."""
+    out = []
+    for i, rec in enumerate(read_jsonl(path)):
+        problem = _record_problem(rec)
+        if problem:
+            print(f"warning: {path}: record {i + 1} is not usable ({problem}), ignored", file=sys.stderr)
+        else:
             out.append(rec)
     return out
 
@@ -663,7 +670,7 @@ def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
     """<budget>.md from every line of <budget>.jsonl (the last line of a (row, seed, folds, data) wins)."""
     groups, order = {}, [r.name for r in rows]
     current = {r.name: definition(r) for r in rows}
-    records = [r for r in read_jsonl(ctx.jsonl) if current.get(r["row"], definition(r)) == definition(r)]
+    records = [r for r in read_records(ctx.jsonl) if current.get(r["row"], definition(r)) == definition(r)]
     for rec in {record_key(r): r for r in records}.values():
         groups.setdefault((rec["row"], tuple(rec["folds"]), rec["data_fingerprint"]), {})[int(rec["seed"])] = rec
         if rec["row"] not in order:
@@ -757,7 +764,7 @@ def main(argv=None) -> list:
         import torch
         torch.set_num_threads(args.threads)
     ctx = Context(args, load_table(args))
-    records = read_jsonl(ctx.jsonl)
+    records = read_records(ctx.jsonl)
     done = {record_key(r) for r in records} | set(equivalents(records, rows, ctx))
     tasks = plan(ctx, rows, done)
     print_plan(ctx, tasks, skipped)

@@ -531,9 +531,9 @@ def test_summary_and_submission_are_replaced_atomically(base_run, tmp_path, monk
         raise OSError(28, "No space left on device (simulated)")
 
     monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(al.checks.ArtlearnError, match="no space left on the device .*simulated"):
         finish_run(run.path)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(al.checks.ArtlearnError, match="no space left on the device .*simulated"):
         al.write_submission(["t1", "t0"], np.eye(2)[::-1], ["A", "B"], sub)
     assert summary.read_bytes() == before and sub.read_bytes() == sub_before
     assert not list(run.path.glob(".*.tmp")) and [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
@@ -1919,10 +1919,10 @@ def test_compare_report_only_on_a_hand_edited_jsonl_names_the_lines(tmp_path, ca
     compare = script("compare_recipes")
     jsonl = tmp_path / "edited.jsonl"
     jsonl.write_text('{"row": "best"}\n[1, 2]\nnot json\n{"row": "reference", "seed": "0"}\n')
-    assert compare.read_jsonl(jsonl) == []
+    assert compare.read_records(jsonl) == []
     err = capsys.readouterr().err
     note("cli: compare_recipes --report-only on a hand-edited jsonl", err.strip().splitlines()[0])
-    assert [f"edited.jsonl:{i}" in err for i in (1, 2, 3, 4)] == [True] * 4
+    assert "edited.jsonl:3 is not JSON" in err and [f"record {i} is not usable" in err for i in (1, 2, 3)] == [True] * 3
     assert "missing or malformed 'data_fingerprint'" in err and "a JSON list" in err and "'seed'" in err
 
 
