@@ -269,14 +269,26 @@ def _digest_or_error(path):
         return e
 
 
+def _unchanged_digest(path: str) -> str | None:
+    """The kept digest of a file whose stat key did not change, else None (also when it cannot be stat'ed)."""
+    held = _DIGESTS.get(path)
+    try:
+        return held[1] if held is not None and held[0] == _stat_key(path) else None
+    except OSError:
+        return None
+
+
 def digest_changes(paths, workers: int | None = None) -> tuple[list, list]:
     """(digests, changes): every path's `cached_digest` (None when unreadable) and a description of each file that
     is gone, unreadable, or whose content differs from the digest this process recorded for it before."""
     paths = [str(p) for p in paths]
     with _DIGESTS_GUARD:
         before = {p: _DIGESTS[p][1] for p in paths if p in _DIGESTS}
+    digests = [_unchanged_digest(p) for p in paths]  # a stat per file: no thread for a file that did not change
+    todo = [i for i, d in enumerate(digests) if d is None]
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_digest_or_error, paths))
+        for i, d in zip(todo, pool.map(_digest_or_error, [paths[i] for i in todo])):
+            digests[i] = d
     changes = []
     for p, d in zip(paths, digests):
         if isinstance(d, FileNotFoundError):
