@@ -116,7 +116,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     an ArtlearnError (previous file kept) when that cannot be done; then stale temp files of `path` are removed."""
     path = Path(path)
     if path.is_dir():
-        raise ArtlearnError(f"{path} is a folder; give the path of a file to write (e.g. {path / 'submission.csv'})")
+        raise ArtlearnError(f"{path} is a folder; give the path of a file to write there, not of the folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

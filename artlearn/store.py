@@ -332,6 +332,8 @@ class PresizeCache:
         if not missing:
             return
         mode = self._resolve_mode(len(missing))
+        if mode == "disk":
+            self._disk_path("")  # the folder checked (or refused) once, before any image is read
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             results = list(pool.map(lambda p: self._load_or_decode(p, mode), missing))
         bad = []

@@ -423,7 +423,7 @@ def describe_error(e: Exception, path=None) -> str:
         return (f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels); "
                 "downscale it or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it")
     if isinstance(e, FileNotFoundError):
-        return "file not found: deleted or moved after the table was read"
+        return "no such file: missing, or deleted or moved since it was listed"
     if isinstance(e, Image.UnidentifiedImageError):
         return "not an image (cannot identify the file format)"
     if isinstance(e, OSError) and "truncated" in str(e).lower():
