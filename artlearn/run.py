@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, check_meta, identity_problem
-from .checks import listing
+from .checks import ArtlearnError, listing
 from .files import atomic_write_csv, atomic_write_json, read_json
 from .tables import digest_changes
 
@@ -396,6 +396,15 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def _unlink(path: Path) -> None:
+    """Delete a file artlearn wrote; a folder this user cannot write is an ArtlearnError naming it and the fix."""
+    try:
+        path.unlink()
+    except PermissionError as e:
+        raise ArtlearnError(f"{path}: cannot be deleted to retrain its fold ({e.strerror}); make {path.parent} "
+                            "writable by this user (or train into another --out folder) and rerun") from None
+
+
 def clear_fold(folder: Path, remove_empty: bool = False) -> list:
     """Remove the files artlearn writes in a fold folder (and temp files of killed writes); returns the others."""
     folder = Path(folder)
@@ -407,7 +416,7 @@ def clear_fold(folder: Path, remove_empty: bool = False) -> list:
     kept = []
     for f in folder.iterdir():
         if (f.name in FOLD_FILES or _is_temp(f.name)) and (f.is_file() or f.is_symlink()):
-            f.unlink()
+            _unlink(f)
         else:
             kept.append(f)
     if kept:

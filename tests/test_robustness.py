@@ -2317,3 +2317,21 @@ def test_red_team_29(case, data, base_run, tmp_path, monkeypatch, capsys):
             action()
     else:
         note(f"red29: {kind}: {case}", fn(c) or "handled correctly")
+
+
+def test_a_fold_folder_that_cannot_be_written_on_resume_is_one_clear_error(base_run, data, tmp_path, monkeypatch):
+    out = _run_copy(base_run, tmp_path / "run")
+    _rewrite_meta(out / "fold1", lambda m: m.update(complete=False))  # fold 1 must be trained again
+    real = Path.unlink
+
+    def denied(self, missing_ok=False):
+        if self.parent.name == "fold1":
+            raise PermissionError(13, "Permission denied")  # as for a folder of another user (tests run as root)
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    fold1 = snapshot(out / "fold1")
+    with refused("resource: a fold folder that cannot be written on resume", "fold1/",
+                 "cannot be deleted to retrain its fold (Permission denied)", "writable by this user"):
+        train(data.train, out)
+    assert snapshot(out / "fold1") == fold1
