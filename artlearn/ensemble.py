@@ -371,7 +371,8 @@ def write_submission(ids, probs, vocab, path) -> Path:
     """Write `id,artist` (the most probable artist per row) in the order of ids, every id once, atomically (a path
     that is a folder, or a place that cannot be written, is an ArtlearnError naming it; nothing is half-written)."""
     if Path(path).is_dir():
-        raise ArtlearnError(f"{path} is a folder; give the submission's file name (e.g. {Path(path) / 'submission.csv'})")
+        raise ArtlearnError(f"{path} is a folder; give the submission's file name "
+                            f"(e.g. {Path(path) / 'submission.csv'})")
     ids = [str(i) for i in ids]
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[0] != len(ids):

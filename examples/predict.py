@@ -68,7 +68,8 @@ def check_output(flag: str, path: Path | None) -> None:
     if path is None:
         return
     if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name (e.g. {path / ('top.csv' if flag == '--csv' else 'why.png')})")
+        example = path / ("top.csv" if flag == "--csv" else "why.png")
+        raise ValueError(f"{flag} {path} is a folder; give a file name (e.g. {example})")
     probe = path.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
