@@ -1580,6 +1580,9 @@ FOREIGN_META = {  # case: (change to fold1's meta.json, parts of the message)
 }
 
 
+RESUMED = ("another tool's format", "vocab reversed", "pipeline 'bogus'", "fold number of fold 0")
+
+
 @pytest.mark.parametrize("case", list(FOREIGN_META))
 def test_a_fold_meta_json_that_is_not_this_runs_is_refused_never_coerced(base_run, data, tmp_path, dry, case):
     change, parts = FOREIGN_META[case]
@@ -1589,10 +1592,11 @@ def test_a_fold_meta_json_that_is_not_this_runs_is_refused_never_coerced(base_ru
         load_fold(out / "fold1")
     with refused(f"identity: fold meta.json with {case} (ensemble)", "fold1", *parts):
         al.ensemble([out / "fold0", out / "fold1"], data.test)
-    fold0 = snapshot(out / "fold0")
-    _, lines, _ = train(data.train, out)
-    assert dry == [1] and snapshot(out / "fold0") == fold0
-    assert any("fold 1: its checkpoint is not this run's" in line and parts[0] in line for line in lines)
+    if case in RESUMED:  # the resume path is the same for every field: run for a few (each costs a dry run)
+        fold0 = snapshot(out / "fold0")
+        _, lines, _ = train(data.train, out)
+        assert dry == [1] and snapshot(out / "fold0") == fold0
+        assert any("fold 1: its checkpoint is not this run's" in line and parts[0] in line for line in lines)
 
 
 def test_a_tensor_of_another_dtype_is_refused_never_cast(base_run, tmp_path):
@@ -1819,8 +1823,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_earlier_one_and_the_run_resumes
     kept = read_meta(out / "fold0")
     assert kept["epoch"] == 0 and not kept["complete"] and load_fold(out / "fold0")[1]["epoch"] == 0
     assert not list(out.rglob("*.tmp"))
-    run, _, _ = train(df, out, epochs=2)
-    assert run.folds == [0, 1]
+    run, _, _ = train(df, out, epochs=2, folds=[0])  # resumes: fold 0 trained again, complete this time
+    assert run.folds == [0] and read_meta(out / "fold0")["epochs_run"] == 2
 
 
 def test_a_submission_into_a_read_only_folder_or_a_folder_path_is_one_clear_error(tmp_path):
