@@ -29,6 +29,7 @@ from .run import (
     KFoldRun,
     best_row,
     check_config,
+    check_data_unchanged,
     check_out_dir,
     clear_fold,
     clear_run,
@@ -365,10 +366,12 @@ def _write_missing_oof(job: _FoldJob, k: int) -> None:
 
 def _run_fold(job: _FoldJob, k: int, epochs: int) -> float:
     """Fold k, trained afresh for `epochs` (whatever an interrupted try left is cleared), then its OOF; returns
-    the seconds the OOF predictions took."""
+    the seconds the OOF predictions took. The images are checked unchanged before and after training."""
+    check_data_unchanged(job.df, job.config, f"fold {k}")
     clear_fold(fold_dir(job.out, k))
     _train_fold(job, k, epochs)
     started = time.time()
+    check_data_unchanged(job.df, job.config, f"fold {k}'s out-of-fold predictions")
     _write_missing_oof(job, k)
     return time.time() - started
 
@@ -389,6 +392,7 @@ def _fold_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list) -
         for k in mine:
             if k not in pending:
                 logger.info(f"fold {k}: complete checkpoint found in {fold_dir(job.out, k)}, not retrained")
+                check_data_unchanged(job.df, job.config, f"fold {k}")
                 _write_missing_oof(job, k)
                 continue
             left = [f for f in train if f >= k]

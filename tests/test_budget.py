@@ -1,4 +1,4 @@
-"""Time budgets: parsing, the epoch plan (a fake clock), re-planning, the hour warning, and train_kfold's use of them."""
+"""Time budgets: parsing, the epoch plan (fake clock), re-planning, the hour warning, and their use in train_kfold."""
 import json
 import logging
 import math
