@@ -29,7 +29,7 @@ _EXPORTS = {
 
 _SUBMODULES = ("checks", "files", "rng", "device", "tables", "folds", "store", "augment", "dls", "recipe",
                "synthetic", "models", "checkpoint", "callbacks", "learner", "run", "distributed", "kfold",
-               "ensemble", "explain", "plots")
+               "ensemble", "explain", "plots", "budget")
 
 __all__ = ["__version__", *_EXPORTS]
 

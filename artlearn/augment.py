@@ -293,7 +293,9 @@ def _levels(images, index: list, maps, sizes, out_size: int, antialias: bool) ->
     steps = spans / level_sizes
     width, height = level_sizes.max(0).values.tolist()
     tiny = bool((level_sizes < 2).any())  # a 1-px level is read at offset 1 with weight 0: keep that memory finite
-    canvas = (torch.zeros if tiny else torch.empty)((n, 3, height, width), device=device, memory_format=fmt)
+    canvas = torch.empty((n, 3, height, width), device=device, memory_format=fmt)
+    if tiny:  # torch.zeros takes no memory_format: zero the channels-last canvas in place
+        canvas.zero_()
     for i, (k, (x0, y0, x1, y1), (w, h)) in enumerate(zip(index, windows.tolist(), level_sizes.tolist())):
         window = images[k][None, :, y0:y1, x0:x1]  # a view: nothing but the window is ever copied
         if (w, h) != (x1 - x0, y1 - y0):

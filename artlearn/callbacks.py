@@ -25,7 +25,8 @@ from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Recorder
 from fastai.losses import CrossEntropyLossFlat
 
-from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, fold_meta, load_weights, save_weights
+from .checkpoint import (HISTORY_NAME, META_NAME, WEIGHTS_NAME, fold_identity, fold_meta, load_weights,
+                         save_weights_digest)
 from .checks import check_fraction
 from .device import dls_on_cuda, reuse_heap
 from .files import atomic_write_csv, atomic_write_json
@@ -452,7 +453,7 @@ class FoldCheckpoint(TrackerCallback):
         self.monitor_name, self.fold_index = monitor, int(fold)
         self.fold_dir = Path(out) / f"fold{int(fold)}"
         self.extra_meta = dict(meta or {})
-        self.best_epoch, self.stop_reason = None, None
+        self.best_epoch, self.stop_reason, self.identity = None, None, None
 
     @property
     def weights_path(self) -> Path:
@@ -491,7 +492,7 @@ class FoldCheckpoint(TrackerCallback):
             self.learn.add_cb(History())
             self.learn.history.before_fit()
         self.learn.history.csv_path = self.history_path
-        self.best_epoch, self.stop_reason = None, None
+        self.best_epoch, self.stop_reason, self.identity = None, None, None
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         for path in (self.meta_path, self.weights_path, self.history_path):
             path.unlink(missing_ok=True)
@@ -517,7 +518,7 @@ class FoldCheckpoint(TrackerCallback):
             warnings.warn(f"fold {self.fold_index}, epoch {self.epoch}: the weights hold NaN/inf; not saved",
                           stacklevel=2)
             return
-        save_weights(self.weights_path, state)
+        self.identity = fold_identity(self.fold_dir, digest=save_weights_digest(self.weights_path, state))
         self.best_epoch = int(self.epoch)
         atomic_write_json(self.meta_path, self._meta(complete=False))
 
@@ -527,7 +528,7 @@ class FoldCheckpoint(TrackerCallback):
         return fold_meta(self.model.config, data_meta(self.dls), fold=self.fold_index, epoch=self.best_epoch,
                          monitor=self.monitor_name, score=None if self.best_epoch is None else float(self.best),
                          complete=complete, ema=getattr(ema, "decay", None), stopped=self.stop_reason,
-                         extra={**self.extra_meta, **extra})
+                         extra={**self.extra_meta, **extra}, identity=self.identity)
 
     def after_fit(self):
         """Load the best weights back; mark the checkpoint complete (unless the fit was stopped)."""

@@ -4,31 +4,39 @@ A fold folder holds `best.safetensors` (the weights), `meta.json` (how to rebuil
 is the model's `config`, plus vocab, image size and normalisation stats) and `history.csv`. Weights are
 only ever read with safetensors, which parses tensors and runs no code: pickled formats are refused.
 """
+import hashlib
 import json
+import logging
 import math
 import numbers
+import re
 from pathlib import Path
 
 from .files import atomic_write_bytes, atomic_write_csv  # noqa: F401 (atomic_write_csv: old import path)
 from .rng import fork_global_rng
 
 __all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "save_weights", "load_weights", "weight_shapes", "read_meta",
-           "check_meta", "load_fold"]
+           "check_meta", "load_fold", "fold_identity", "identity_problem", "file_sha256"]
 
 WEIGHTS_NAME, META_NAME, HISTORY_NAME = "best.safetensors", "meta.json", "history.csv"
-META_FORMAT, META_FORMAT_VERSION = "artlearn-fold", 2
+RUN_CONFIG_NAME, RUN_FOLDS_NAME = "config.json", "folds.csv"  # a run directory's files (artlearn.run names them too)
+META_FORMAT, META_FORMAT_VERSION = "artlearn-fold", 3  # version 3 adds run_id and weights_sha256
+# meta.json keys added after folds were first written, and what their absence means: not recorded, so not checked
+META_ABSENT_MEANS = {"run_id": None, "weights_sha256": None, "format": META_FORMAT, "format_version": 1}
+logger = logging.getLogger("artlearn")
 _PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
 MAX_SIZE, MAX_CLASSES = 4096, 100_000  # bounds of a meta.json's image size and class count (checked before building)
 
 
 def fold_meta(model_config: dict, data: dict, fold: int, epoch, monitor: str, score, complete: bool, ema=None,
-              stopped=None, extra: dict | None = None) -> dict:
+              stopped=None, extra: dict | None = None, identity: dict | None = None) -> dict:
     """The content of a fold's meta.json: how to rebuild the model, the data it expects, where training stands.
 
     `model` (the config for `build_model(**meta['model'])`), arch, depth, pool, n_classes, vocab, size, mean, std
     (0-1 scale), fold, epoch, monitor, score, complete, the data's n_folds, split_seed and class_counts, ema,
     pipeline and store_side (the image store's shorter side, which evaluation reuses), the format version;
-    `stopped` when a fit was stopped; then the entries of `extra` (which cannot override these).
+    `stopped` when a fit was stopped; `identity` (`fold_identity`: run_id, weights_sha256); then the entries of
+    `extra` (which cannot override these).
     """
     from . import __version__
     meta = dict(extra or {})
@@ -41,7 +49,90 @@ def fold_meta(model_config: dict, data: dict, fold: int, epoch, monitor: str, sc
                 pipeline=data.get("pipeline", "items"), store_side=data.get("store_side"))
     if stopped:
         meta["stopped"] = stopped
+    meta.update({k: v for k, v in (identity or {}).items() if k in ("run_id", "weights_sha256")})
     return meta
+
+
+def file_sha256(path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_id_of(run_dir) -> str | None:
+    """A run's identity (`artlearn.run.run_identity` of its config.json); None for a folder that is not a run."""
+    from .run import read_config, run_identity  # run.py owns the config's terms; imported here, as ensemble does
+    if not (Path(run_dir) / RUN_CONFIG_NAME).is_file():
+        return None
+    return run_identity(read_config(run_dir))
+
+
+def fold_identity(fold_dir, digest: str | None = None) -> dict:
+    """What meta.json records to prove a fold is its run's: weights_sha256 (`digest`, else that of the weights file)
+    and run_id (`run_id_of` the folder's parent; left out when the fold is not inside a run)."""
+    fold_dir = Path(fold_dir)
+    digest = digest or file_sha256(fold_dir / WEIGHTS_NAME)
+    run_id = run_id_of(fold_dir.parent)
+    return dict(weights_sha256=digest, **({"run_id": run_id} if run_id else {}))
+
+
+def _folder_fold(name: str) -> int | None:
+    """k for a folder named exactly fold<k>, else None."""
+    match = re.fullmatch(r"fold(0|[1-9][0-9]*)", name)
+    return int(match.group(1)) if match else None
+
+
+def _run_vocab(run_dir: Path) -> list | None:
+    """The artists of a run's folds.csv, sorted as artist_dls orders its vocabulary (None without folds.csv)."""
+    import pandas as pd
+    path = run_dir / RUN_FOLDS_NAME
+    if not path.is_file():
+        return None
+    try:
+        artists = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=["artist"])["artist"]
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return None  # a damaged folds.csv is reported by the run's own readers
+    return sorted(set(artists))
+
+
+def weights_problem(folder, meta: dict) -> str | None:
+    """Why a fold's weights file is not the one its meta.json recorded (sha256), or None (also when not recorded)."""
+    weights = Path(folder) / WEIGHTS_NAME
+    want = meta.get("weights_sha256", META_ABSENT_MEANS["weights_sha256"])
+    if want is not None and weights.is_file():
+        have = file_sha256(weights)
+        if have != want:
+            return (f"{weights}: its sha256 is {have[:16]}..., not the {want[:16]}... its meta.json recorded (the "
+                    "weights were replaced, e.g. copied from another fold)")
+    return None
+
+
+def identity_problem(folder, meta: dict, weights: bool = True) -> str | None:
+    """Why a fold folder is not its run's (a link to another folder, another fold's or run's files, another
+    vocabulary, with `weights` replaced weights), or None. Keys a meta.json written before they existed lacks are
+    not checked."""
+    folder = Path(folder)
+    run_dir = folder.parent
+    in_run = (run_dir / RUN_CONFIG_NAME).is_file()
+    if in_run and folder.is_symlink():
+        return (f"{folder} is a symbolic link (to {folder.resolve()}); a run's folds are folders inside it, never "
+                "links to another run's")
+    k = _folder_fold(folder.name)
+    if in_run and k is not None and meta.get("fold", k) != k:
+        return f"{folder / META_NAME} says fold={meta['fold']!r} but its folder is fold{k} (copied from another fold?)"
+    run_id = meta.get("run_id", META_ABSENT_MEANS["run_id"])
+    if in_run and run_id is not None and run_id != run_id_of(run_dir):
+        return (f"{folder / META_NAME}: run_id {run_id} is not this run's ({run_id_of(run_dir)}, the fingerprint of "
+                f"{run_dir / RUN_CONFIG_NAME}): the fold was copied from another run, or config.json was edited")
+    vocab = _run_vocab(run_dir) if in_run and isinstance(meta.get("vocab"), list) else None
+    if vocab is not None and meta["vocab"] != vocab:
+        other = sorted(set(meta["vocab"]) ^ set(vocab))
+        how = f"artists not in both: {other[:5]}" if other else "the same artists in another order"
+        return f"{folder / META_NAME}: 'vocab' is not the run's artists from {run_dir / RUN_FOLDS_NAME} ({how})"
+    return weights_problem(folder, meta) if weights else None
 
 
 def _state_dict(model_or_state) -> dict:
@@ -51,9 +142,17 @@ def _state_dict(model_or_state) -> dict:
 
 def save_weights(path, model_or_state) -> Path:
     """Atomically save a model's (or a state dict's) tensors as safetensors: contiguous CPU copies."""
+    save_weights_digest(path, model_or_state)
+    return Path(path)
+
+
+def save_weights_digest(path, model_or_state) -> str:
+    """`save_weights`, returning the sha256 of the bytes written (no second read of the file)."""
     from safetensors.torch import save
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _state_dict(model_or_state).items()}
-    return atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+    blob = save(tensors, metadata={"format": "pt"})
+    atomic_write_bytes(path, blob)
+    return hashlib.sha256(blob).hexdigest()
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -139,6 +238,51 @@ def _meta_problem(meta: dict) -> str | None:
             return f"{key!r} must be 3 finite numbers (one per RGB channel), not {meta[key]!r}"
     if meta.get("std") is not None and min(meta["std"]) <= 0:
         return f"'std' must be positive, not {meta['std']!r}"
+    return _field_problem(meta, n)
+
+
+def _is_hex(value, length: int) -> bool:
+    """Text of exactly `length` lower-case hex digits."""
+    return isinstance(value, str) and re.fullmatch(f"[0-9a-f]{{{length}}}", value) is not None
+
+
+def _counts_ok(values, n: int) -> bool:
+    """n non-negative integers (a fold's training class counts)."""
+    return isinstance(values, list) and len(values) == n and all(_is_int(v, 0, 2 ** 62) for v in values)
+
+
+def _field_rules(n: int) -> dict:
+    """key -> (test of a present value, what is allowed) for meta.json's fields (None allowed where fold_meta
+    writes None for something unknown)."""
+    from .recipe import MONITORS, PIPELINES
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    return {
+        "format": (lambda v: v == META_FORMAT, f"{META_FORMAT!r}"),
+        "format_version": (lambda v: _is_int(v, 1, META_FORMAT_VERSION), f"an integer in 1..{META_FORMAT_VERSION} "
+                           "(a newer version needs a newer artlearn)"),
+        "pipeline": (lambda v: v in PIPELINES, f"one of {list(PIPELINES)}"),
+        "fold": (lambda v: _is_int(v, 0, 10 ** 6), "a fold number >= 0"),
+        "n_folds": (lambda v: v is None or _is_int(v, 2, 10 ** 6), "None or an integer >= 2"),
+        "split_seed": (lambda v: v is None or _is_int(v, 0, 2 ** 32 - 1), "None or an integer in 0..2**32-1"),
+        "epoch": (lambda v: v is None or _is_int(v, 0, 10 ** 9), "None or an epoch number >= 0"),
+        "epochs_run": (lambda v: _is_int(v, 0, 10 ** 9), "a number of epochs >= 0"),
+        "monitor": (lambda v: v is None or v in MONITORS, f"None or one of {list(MONITORS)}"),
+        "score": (lambda v: v is None or real(v), "None or a finite number"),
+        "complete": (lambda v: isinstance(v, bool), "true or false"),
+        "stopped": (lambda v: v is None or isinstance(v, str), "None or the reason (text)"),
+        "ema": (lambda v: v is None or (real(v) and 0 < v < 1), "None or a decay in (0, 1)"),
+        "class_counts": (lambda v: v is None or _counts_ok(v, n), f"None or {n} counts >= 0 (one per class)"),
+        "artlearn_version": (lambda v: isinstance(v, str), "the version (text)"),
+        "run_id": (lambda v: v is None or _is_hex(v, 32), "32 hex digits (the run's config fingerprint)"),
+        "weights_sha256": (lambda v: v is None or _is_hex(v, 64), "64 hex digits (the weights' sha256)"),
+    }
+
+
+def _field_problem(meta: dict, n: int) -> str | None:
+    """The first meta.json field whose value is not one it may hold ('model' is checked when it is rebuilt)."""
+    for key, (ok, allowed) in _field_rules(n).items():
+        if key in meta and not ok(meta[key]):
+            return f"{key!r} is {meta[key]!r}; need {allowed}"
     return None
 
 
@@ -165,6 +309,18 @@ def check_meta(meta, meta_path) -> None:
     if problem:
         raise ValueError(f"{meta_path}: {problem}; the file was edited or damaged: retrain this fold or delete its "
                          "folder")
+
+
+def check_identity(folder, meta: dict, weights: bool = True) -> None:
+    """ValueError when a fold folder is not its run's (`identity_problem`), with what to do."""
+    _refuse_fold(identity_problem(folder, meta, weights))
+
+
+def _refuse_fold(problem: str | None) -> None:
+    """ValueError for a fold that failed an identity check (nothing when `problem` is None)."""
+    if problem:
+        raise ValueError(f"{problem}; refusing to use it: rerun train_kfold on the run (it retrains a fold that fails "
+                         "this check) or delete the fold folder")
 
 
 def _fold_files(path: Path) -> tuple[Path, Path]:
@@ -222,9 +378,14 @@ def _check_shapes(shapes: dict, expected: dict, arch: str, weights_path: Path) -
 
 
 def _check_state(state: dict, model, weights_path: Path) -> None:
-    """ValueError naming the first wrongly shaped or non-finite tensor."""
+    """ValueError naming the first wrongly shaped, wrongly typed (never cast) or non-finite tensor."""
+    expected = model.state_dict()
     _check_shapes({k: tuple(v.shape) for k, v in state.items()},
-                  {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.config["arch"], weights_path)
+                  {k: tuple(v.shape) for k, v in expected.items()}, model.config["arch"], weights_path)
+    for k, v in state.items():
+        if v.dtype != expected[k].dtype:
+            raise ValueError(f"{weights_path}: tensor {k!r} is {v.dtype} but the model expects {expected[k].dtype}; "
+                             "artlearn never casts a checkpoint: retrain this fold")
     for k, v in state.items():
         if v.is_floating_point() and not bool(v.isfinite().all()):
             raise ValueError(f"{weights_path}: tensor {k!r} holds NaN/inf values: retrain this fold")
@@ -235,10 +396,13 @@ def load_fold(path, device="cpu"):
     path = Path(path)
     folder, weights_path = _fold_files(path)
     meta = read_meta(folder)
+    check_identity(folder, meta, weights=False)
     shapes = weight_shapes(weights_path)
     _check_shapes(shapes, _expected_shapes(meta, folder / META_NAME), meta["model"].get("arch"), weights_path)
     model = _rebuild(meta, folder / META_NAME)
     state = load_weights(weights_path)
     _check_state(state, model, weights_path)
+    if weights_path == folder / WEIGHTS_NAME:
+        _refuse_fold(weights_problem(folder, meta))  # the file read is the one meta.json recorded
     model.load_state_dict(state)
     return model.to(device).eval(), meta

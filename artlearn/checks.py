@@ -1,7 +1,25 @@
-"""Argument checks and error-message helpers shared by every stage (ValueError naming the bad value)."""
+"""Argument checks and error-message helpers shared by every stage (ValueError naming the bad value), and the one
+error type the command-line scripts turn into a line on stderr and exit status 2."""
+import math
 import numbers
+import sys
 
 SHOW = 5  # how many offending names an error message lists
+
+
+class ArtlearnError(ValueError):
+    """A problem the user can fix that is not a bad argument as such (a full disk, a read-only folder, a path that
+    is a folder): a ValueError, so every `except ValueError` (and `run_cli`) reports it as one line."""
+
+
+def run_cli(main, argv=None) -> int:
+    """An example script's `main(argv)`; a ValueError (ArtlearnError included) or a FileNotFoundError (a missing
+    checkpoint file) becomes `error: <message>` on stderr (one line) and exit status 2, instead of a traceback."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 def listing(values, total=None) -> str:
@@ -24,8 +42,10 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def check_number(name: str, value, low: float = 0.0, strict: bool = False, integer: bool = False):
-    """ValueError naming `value` unless it is a number >= low (> low when strict)."""
+    """ValueError naming `value` unless it is a finite number >= low (> low when strict)."""
     kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: need a finite number {'>' if strict else '>='} {low:g} (not inf or NaN)")
     ok = isinstance(value, kind) and not isinstance(value, bool) and (value > low if strict else value >= low)
     if not ok:
         raise ValueError(f"{name}={value!r}: need {'an integer' if integer else 'a number'} "

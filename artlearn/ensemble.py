@@ -10,6 +10,7 @@ import pandas as pd
 from PIL import Image
 
 from .checkpoint import META_NAME, atomic_write_csv, load_fold
+from .checks import ArtlearnError, check_number
 from .augment import center_views, valid_crop
 from .device import autocast, resolve_device, to_memory_format
 from .recipe import TTAS
@@ -220,6 +221,12 @@ def _log_prior(meta: dict, device):
     return (counts / counts.sum()).log()
 
 
+def _check_args(bs, prior_adjust) -> None:
+    """ValueError for a batch size below 1 or a negative (or non-finite) prior adjustment, before any fold loads."""
+    check_number("bs", bs, 1, integer=True)
+    check_number("prior_adjust", prior_adjust, 0.0)
+
+
 def _check_choices(tta, average) -> None:
     """ValueError for an unknown TTA or averaging mode."""
     if tta not in TTA_CHOICES:
@@ -301,6 +308,7 @@ def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", aver
     trades a little accuracy on frequent artists for recall on rare ones). `progress`: a bar over the batches.
     """
     _check_choices(tta, average)
+    _check_args(bs, prior_adjust)
     models, metas, device = load_folds(run_or_fold_dirs, folds, device)
     with _inputs(items, fold_store_side(metas[0]), cache, workers, keep_new=True) as (_, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
@@ -338,6 +346,7 @@ def predict(run_or_fold_dirs, images, k: int = 5, tta: str | None = "flip", fold
     """
     _check_k(k)
     _check_choices(tta, average)
+    _check_args(bs, prior_adjust)
     models, metas, device = load_folds(run_or_fold_dirs, folds, device)
     with _inputs(images, fold_store_side(metas[0]), cache, workers, keep_new=False) as (labels, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
@@ -359,7 +368,11 @@ def eval_crops(images, meta: dict) -> tuple[list, object]:
 
 
 def write_submission(ids, probs, vocab, path) -> Path:
-    """Write `id,artist` (the most probable artist per row) in the order of ids, every id once, atomically."""
+    """Write `id,artist` (the most probable artist per row) in the order of ids, every id once, atomically (a path
+    that is a folder, or a place that cannot be written, is an ArtlearnError naming it; nothing is half-written)."""
+    if Path(path).is_dir():
+        raise ArtlearnError(f"{path} is a folder; give the submission's file name "
+                            f"(e.g. {Path(path) / 'submission.csv'})")
     ids = [str(i) for i in ids]
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[0] != len(ids):
@@ -373,7 +386,4 @@ def write_submission(ids, probs, vocab, path) -> Path:
     if not np.isfinite(probs).all():
         raise ValueError("probs has NaN or inf values; refusing to write a submission from them")
     sub = pd.DataFrame({"id": ids, "artist": [vocab[i] for i in probs.argmax(1)]})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(path, sub)
-    return path
+    return atomic_write_csv(Path(path), sub)

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .budget import FoldPlanner, FoldShape, cpu_count, describe_seconds, measure_speed, parse_budget
 from .checks import check_choice
 from .distributed import DistContext, init_distributed, single_process_view
 from .ensemble import ensemble
 from .files import atomic_write_csv, atomic_write_json
 from .folds import assign_folds, check_duplicates, check_fold_groups, check_n_folds
-from .recipe import Recipe
+from .recipe import TTA_VIEWS, Recipe
 from .run import (
     CONFIG_NAME,
     FOLDS_NAME,
@@ -28,6 +29,7 @@ from .run import (
     KFoldRun,
     best_row,
     check_config,
+    check_data_unchanged,
     check_out_dir,
     clear_fold,
     clear_run,
@@ -267,33 +269,71 @@ class _FoldJob:
     progress: bool
     cbs: list
     config: dict
+    budget_s: float | None = None
+    started: float = 0.0       # the run's start (time.time()): a budget counts from there
+    predict_after: int = 0     # images the caller predicts after training (a budget keeps time for them)
+    decode_image_s: float = 0.0  # what decoding one image into the store took (the predicted images need it too)
 
 
-def _train_fold(job: _FoldJob, k: int, **learner_kw) -> None:
-    """Build fold k's DataLoaders and Learner and fit it (`learner_kw` overrides artist_learner's arguments)."""
+def _small_size(size: int) -> int:
+    """Progressive resizing's first training size: half the size (at least 8 px)."""
+    return max(8, size // 2)
+
+
+def _fold_dls(job: _FoldJob, k: int, size: int | None = None):
+    """Fold k's DataLoaders with the recipe's data settings (at `size` when given)."""
     from .dls import artist_dls
-    from .learner import artist_learner
     data_kw = job.recipe.kwargs_for("dls")
+    if size is not None:
+        data_kw["size"] = size
+    return artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
+                      **data_kw)
+
+
+def _train_fold(job: _FoldJob, k: int, epochs: int, **learner_kw) -> None:
+    """Build fold k's DataLoaders and Learner and fit it for `epochs` (`learner_kw` overrides artist_learner's)."""
+    from .learner import artist_learner
     start = time.time()
-    dls = artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
-                     **data_kw)
+    dls = _fold_dls(job, k)
     kw = dict(seed=job.seed + k, out=job.out, fold=k, progress=job.progress, **job.recipe.kwargs_for("learner"))
-    kw.update(learner_kw)
+    kw.update(learner_kw, epochs=epochs)
     kw["cbs"] = [*(kw.get("cbs") or []), *(make() for make in job.cbs)]
     if job.recipe.progressive:
-        kw["cbs"].append(_progressive_callback(job, k, data_kw))
+        kw["cbs"].append(_progressive_callback(job, k, epochs))
     learn = artist_learner(dls, **kw)
-    _fit_fold(learn, job.recipe.epochs, k)
+    _fit_fold(learn, epochs, k)
     logger.info(f"fold {k}: trained in {time.time() - start:.0f} s")
 
 
-def _progressive_callback(job: _FoldJob, k: int, data_kw: dict):
+def _progressive_callback(job: _FoldJob, k: int, epochs: int):
     """ProgressiveResize training the first `progressive` fraction of the epochs at half the size."""
     from .callbacks import ProgressiveResize
-    from .dls import artist_dls
-    small = artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
-                       **{**data_kw, "size": max(8, data_kw["size"] // 2)})
-    return ProgressiveResize(small.train, round(job.recipe.progressive * job.recipe.epochs))
+    small = _fold_dls(job, k, _small_size(job.recipe.size))
+    return ProgressiveResize(small.train, round(job.recipe.progressive * epochs))
+
+
+def _fold_shape(job: _FoldJob, k: int) -> FoldShape:
+    """Fold k's sizes for the planner: images per split, the resolution schedule, test-time views."""
+    n_valid = int((job.df["fold"] == k).sum())
+    r = job.recipe
+    return FoldShape(n_train=len(job.df) - n_valid, n_valid=n_valid, size=r.size,
+                     small_size=_small_size(r.size) if r.progressive else None, small_fraction=r.progressive,
+                     views=TTA_VIEWS[r.tta], warmup=r.warmup)
+
+
+def _planner(job: _FoldJob, k: int, folds: list, n_models: int) -> FoldPlanner:
+    """Measure this process's speed on fold k's first batches and plan the epochs of `folds` (budget or not)."""
+    from .learner import artist_learner
+
+    def build(size):
+        dls = _fold_dls(job, k, size)
+        return dls, artist_learner(dls, seed=job.seed + k, progress=False, **job.recipe.kwargs_for("learner"))
+    shape = _fold_shape(job, k)
+    sizes = [shape.small_size, shape.size] if shape.small_size else [shape.size]
+    speed = measure_speed(build, sizes, job.recipe.bs)
+    return FoldPlanner(shape, speed, folds, epochs=job.recipe.epochs, budget_s=job.budget_s, start=job.started,
+                       predict_after=job.predict_after, n_models=n_models, clock=time.time,
+                       decode_image_s=job.decode_image_s)
 
 
 def _fit_fold(learn, epochs: int, fold: int) -> None:
@@ -324,37 +364,56 @@ def _write_missing_oof(job: _FoldJob, k: int) -> None:
         _write_oof(job, k)
 
 
-def _run_fold(job: _FoldJob, k: int) -> None:
-    """Fold k, resumably: skip it when its checkpoint is complete, else train it afresh; then write its OOF."""
-    folder = fold_dir(job.out, k)
-    if fold_is_complete(folder, job.config):
-        logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")
-    else:
-        clear_fold(folder)
-        _train_fold(job, k)
+def _run_fold(job: _FoldJob, k: int, epochs: int) -> float:
+    """Fold k, trained afresh for `epochs` (whatever an interrupted try left is cleared), then its OOF; returns
+    the seconds the OOF predictions took. The images are checked unchanged before and after training."""
+    check_data_unchanged(job.df, job.config, f"fold {k}")
+    clear_fold(fold_dir(job.out, k))
+    _train_fold(job, k, epochs)
+    started = time.time()
+    check_data_unchanged(job.df, job.config, f"fold {k}'s out-of-fold predictions")
     _write_missing_oof(job, k)
+    return time.time() - started
 
 
 # ---------------------------------------------------------------- the folds, shared out over the processes
 
 
-def _fold_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list) -> None:
-    """Each process handles its share of the folds (all of them with one process), folds left to train first."""
-    mine = ctx.share(pending + [k for k in todo if k not in pending])
+def _fold_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list) -> dict | None:
+    """Each process handles its share of the folds (all of them with one process) in fold order; the folds left
+    to train are shared out first. Returns this process's timing record (None when it trained nothing)."""
+    mine = sorted(ctx.share(pending + [k for k in todo if k not in pending]))
+    train = [k for k in mine if k in pending]
     if ctx.enabled:
-        logger.info(f"fold-parallel: this process handles folds {sorted(mine)} of {todo}" if mine else
+        logger.info(f"fold-parallel: this process handles folds {mine} of {todo}" if mine else
                     f"fold-parallel: nothing to do here ({len(todo)} folds for {ctx.world_size} processes)")
-    started = time.time()
     with single_process_view(ctx.enabled):
-        for i, k in enumerate(mine):
-            _log_progress(i, len(mine), k, started)
-            _run_fold(job, k)
+        planner = _start_plan(ctx, job, train, n_models=len(todo)) if train else None
+        for k in mine:
+            if k not in pending:
+                logger.info(f"fold {k}: complete checkpoint found in {fold_dir(job.out, k)}, not retrained")
+                check_data_unchanged(job.df, job.config, f"fold {k}")
+                _write_missing_oof(job, k)
+                continue
+            left = [f for f in train if f >= k]
+            epochs = planner.before_fold(k, left)
+            logger.info(f"fold {k} ({train.index(k) + 1} of {len(train)} to train): {epochs} epochs, about "
+                        f"{describe_seconds(sum(planner.fold_seconds(epochs) for _ in left) + planner.final_s)} "
+                        "left")
+            started = time.time()
+            predict_s = _run_fold(job, k, epochs)
+            planner.after_fold(k, time.time() - started, predict_s)
+    return planner.record() if planner is not None else None
 
 
-def _log_progress(i: int, n: int, k: int, started: float) -> None:
-    """'fold k (i+1 of n), ETA ...' from the mean time of the folds done so far."""
-    eta = "" if i == 0 else f", about {(time.time() - started) / i * (n - i) / 60:.1f} min left"
-    logger.info(f"fold {k} ({i + 1} of {n}){eta}")
+def _start_plan(ctx: DistContext, job: _FoldJob, train: list, n_models: int) -> FoldPlanner:
+    """Measure the speed, log the plan before the first fold and warn when one fold will take over an hour."""
+    planner = _planner(job, train[0], train, n_models if ctx.is_main else 0)
+    logger.info(f"plan: {planner.plan_text(train, ctx.world_size)}")
+    warning = planner.hour_warning(train)
+    if warning:
+        logger.warning(warning)
+    return planner
 
 
 def _data_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list, sync_bn) -> None:
@@ -367,7 +426,8 @@ def _data_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list, s
         if k in pending:
             if ctx.is_main:
                 clear_fold(folder)
-            _train_fold(job, k, out=job.out if ctx.is_main else None, cbs=[DDPTrainer(sync_bn=sync_bn)])
+            _train_fold(job, k, job.recipe.epochs, out=job.out if ctx.is_main else None,
+                        cbs=[DDPTrainer(sync_bn=sync_bn)])
         elif ctx.is_main:
             logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")
         ctx.on_main(lambda k=k: _write_missing_oof(job, k))  # the others wait (long timeout) while rank 0 predicts
@@ -390,18 +450,28 @@ class _Forward(logging.Handler):
 def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str | None = "reference",
                 seed: int = 42, workers: int | None = None, progress: bool = True,
                 cache: PresizeCache | None = None, cbs=None, log=None, ddp: bool = False,
-                sync_bn: bool | None = None, overwrite: bool = False, protect=(), **overrides) -> KFoldRun:
-    """Train the folds one after another into `out` (resumable), then write OOF scores and summary.json.
+                sync_bn: bool | None = None, overwrite: bool = False, protect=(), budget=None,
+                predict_after: int = 0, procs: int | None = None, **overrides) -> KFoldRun:
+    """Train the folds into `out` (resumable), then write OOF scores and summary.json.
 
-    `preset` ('reference' or 'best') supplies every `Recipe` setting; `overrides` (the same names: arch, size,
-    epochs, lr, min_scale, ...) replace them. Everything (arguments, table, identical images, every image's pixels,
-    the run directory) is validated before anything is written. A fold whose checkpoint is complete is not
+    `preset` ('reference', 'best' or 'fast') supplies every `Recipe` setting; `overrides` (the same names: arch,
+    size, epochs, lr, min_scale, ...) replace them. Everything (arguments, table, identical images, every image's
+    pixels, the run directory) is validated before anything is written. A fold whose checkpoint is complete is not
     retrained; an interrupted fold restarts from scratch; a run directory made with another configuration or other
     data is refused (`overwrite=True` deletes the files artlearn wrote there first, after every check). `out` must
     be a new or empty folder or an artlearn run, and never holds the images (or the `protect` paths); a lock file
     refuses a second process training into it. `cbs`: extra fastai callbacks (classes or factories, made anew for
     every fold). Messages go to the 'artlearn' logger (`log=callable` receives them too). `tta` (a setting like the
     others: 'flip', 'multicrop' or None/'none') is the view set of the OOF predictions.
+
+    Before the first fold the speed of this machine is measured on a few batches and the plan is logged ("4 folds x
+    30 epochs at 288 px, about 6.1 h on this machine"), with a warning when one fold will take over an hour.
+    `budget` ('60min', '1.5h', or seconds) makes the run fit that wall time, counted from this call: the epochs
+    are planned from the measured speed (replacing `epochs`), re-planned after every fold from what it took, and
+    `predict_after` images (a test set the caller predicts with the fold ensemble afterwards) are kept time for.
+    `procs`: processes training folds side by side on the CPU, each with its share of the cores (None: one per core
+    with a budget on a CPU, where that is measured faster than one process using every core; else 1).
+    summary.json's 'timing' records the plan and what each fold took.
 
     Launched by torchrun (WORLD_SIZE > 1), the processes share the work (see `artlearn.distributed`): by default
     each process trains its own folds (fold-parallel); with `ddp=True` every fold is trained by all processes
@@ -416,12 +486,33 @@ def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
     try:
-        return _train_kfold(df, Path(out), n_folds, folds, preset, seed, workers, progress, cache, cbs, ddp,
-                            sync_bn, overwrite, list(protect or ()), overrides)
+        run_args = _RunArgs(n_folds, folds, preset, seed, workers, progress, cbs, ddp, sync_bn, overwrite,
+                            list(protect or ()), parse_budget(budget), predict_after, procs, time.time())
+        return _train_kfold(df, Path(out), cache, run_args, overrides, log is not None)
     finally:
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(level)
+
+
+@dataclass
+class _RunArgs:
+    """train_kfold's own arguments (not recipe settings), as given."""
+    n_folds: int
+    folds: object
+    preset: str | None
+    seed: int
+    workers: int | None
+    progress: bool
+    cbs: object
+    ddp: bool
+    sync_bn: bool | None
+    overwrite: bool
+    protect: list
+    budget_s: float | None
+    predict_after: int
+    procs: int | None
+    started: float
 
 
 def _check_out(out: Path, config: dict, legacy: dict, protect: list, overwrite: bool) -> None:
@@ -443,50 +534,162 @@ def _open_run(stack: ExitStack, out: Path, config: dict, legacy: dict, protect: 
     write_run_dir(out, config, df)
 
 
-def _train_kfold(df, out, n_folds, folds, preset, seed, workers, progress, cache, cbs, ddp, sync_bn, overwrite,
-                 protect, overrides) -> KFoldRun:
+def _check_budget_args(a: _RunArgs, ctx: DistContext) -> None:
+    """ValueError for a bad predict_after or procs, or a budget with data-parallel folds."""
+    if isinstance(a.predict_after, bool) or not isinstance(a.predict_after, (int, np.integer)) or a.predict_after < 0:
+        raise ValueError(f"predict_after={a.predict_after!r}: need the number of images predicted after training "
+                         "(an integer >= 0)")
+    if a.procs is not None and (isinstance(a.procs, bool) or not isinstance(a.procs, (int, np.integer))
+                                or a.procs < 1):
+        raise ValueError(f"procs={a.procs!r}: need None (automatic) or a number of processes >= 1")
+    if a.budget_s is not None and a.ddp and ctx.enabled:
+        raise ValueError("a time budget plans fold-parallel runs; drop ddp=True (--ddp) or the budget")
+
+
+def _process_count(a: _RunArgs, ctx: DistContext, n_todo: int, cbs_given: bool) -> int:
+    """Processes to spawn for fold-parallel CPU training (1: train here). Automatic: one per core with a budget on
+    a CPU (two single-threaded processes trained fold 0 about 3x faster than one two-threaded one on the 2-core
+    machine, docs/performance.md)."""
+    import torch
+    if ctx.enabled or n_todo < 2:
+        return 1
+    if a.procs is None:
+        if a.budget_s is None or torch.cuda.is_available() or cbs_given:
+            return 1
+        return min(cpu_count(), n_todo)
+    if a.procs > 1 and cbs_given:
+        raise ValueError(f"procs={a.procs}: extra callbacks (cbs=, log=) cannot travel to other processes; use "
+                         "procs=1, or drop them")
+    return min(int(a.procs), n_todo)
+
+
+def _train_kfold(df, out, cache, a: _RunArgs, overrides, log_given: bool) -> KFoldRun:
     """train_kfold's sequence: check everything, fill the store, lock and write the run dir, run the folds, finish."""
-    _check_run_args(n_folds, seed, workers, overwrite)
+    _check_run_args(a.n_folds, a.seed, a.workers, a.overwrite)
     if "tta" in overrides and overrides["tta"] is None:
         overrides = {**overrides, "tta": "none"}  # tta=None means no TTA, as in ensemble(), not "the preset's"
-    recipe = Recipe.preset("reference" if preset is None else preset).replace(**overrides).validate()
-    todo = _folds_to_train(folds, n_folds)
-    makers = _callback_factories(cbs)
+    recipe = Recipe.preset("reference" if a.preset is None else a.preset).replace(**overrides).validate()
+    todo = _folds_to_train(a.folds, a.n_folds)
+    makers = _callback_factories(a.cbs)
     ctx = init_distributed()
-    if ddp and ctx.enabled:
-        ctx.check_ddp(recipe.bs, sync_bn)
-    df, digests = _prepare_folds(df, n_folds, seed)
-    _check_splits(df, n_folds, recipe, recipe.bs // ctx.world_size if ddp and ctx.enabled else recipe.bs)
-    config = run_config(recipe.as_dict(), df, digests, preset=preset, n_folds=n_folds, seed=seed)
-    legacy, protect = {"data": data_fingerprint(df)}, [*df["img_path"], *protect]
-    ctx.everywhere(lambda: _check_out(out, config, legacy, protect, overwrite))
+    _check_budget_args(a, ctx)
+    if a.ddp and ctx.enabled:
+        ctx.check_ddp(recipe.bs, a.sync_bn)
+    df, digests = _prepare_folds(df, a.n_folds, a.seed)
+    _check_splits(df, a.n_folds, recipe, recipe.bs // ctx.world_size if a.ddp and ctx.enabled else recipe.bs)
+    settings = {**recipe.as_dict(), **({"epochs": None} if a.budget_s is not None else {})}  # a budget plans them
+    config = run_config(settings, df, digests, preset=a.preset, n_folds=a.n_folds, seed=a.seed, budget=a.budget_s)
+    legacy, protect = {"data": data_fingerprint(df)}, [*df["img_path"], *a.protect]
+    ctx.everywhere(lambda: _check_out(out, config, legacy, protect, a.overwrite))
+    procs = _process_count(a, ctx, len(todo), bool(makers) or log_given)
+    if procs > 1:
+        return _spawn_folds(df, out, a, overrides, procs)
     if cache is None:
-        budget = default_memory_budget() // ctx.local_world_size
-        side = store_presize(recipe.store, recipe.size, recipe.min_scale, len(df), budget)
-        cache = PresizeCache(side, max_memory=budget)
+        memory = default_memory_budget() // ctx.local_world_size
+        side = store_presize(recipe.store, recipe.size, recipe.min_scale, len(df), memory)
+        cache = PresizeCache(side, max_memory=memory)
+    filling = time.time()
     ctx.everywhere(lambda: cache.fill(df["img_path"], source="training table"))  # unreadable images refused here
+    decode_image_s = (time.time() - filling) / len(df)
     with ExitStack() as stack:
-        ctx.on_main(lambda: _open_run(stack, out, config, legacy, protect, overwrite, df))
+        ctx.on_main(lambda: _open_run(stack, out, config, legacy, protect, a.overwrite, df))
         if ctx.enabled:
             ctx.everywhere(lambda: check_config(out, config, legacy))
-        job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=n_folds, seed=seed, workers=workers,
-                       progress=bool(progress and ctx.is_main), cbs=makers, config=config)
+        job = _FoldJob(df=df, out=out, recipe=recipe, cache=cache, n_folds=a.n_folds, seed=a.seed,
+                       workers=a.workers, progress=bool(a.progress and ctx.is_main), cbs=makers, config=config,
+                       budget_s=a.budget_s, started=a.started, predict_after=a.predict_after,
+                       decode_image_s=decode_image_s)
         pending = ctx.broadcast([k for k in todo if not fold_is_complete(fold_dir(out, k), config)]
                                 if ctx.is_main else None)
         with ctx.tagged_logs(logger):
-            if ddp and ctx.enabled:
-                _data_parallel(ctx, job, todo, pending, sync_bn)
+            if a.ddp and ctx.enabled:
+                _data_parallel(ctx, job, todo, pending, a.sync_bn)
+                records = []
             else:
-                _fold_parallel(ctx, job, todo, pending)
+                records = ctx.gather(_fold_parallel(ctx, job, todo, pending))
             ctx.barrier()
-            run = ctx.on_main(lambda: (ctx.await_files(out, todo), finish_run(out, df))[1])
+            timing = _timing(records, a, ctx)
+            run = ctx.on_main(lambda: (ctx.await_files(out, todo), finish_run(out, df, timing=timing))[1])
     return run if ctx.is_main else load_run(out)
 
 
-def finish_run(out, df: pd.DataFrame | None = None, select=None) -> KFoldRun:
+def _timing(records: list, a: _RunArgs, ctx: DistContext) -> dict:
+    """summary.json's 'timing': the budget, the processes, and the planned and actual seconds of every fold."""
+    folds, first = {}, next((r for r in records if r), {})
+    for record in records:
+        folds.update((record or {}).get("folds", {}))
+    return dict(budget_seconds=a.budget_s, train_seconds=round(time.time() - a.started, 1), cpu_count=cpu_count(),
+                processes=ctx.world_size, threads_per_process=first.get("threads"),
+                seconds_per_epoch_measured=first.get("seconds_per_epoch_measured"),
+                folds=dict(sorted(folds.items(), key=lambda kv: int(kv[0]))))
+
+
+# ---------------------------------------------------------------- fold-parallel processes on one machine
+
+
+def _spawn_folds(df: pd.DataFrame, out: Path, a: _RunArgs, overrides: dict, procs: int) -> KFoldRun:
+    """Train the folds in `procs` processes of this machine (torch.multiprocessing, the torchrun code path), each
+    with its share of the cores; a refusal in a process comes back as a ValueError here."""
+    import torch.multiprocessing as mp
+    threads = max(1, cpu_count() // procs)
+    logger.info(f"fold-parallel on this machine: {procs} processes x {threads} thread{'s' if threads > 1 else ''}")
+    kwargs = dict(n_folds=a.n_folds, folds=a.folds, preset=a.preset, seed=a.seed, workers=a.workers,
+                  progress=a.progress, overwrite=a.overwrite, protect=a.protect, budget=a.budget_s,
+                  predict_after=a.predict_after, procs=1, **overrides)
+    errors = mp.get_context("spawn").SimpleQueue()
+    port = _free_port()
+    try:
+        mp.start_processes(_fold_process, args=(procs, threads, port, df, str(out), kwargs, a.started, errors,
+                                                logger.getEffectiveLevel()), nprocs=procs, start_method="spawn")
+    except mp.ProcessExitedException:
+        if not errors.empty():
+            raise ValueError(errors.get()) from None
+        raise
+    return load_run(out)
+
+
+def _free_port() -> int:
+    """A free TCP port on the loopback interface for the processes' rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fold_process(rank: int, procs: int, threads: int, port: int, df, out: str, kwargs: dict, started: float,
+                  errors, level: int) -> None:
+    """One spawned fold-parallel process: torchrun's environment, its thread count, then train_kfold."""
+    import os
+    import sys
+
+    import torch
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    if not (logger.handlers or logging.getLogger().handlers):  # the caller's script may configure logging itself
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    from .distributed import shutdown
+    try:
+        args = _RunArgs(kwargs.pop("n_folds"), kwargs.pop("folds"), kwargs.pop("preset"), kwargs.pop("seed"),
+                        kwargs.pop("workers"), kwargs.pop("progress"), None, False, None, kwargs.pop("overwrite"),
+                        kwargs.pop("protect"), kwargs.pop("budget"), kwargs.pop("predict_after"), kwargs.pop("procs"),
+                        started)
+        _train_kfold(df, Path(out), None, args, kwargs, False)
+    except ValueError as e:
+        errors.put(str(e))
+        sys.exit(2)
+    finally:
+        shutdown()
+
+
+def finish_run(out, df: pd.DataFrame | None = None, select=None, timing: dict | None = None) -> KFoldRun:
     """Score the out-of-fold predictions, write them all to oof.csv, select the folds, write summary.json.
 
-    `select`: None (select_folds' default rule), a rule name ('complete', 'stable') or the folds to ensemble."""
+    `select`: None (select_folds' default rule), a rule name ('complete', 'stable') or the folds to ensemble;
+    `timing`: the run's plan and seconds (None keeps what summary.json holds)."""
     from . import __version__
     out = Path(out)
     if not (out / CONFIG_NAME).is_file():
@@ -507,7 +710,34 @@ def finish_run(out, df: pd.DataFrame | None = None, select=None) -> KFoldRun:
             majority_baseline=majority_baseline(df) if df is not None else None,
             selection=selection.as_dict() if selection is not None else None,
             ignored=dict(run.ignored),
+            timing=_merged_timing(_previous_timing(run.path), timing),
             library_version=__version__)
         atomic_write_json(run.path / SUMMARY_NAME, summary)
     run.summary = summary
     return run
+
+
+def _previous_timing(out: Path) -> dict | None:
+    """The 'timing' entry of an existing summary.json (kept when the folds are only re-selected)."""
+    path = out / SUMMARY_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("timing")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _merged_timing(previous: dict | None, timing: dict | None) -> dict | None:
+    """This call's timing, keeping the records of folds trained by earlier calls of a resumed run."""
+    if timing is None or previous is None:
+        return timing if timing is not None else previous
+    return {**timing, "folds": {**(previous.get("folds") or {}), **(timing.get("folds") or {})}}
+
+
+def record_wall_time(out, seconds: float) -> None:
+    """Add the whole run's wall time (training, ensemble, submission: what the caller measured) to summary.json."""
+    path = Path(out) / SUMMARY_NAME
+    summary = json.loads(path.read_text())
+    summary["timing"] = {**(summary.get("timing") or {}), "wall_seconds": round(float(seconds), 1)}
+    atomic_write_json(path, summary)

@@ -293,6 +293,10 @@ def fold_learner(fold_dir, items=None, bs: int = 64, device=None, progress: bool
     from .checkpoint import load_fold
     from .dls import eval_dls
     from .files import read_json
+    if items is not None and hasattr(items, "columns") and "artist" not in items.columns:
+        raise ValueError(f"items has no 'artist' column (columns are {list(items.columns)}): the learner's validate() "
+                         "and metrics need each row's true artist (without it every row would be scored against the "
+                         "first artist); pass a labelled table, or use artlearn.predict/ensemble for new paintings")
     model, meta = load_fold(fold_dir, device="cpu")
     items = _fold_validation_rows(fold_dir, meta) if items is None else items
     if items is None or len(items) == 0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .checks import check_choice, check_fraction, check_number
 
-PRESET_NAMES = ("reference", "best")
+PRESET_NAMES = ("reference", "best", "fast")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MONITORS = ("valid_loss", "valid_acc", "f1_macro")
 SAMPLERS = (None, "balanced", "sqrt")
@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PIPELINES = ("device", "items")
 STORES = ("crop", "presize", "full")
 TTAS = ("flip", "multicrop", "none")
+TTA_VIEWS = {"flip": 2, "multicrop": 7, "none": 1}  # views each image is evaluated with (what TTA costs)
 
 
 def _setting(default, stage: str, to: str, help: str, choices=None):
@@ -79,7 +80,7 @@ class Recipe:
 
     @classmethod
     def preset(cls, name: str = "reference") -> "Recipe":
-        """The named preset: 'reference' (the report's recipe) or 'best'."""
+        """The named preset: 'reference' (the report's recipe), 'best' or 'fast' (for a CPU and a time budget)."""
         check_choice("preset", name, PRESET_NAMES)
         return PRESETS[name]
 
@@ -150,4 +151,7 @@ REFERENCE = Recipe()
 # docs/results/compare/): a gentler crop scale, five extra test-time crops and half the learning rate.
 # Budget-free: no epoch-scaled setting.
 BEST = dataclasses.replace(REFERENCE, min_scale=0.35, tta="multicrop", lr=5e-4)
-PRESETS = {"reference": REFERENCE, "best": BEST}
+# For a CPU and a time budget (issue 30): best's crop scale, learning rate and test-time crops on a ResNet-18 at
+# 64 px, where a CPU minute buys the most epochs; with train_kfold(budget=...) the epochs are planned to fit.
+FAST = dataclasses.replace(BEST, arch="resnet18", size=64, epochs=16)
+PRESETS = {"reference": REFERENCE, "best": BEST, "fast": FAST}

@@ -7,6 +7,7 @@ content to the data fingerprint. artlearn writes only into a new or empty folder
 only the files it writes there, and never touches a folder that holds the data.
 """
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, check_meta
-from .checks import listing
+from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, check_meta, identity_problem
+from .checks import ArtlearnError, listing
 from .files import atomic_write_csv, atomic_write_json, read_json
+from .tables import digest_changes
 
 try:
     import fcntl
@@ -39,11 +41,11 @@ CONTENT_VERSION = 3  # the first format version whose 'data' fingerprint covers 
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds")
 TEXT_COLUMNS = ("id", "img_path", "artist", "pred")  # read back as text, never as numbers or NaN
 # config.json keys added after runs were first written, and the value their absence stands for
-ABSENT_MEANS = {"pipeline": "items", "store": "presize", "zero_init_residual": False}
+ABSENT_MEANS = {"pipeline": "items", "store": "presize", "zero_init_residual": False, "budget": None}
 # config.json values whose spelling changed, old -> now (tta was a train_kfold argument, None for no TTA)
 OLD_SPELLINGS = {"tta": {None: "none"}}
 # settings of a run that may differ between a run and its resume
-RUNTIME_KEYS = ("folds", "library_version", "format", "format_version")
+RUNTIME_KEYS = ("folds", "library_version", "format", "format_version", "budget")  # budget: how long, not what
 
 
 def fold_dir(run_dir, fold: int) -> Path:
@@ -156,6 +158,20 @@ def data_fingerprint(df: pd.DataFrame, digests=None) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def check_data_unchanged(df: pd.DataFrame, config: dict, when: str) -> None:
+    """ValueError naming the training images that changed (content, deleted, unreadable) since the run computed its
+    data fingerprint (config['data']): a run never mixes two versions of its data. Cheap: only files whose size,
+    mtime, inode or ctime changed are read again."""
+    digests, changes = digest_changes(df["img_path"])
+    if not changes and data_fingerprint(df, digests) == config.get("data"):
+        return
+    what = (f"{len(changes)} training image(s) changed since this run started: {listing(changes, len(changes))}"
+            if changes else "the training images' content no longer matches this run's data fingerprint")
+    raise ValueError(f"{when}: {what}; the run stops here so that its folds do not mix two versions of the data "
+                     "(the folds finished so far are kept). Restore the images and rerun to resume, or train the "
+                     "changed data as a new run (another --out folder)")
+
+
 def run_config(settings: dict, df: pd.DataFrame, digests=None, **run_args) -> dict:
     """The content of config.json: format, the run's arguments, every recipe setting and the data's fingerprint."""
     from . import __version__
@@ -169,6 +185,15 @@ def config_as_now(config: dict) -> dict:
     config = {**ABSENT_MEANS, **config}
     return {k: OLD_SPELLINGS.get(k, {}).get(v, v) if isinstance(v, (str, type(None))) else v
             for k, v in config.items()}
+
+
+def run_identity(config: dict) -> str:
+    """A run's identity, which every fold's meta.json records as run_id: a sha256 (32 hex digits) of its config in
+    today's terms, without the runtime keys and without settings that hold what their absence means (so a library
+    that adds a setting, or a config with an old spelling, keeps the identity; any other change does not)."""
+    settings = {k: v for k, v in config_as_now(config).items()
+                if k not in RUNTIME_KEYS and not (k in ABSENT_MEANS and v == ABSENT_MEANS[k])}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def check_config(out: Path, config: dict, legacy: dict | None = None) -> None:
@@ -273,7 +298,7 @@ def _read_fold(run: KFoldRun, k: int, folder: Path) -> None:
         return
     meta = read_json(folder / META_NAME)
     check_meta(meta, folder / META_NAME)
-    problem = fold_problem(meta, k, run.config)
+    problem = fold_problem(meta, k, run.config) or identity_problem(folder, meta, weights=False)
     if problem:
         run.ignored[folder.name] = problem
         return
@@ -336,7 +361,9 @@ def majority_baseline(df: pd.DataFrame) -> dict:
 
 
 def fold_is_complete(folder: Path, config: dict | None = None) -> bool:
-    """True when meta.json says complete (or stopped), the weights exist and (config given) the fold is this run's."""
+    """True when meta.json says complete (or stopped), the weights exist and (config given) the fold is this run's:
+    its meta.json valid, its weights the ones it recorded, its run_id this run's (a fold failing these is retrained,
+    with a warning naming why)."""
     folder = Path(folder)
     meta_path = folder / META_NAME
     if not meta_path.is_file() or not (folder / WEIGHTS_NAME).is_file():
@@ -345,9 +372,23 @@ def fold_is_complete(folder: Path, config: dict | None = None) -> bool:
     if not isinstance(meta, dict):
         return False
     k = fold_index(folder.name)
-    if config is not None and k is not None and fold_problem(meta, k, config):
+    if not (meta.get("complete") or meta.get("stopped")):
         return False
-    return bool(meta.get("complete") or meta.get("stopped"))
+    problem = None
+    if config is not None:
+        problem = (fold_problem(meta, k, config) if k is not None else None) or _verify_problem(folder, meta)
+    if problem:
+        logger.warning(f"fold {k}: its checkpoint is not this run's, so it is trained again: {problem}")
+    return problem is None
+
+
+def _verify_problem(folder: Path, meta: dict) -> str | None:
+    """Why a fold's meta.json is invalid or its files not its run's (`check_meta`, `identity_problem`), or None."""
+    try:
+        check_meta(meta, folder / META_NAME)
+    except ValueError as e:
+        return str(e)
+    return identity_problem(folder, meta)
 
 
 def _is_temp(name: str) -> bool:
@@ -355,15 +396,27 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+def _unlink(path: Path) -> None:
+    """Delete a file artlearn wrote; a folder this user cannot write is an ArtlearnError naming it and the fix."""
+    try:
+        path.unlink()
+    except PermissionError as e:
+        raise ArtlearnError(f"{path}: cannot be deleted to retrain its fold ({e.strerror}); make {path.parent} "
+                            "writable by this user (or train into another --out folder) and rerun") from None
+
+
 def clear_fold(folder: Path, remove_empty: bool = False) -> list:
     """Remove the files artlearn writes in a fold folder (and temp files of killed writes); returns the others."""
     folder = Path(folder)
+    if folder.is_symlink():
+        raise ValueError(f"{folder} is a symbolic link (to {folder.resolve()}); artlearn deletes and trains only in "
+                         "fold folders inside the run: remove the link (its target is left alone) and rerun")
     if not folder.is_dir():
         return []
     kept = []
     for f in folder.iterdir():
         if (f.name in FOLD_FILES or _is_temp(f.name)) and (f.is_file() or f.is_symlink()):
-            f.unlink()
+            _unlink(f)
         else:
             kept.append(f)
     if kept:
@@ -409,6 +462,16 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"{out}: {probe} is not writable by this user; use another --out folder")
 
 
+def _check_fold_links(out: Path) -> None:
+    """Refuse a run whose fold<k> entry is a symbolic link (to another run's fold): artlearn would train into it."""
+    links = [p for p in sorted(out.iterdir()) if fold_index(p.name) is not None and p.is_symlink()]
+    if links:
+        raise ValueError(f"{out}: {listing(f'{p.name} -> {os.readlink(p)}' for p in links)} "
+                         f"{'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; a run's folds are "
+                         "folders inside it, never links (to another run's fold): remove the link(s), whose target "
+                         "artlearn leaves alone, and rerun")
+
+
 def check_out_dir(out: Path, protect=()) -> bool:
     """Refuse an --out that is a file, unwritable, holds the data, or is neither empty nor a run; True for a run."""
     out = Path(out)
@@ -420,6 +483,7 @@ def check_out_dir(out: Path, protect=()) -> bool:
         return False
     if (out / CONFIG_NAME).is_file():
         read_config(out)
+        _check_fold_links(out)
         return True
     entries = _contents(out)
     if entries:

@@ -1,8 +1,11 @@
 """The decode-once image store: every image decoded and resized once per run, shared by epochs, folds and ensembles."""
 import hashlib
+import logging
 import math
 import os
+import stat
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,9 +14,12 @@ from PIL import Image
 
 from .checkpoint import MAX_SIZE  # the largest side anything here handles: 'full' stores up to it
 from .checks import listing
-from .tables import content_digest, describe_error, load_rgb
+from .tables import cached_digest, describe_error, load_rgb
 
+logger = logging.getLogger("artlearn")
 PRESIZE_FACTOR = 1.15
+CLAIM_BYTES = 256  # a disk store file: this many bytes of claim (text), then the pixels, in one flat uint8 .npy
+CLAIM_TAG = "artlearn-store 1"
 ASPECT_SLACK = 1.4  # bytes estimated per stored pixel beyond the square: non-square images keep their long side
 
 
@@ -46,10 +52,89 @@ def fold_store_side(meta: dict) -> int:
     return int(meta.get("store_side") or presize_for(int(meta["size"])))
 
 
-def _file_key(path: str, presize: int) -> str:
-    """Cache key: path, mtime, byte size and presize (a changed file is decoded again)."""
-    st = os.stat(path)
+def _file_key(path: str, presize: int, strict: bool = False) -> str | None:
+    """Cache key: path, mtime, byte size and presize (a changed file is decoded again); None for a file that is gone
+    or cannot be stat'ed (strict: the OSError)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        if strict:
+            raise
+        return None
     return f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{presize}"
+
+
+def _private_problem(folder: Path) -> str | None:
+    """Why a store folder is not private to this user (a link, not a folder, another owner, writable by others)."""
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode):
+        return f"is a symbolic link (to {os.readlink(folder)})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"belongs to another user (uid {st.st_uid}, this process runs as uid {os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def private_folder(folder, chosen: bool) -> Path:
+    """`folder` created 0700 (parents as usual) and checked to be this user's alone before any use; a folder that is
+    not (another owner, writable by others, a symbolic link) is refused when the user `chosen` it, else replaced by
+    a fresh private folder (named in a warning). Arrays another user could have planted are never read."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    problem = _private_problem(folder)
+    if problem is None:
+        return folder
+    if chosen:
+        raise ValueError(f"cache_dir={str(folder)!r} {problem}; the image store keeps its arrays only in a folder "
+                         "that this user alone can write: pass another cache_dir (or none)")
+    fresh = Path(tempfile.mkdtemp(prefix=f"{folder.name}-"))
+    logger.warning(f"{folder} {problem}, so the image store does not use it (another user could plant arrays "
+                   f"there); it uses the fresh private folder {fresh} instead")
+    return fresh
+
+
+def default_store_dir() -> Path:
+    """Where the store spills to disk by default: a per-user folder under the temporary folder."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"artlearn-presize-{user}"
+
+
+def _claim(key: str, arr: np.ndarray) -> bytes:
+    """The claim a disk store file starts with: its image digest|presize key, shape and the pixels' digest."""
+    pixels = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+    text = f"{CLAIM_TAG} {key} {arr.shape[0]} {arr.shape[1]} {pixels}".encode()
+    return text.ljust(CLAIM_BYTES, b" ")
+
+
+def pack_claimed(key: str, arr: np.ndarray) -> np.ndarray:
+    """One flat uint8 array: the claim, then the pixels (what a disk store file holds)."""
+    return np.concatenate([np.frombuffer(_claim(key, arr), dtype=np.uint8), arr.ravel()])
+
+
+def unpack_claimed(flat: np.ndarray, key: str, where, check_pixels: bool = True) -> np.ndarray:
+    """The pixels of a disk store file, after checking the claim names `key` (this image's digest and presize) and,
+    with check_pixels, that the pixels are the ones claimed; ValueError naming the file otherwise."""
+    if flat.dtype != np.uint8 or flat.ndim != 1 or flat.size < CLAIM_BYTES:
+        raise ValueError(f"{where}: not an artlearn store file")
+    parts = bytes(flat[:CLAIM_BYTES]).decode("ascii", "replace").split()
+    if len(parts) != 6 or " ".join(parts[:2]) != CLAIM_TAG or not parts[3].isdigit() or not parts[4].isdigit():
+        raise ValueError(f"{where}: not an artlearn store file (no claim)")
+    if parts[2] != key:
+        raise ValueError(f"{where}: claims to hold image {parts[2]}, not {key} (replaced by another image's array?)")
+    h, w = int(parts[3]), int(parts[4])
+    if flat.size != CLAIM_BYTES + h * w * 3:
+        raise ValueError(f"{where}: holds {flat.size - CLAIM_BYTES} bytes of pixels, its claim says {h}x{w}x3")
+    arr = flat[CLAIM_BYTES:].reshape(h, w, 3)
+    if check_pixels and _claim(key, arr) != bytes(flat[:CLAIM_BYTES]):
+        raise ValueError(f"{where}: its pixels are not the ones its claim records (edited after it was written)")
+    return arr
 
 
 def shrink(img: Image.Image, presize: int) -> Image.Image:
@@ -133,6 +218,7 @@ class PresizeCache:
         self._stats: dict[str, np.ndarray] = {}
         self._device_tensors: dict = {}
         self._disk_keys: dict[str, str] = {}
+        self._dir_checked = False
         self._device_bytes = 0
         self.device_memory = device_memory if device_memory is not None else default_device_budget()
 
@@ -155,7 +241,7 @@ class PresizeCache:
         """Pickle the settings only, never the pixels (a learner's export stays small); reloads start empty."""
         state = dict(self.__dict__)
         state.update(_arrays={}, _keys={}, _stats={}, n_decodes=0, _device_tensors={}, _device_bytes=0,
-                     _disk_keys={})
+                     _disk_keys={}, _dir_checked=False)
         return state
 
     @property
@@ -171,10 +257,31 @@ class PresizeCache:
         return "memory" if estimate <= self.max_memory else "disk"
 
     def _disk_path(self, key: str) -> Path:
-        """Where a key's array lives on disk."""
-        if self.cache_dir is None:
-            self.cache_dir = Path(tempfile.gettempdir()) / "artlearn-presize"
+        """Where a key's array lives on disk (the folder checked to be private to this user on first use)."""
+        if not self._dir_checked:
+            chosen = self.cache_dir is not None
+            self.cache_dir = private_folder(self.cache_dir if chosen else default_store_dir(), chosen)
+            self._dir_checked = True
         return self.cache_dir / (hashlib.sha1(key.encode()).hexdigest() + ".npy")
+
+    def _read_disk(self, path: str) -> np.ndarray:
+        """A stored image's pixels from its disk file, after checking the file claims this image; a file that does
+        not (replaced, damaged, a link) is decoded again from the image, with a warning."""
+        key = self._disk_keys[path]
+        disk = self._disk_path(key)
+        try:
+            if disk.is_symlink():
+                raise ValueError(f"{disk}: a symbolic link, not a store file")
+            return unpack_claimed(np.load(disk, allow_pickle=False), key, disk, check_pixels=False)
+        except (ValueError, OSError, EOFError) as e:
+            logger.warning(f"{path}: its store file cannot be used ({e}); the image is decoded again")
+        try:
+            arr = self._decode(path)
+        except Exception as e:  # noqa: BLE001 - one clear error for any decoder failure
+            raise ValueError(f"{path}: unreadable image ({describe_error(e, path)})") from None
+        self.n_decodes += 1
+        self._store(path, self._keys[path], arr, "disk")
+        return arr
 
     def _decode(self, path: str) -> np.ndarray:
         """Decode and shrink one image."""
@@ -190,9 +297,8 @@ class PresizeCache:
             self._arrays[path] = arr
             return
         target = self._disk_path(self._disk_keys[path])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, arr, allow_pickle=False)
+        tmp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npy")
+        np.save(tmp, pack_claimed(self._disk_keys[path], arr), allow_pickle=False)
         os.replace(tmp, target)
 
     def _missing(self, paths) -> list[str]:
@@ -206,15 +312,16 @@ class PresizeCache:
     def _load_or_decode(self, path: str, mode: str):
         """(array, decoded?) from the disk cache or by decoding; an exception object on failure."""
         try:
-            key = _file_key(path, self.presize)
+            key = _file_key(path, self.presize, strict=True)
             if mode == "disk":  # files on disk outlive the process: keyed by the image's content, not its mtime
-                self._disk_keys[path] = f"{content_digest(path)}|{self.presize}"
+                self._disk_keys[path] = f"{cached_digest(path)}|{self.presize}"
                 disk = self._disk_path(self._disk_keys[path])
-                if disk.is_file():
+                if disk.is_file() and not disk.is_symlink():
                     try:
-                        return key, np.load(disk, allow_pickle=False), False
-                    except (ValueError, OSError, EOFError):
-                        pass
+                        flat = np.load(disk, allow_pickle=False)
+                        return key, unpack_claimed(flat, self._disk_keys[path], disk), False
+                    except (ValueError, OSError, EOFError) as e:
+                        logger.warning(f"{path}: its store file is not used ({e}); the image is decoded again")
             return key, self._decode(path), True
         except Exception as e:  # noqa: BLE001 - collected and reported together by fill()
             return None, e, False
@@ -225,6 +332,8 @@ class PresizeCache:
         if not missing:
             return
         mode = self._resolve_mode(len(missing))
+        if mode == "disk":
+            self._disk_path("")  # the folder checked (or refused) once, before any image is read
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             results = list(pool.map(lambda p: self._load_or_decode(p, mode), missing))
         bad = []
@@ -247,7 +356,7 @@ class PresizeCache:
             self.fill([path])
         if path in self._arrays:
             return self._arrays[path]
-        return np.load(self._disk_path(self._disk_keys[path]), allow_pickle=False)
+        return self._read_disk(path)
 
     def view(self, path) -> np.ndarray:
         """The stored pixels of `path`; an image never stored (a new painting to predict) is decoded, not kept."""

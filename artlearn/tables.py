@@ -3,6 +3,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: no such CSV file; pass a train.csv/test.csv or a folder of artist sub-folders")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        _refuse_repeated_columns(path)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: the CSV is empty (no header, no rows); it needs an 'img_path' column") from None
     except UnicodeDecodeError as e:
@@ -37,6 +39,15 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: not a readable CSV ({e})") from None
     df.columns = [c.strip() for c in df.columns]
     return df
+
+
+def _refuse_repeated_columns(path: Path) -> None:
+    """Refuse a header naming a column twice (pandas would rename the second 'artist' to 'artist.1' silently)."""
+    header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].str.strip()
+    repeated = sorted(set(header[header.duplicated()]))
+    if repeated:
+        raise ValueError(f"{path}: the header names column(s) {repeated} more than once; keep one of each (which one "
+                         "is meant cannot be guessed)")
 
 
 def _refuse_competition_root(folder: Path) -> None:
@@ -225,12 +236,68 @@ def content_digest(path) -> str:
     return h.hexdigest()
 
 
+_DIGESTS: dict = {}  # path -> (stat key, digest): a file is hashed again only when its stat key changes
+_DIGESTS_GUARD = threading.Lock()
+
+
+def _stat_key(path) -> tuple:
+    """(size, mtime_ns, inode, ctime_ns) of a file: any write, replacement or touch changes it."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
+def cached_digest(path) -> str:
+    """`content_digest`, kept per path and recomputed only when the file's size, mtime, inode or ctime changed."""
+    path = str(path)
+    key = _stat_key(path)
+    with _DIGESTS_GUARD:
+        held = _DIGESTS.get(path)
+    if held is not None and held[0] == key:
+        return held[1]
+    digest = content_digest(path)
+    if _stat_key(path) == key:  # not rewritten while it was read
+        with _DIGESTS_GUARD:
+            _DIGESTS[path] = (key, digest)
+    return digest
+
+
 def _digest_or_error(path):
-    """content_digest(path), or the OSError reading it raised."""
+    """cached_digest(path), or the OSError reading it raised."""
     try:
-        return content_digest(path)
+        return cached_digest(path)
     except OSError as e:
         return e
+
+
+def _unchanged_digest(path: str) -> str | None:
+    """The kept digest of a file whose stat key did not change, else None (also when it cannot be stat'ed)."""
+    held = _DIGESTS.get(path)
+    try:
+        return held[1] if held is not None and held[0] == _stat_key(path) else None
+    except OSError:
+        return None
+
+
+def digest_changes(paths, workers: int | None = None) -> tuple[list, list]:
+    """(digests, changes): every path's `cached_digest` (None when unreadable) and a description of each file that
+    is gone, unreadable, or whose content differs from the digest this process recorded for it before."""
+    paths = [str(p) for p in paths]
+    with _DIGESTS_GUARD:
+        before = {p: _DIGESTS[p][1] for p in paths if p in _DIGESTS}
+    digests = [_unchanged_digest(p) for p in paths]  # a stat per file: no thread for a file that did not change
+    todo = [i for i, d in enumerate(digests) if d is None]
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for i, d in zip(todo, pool.map(_digest_or_error, [paths[i] for i in todo])):
+            digests[i] = d
+    changes = []
+    for p, d in zip(paths, digests):
+        if isinstance(d, FileNotFoundError):
+            changes.append(f"{p} (deleted or moved)")
+        elif isinstance(d, OSError):
+            changes.append(f"{p} (cannot be read: {d.strerror or d})")
+        elif p in before and before[p] != d:
+            changes.append(f"{p} (content changed)")
+    return [None if isinstance(d, OSError) else d for d in digests], changes
 
 
 def content_digests(paths, workers: int | None = None, source="images") -> list:
@@ -355,6 +422,8 @@ def describe_error(e: Exception, path=None) -> str:
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return (f"larger than Pillow's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels); "
                 "downscale it or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it")
+    if isinstance(e, FileNotFoundError):
+        return "no such file: missing, or deleted or moved since it was listed"
     if isinstance(e, Image.UnidentifiedImageError):
         return "not an image (cannot identify the file format)"
     if isinstance(e, OSError) and "truncated" in str(e).lower():
@@ -382,6 +451,10 @@ def _inspect(path: str) -> dict:
 
 def check_images(df: pd.DataFrame, workers: int | None = None) -> pd.DataFrame:
     """Decode every image once; one row per image: img_path, ok, mode, width, height, odd, problem."""
+    if not isinstance(df, pd.DataFrame) or "img_path" not in df.columns:
+        columns = list(df.columns) if isinstance(df, pd.DataFrame) else type(df).__name__
+        raise ValueError(f"check_images: need a table with an 'img_path' column (got {columns}); use "
+                         "read_artworks(csv)")
     paths = list(df["img_path"])
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         rows = list(pool.map(_inspect, paths))

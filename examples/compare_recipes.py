@@ -350,6 +350,49 @@ def read_jsonl(path: Path) -> list:
     return out
 
 
+def read_records(path: Path) -> list:
+    """This script's records in a jsonl: a hand-edited line that is not a usable record is named on stderr and left
+    out of the plan and the report (never a traceback)."""
+    out = []
+    for i, rec in enumerate(read_jsonl(path)):
+        problem = _record_problem(rec)
+        if problem:
+            print(f"warning: {path}: record {i + 1} is not usable ({problem}), ignored", file=sys.stderr)
+        else:
+            out.append(rec)
+    return out
+
+
+_RECORD_TEXT = ("row", "data_fingerprint", "data", "arch")
+_RECORD_NUMBERS = ("accuracy", "f1_macro", "wall_s", "size", "epochs", "bs", "n_folds", "fold_seed", "n_images",
+                   "n_artists")
+
+
+def _record_problem(rec) -> str | None:
+    """Why a jsonl line is not a record write_report and the plan can use (a missing key, a value of another type)."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    bad = [k for k in _RECORD_TEXT if not isinstance(rec.get(k), str)]
+    bad += [k for k in _RECORD_NUMBERS if not is_number(rec.get(k))]
+    if not isinstance(rec.get("seed"), int) or isinstance(rec.get("seed"), bool):
+        bad.append("seed")
+    if not isinstance(rec.get("folds"), list) or not all(isinstance(f, int) for f in rec["folds"]):
+        bad.append("folds")
+    if not isinstance(rec.get("per_fold"), dict) or not all(isinstance(v, dict) for v in rec["per_fold"].values()):
+        bad.append("per_fold")
+    base = rec.get("majority_baseline")
+    if not isinstance(base, dict) or not isinstance(base.get("artist"), str) or not all(
+            is_number(base.get(k)) for k in ("accuracy", "f1_macro")):
+        bad.append("majority_baseline")
+    if rec.get("train_seconds") is not None and not is_number(rec["train_seconds"]):
+        bad.append("train_seconds")
+    for key in ("overrides", "evaluate"):
+        if rec.get(key) is not None and not isinstance(rec[key], dict):
+            bad.append(key)
+    return f"missing or malformed {', '.join(repr(k) for k in bad)}" if bad else None
+
+
 def record_key(rec: dict) -> tuple:
     return rec["row"], int(rec["seed"]), tuple(rec["folds"]), rec["data_fingerprint"], definition(rec)
 
@@ -627,7 +670,7 @@ def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
     """<budget>.md from every line of <budget>.jsonl (the last line of a (row, seed, folds, data) wins)."""
     groups, order = {}, [r.name for r in rows]
     current = {r.name: definition(r) for r in rows}
-    records = [r for r in read_jsonl(ctx.jsonl) if current.get(r["row"], definition(r)) == definition(r)]
+    records = [r for r in read_records(ctx.jsonl) if current.get(r["row"], definition(r)) == definition(r)]
     for rec in {record_key(r): r for r in records}.values():
         groups.setdefault((rec["row"], tuple(rec["folds"]), rec["data_fingerprint"]), {})[int(rec["seed"])] = rec
         if rec["row"] not in order:
@@ -721,7 +764,7 @@ def main(argv=None) -> list:
         import torch
         torch.set_num_threads(args.threads)
     ctx = Context(args, load_table(args))
-    records = read_jsonl(ctx.jsonl)
+    records = read_records(ctx.jsonl)
     done = {record_key(r) for r in records} | set(equivalents(records, rows, ctx))
     tasks = plan(ctx, rows, done)
     print_plan(ctx, tasks, skipped)

@@ -8,12 +8,15 @@ RUN is a run folder written by train_kfold (its selected folds are ensembled, as
 fold folder. With several paintings, --explain writes one figure per painting (OUT-<name>.png).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from artlearn.checks import run_cli
 from artlearn.ensemble import predict
+from artlearn.files import atomic_write_csv
 from artlearn.explain import explain
 from artlearn.plots import save_figure
 from artlearn.run import CONFIG_NAME, config_as_now, read_config
@@ -50,34 +53,54 @@ def recorded_tta(run: Path) -> str:
     return config_as_now(read_config(run)).get("tta", "flip")
 
 
+def parse_folds(text: str | None) -> list | None:
+    """'0,2' -> [0, 2]; None -> the run's selection; anything else is a ValueError naming the flag."""
+    if not text:
+        return None
+    try:
+        return [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--folds {text!r}: give comma-separated fold numbers, e.g. 0 or 0,2") from None
+
+
+def check_output(flag: str, path: Path | None) -> None:
+    """Refuse an output path that is a folder, or whose folder cannot be created or written, before predicting."""
+    if path is None:
+        return
+    if path.is_dir():
+        example = path / ("top.csv" if flag == "--csv" else "why.png")
+        raise ValueError(f"{flag} {path} is a folder; give a file name (e.g. {example})")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {probe} is not a folder this user can write; choose another place")
+
+
 def main(argv=None) -> int:
-    """Print the top-k table; write --csv and --explain when asked. Exit status 2 on a bad argument."""
+    """Print the top-k table; write --csv and --explain when asked. Exit status 2 (one line on stderr) on a bad
+    argument or a place that cannot be written."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
-    try:
-        chosen = args.tta or recorded_tta(args.run)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    chosen = args.tta or recorded_tta(args.run)
     tta = None if chosen == "none" else chosen
-    folds = [int(f) for f in args.folds.split(",") if f.strip()] if args.folds else None
+    folds = parse_folds(args.folds)
+    check_output("--csv", args.csv)
+    check_output("--explain", args.explain)
     images = [str(p) for p in args.images]
-    try:
-        table = predict(args.run, images, k=args.k, tta=tta, folds=folds, device=args.device)
-        with pd.option_context("display.max_rows", None, "display.width", 200):
-            print(table.to_string(index=False, formatters={"probability": "{:.1%}".format}))
-        if args.csv:
-            args.csv.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(args.csv, index=False)
-            print(f"table: {args.csv}")
-        if args.explain:
-            args.explain.parent.mkdir(parents=True, exist_ok=True)
-            for image, out in zip(images, _figure_paths(args.explain, images)):
-                fig = explain(args.run, image, artist=args.artist, folds=folds, k=args.k, tta=tta,
-                              device=args.device)
-                print(f"explain: {save_figure(fig, out)}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    table = predict(args.run, images, k=args.k, tta=tta, folds=folds, device=args.device)
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(table.to_string(index=False, formatters={"probability": "{:.1%}".format}))
+    if args.csv:
+        print(f"table: {atomic_write_csv(args.csv, table)}")
+    if args.explain:
+        for image, out in zip(images, _figure_paths(args.explain, images)):
+            fig = explain(args.run, image, artist=args.artist, folds=folds, k=args.k, tta=tta, device=args.device)
+            print(f"explain: {save_figure(fig, out)}")
     return 0
 
 

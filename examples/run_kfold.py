@@ -22,6 +22,8 @@ from pathlib import Path
 import artlearn  # light: its modules (torch, fastai) load on first use, after the flags parse
 from artlearn.recipe import PRESET_NAMES, Recipe, field_type
 
+STARTED = time.time()  # --budget counts the script's wall time from here (artlearn loads torch lazily, later)
+
 SELECT_RULES = {"complete": "complete", "stable": "stable", "auto": "stable"}  # --select names -> select_folds rule
 DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32)  # CPU-sized demo on the synthetic data (the preset's lr)
 SYNTHETIC_DIR = Path("data") / "synthetic"
@@ -114,6 +116,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                      help=f"{presets} [default: reference]")
     run.add_argument("--budget", metavar="TIME", help="wall time for the whole run, e.g. 60min or 2h: the epochs "
                      "are planned to fit it")
+    run.add_argument("--procs", type=int, metavar="N", help="processes training folds side by side on the CPU "
+                     "[default: one per core with --budget, else 1]")
     run.add_argument("--limit", type=int, metavar="N", help="train on a stratified subset of N images")
     run.add_argument("--resume", action="store_true", help="only continue an existing run")
     run.add_argument("--overwrite", action="store_true", help="delete the run in --out first (only artlearn's files)")
@@ -165,6 +169,9 @@ def check_args(args) -> None:
         raise ValueError(f"--prior-adjust {args.prior_adjust}: need a finite number >= 0 (0: off)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pick one")
+    artlearn.budget.parse_budget(args.budget)  # ValueError for a duration it cannot read
+    if args.procs is not None and args.procs < 1:
+        raise ValueError(f"--procs {args.procs}: need 1 or more")
     if args.data is not None and not args.data.exists():
         raise ValueError(f"--data {args.data}: no such folder or file")
 
@@ -229,6 +236,12 @@ def print_table(run, selection, baseline) -> None:
     print(f"ensemble folds: {selection.folds}  ({selection.rule})")
     for k, why in selection.excluded.items():
         print(f"  fold {k} left out: {why}")
+
+
+def _budget_left(budget):
+    """The seconds of --budget still left for train_kfold (the script's own start-up already spent), or None."""
+    seconds = artlearn.budget.parse_budget(budget)
+    return None if seconds is None else max(1.0, seconds - (time.time() - STARTED))
 
 
 def score_submission(sub_path, solution_path) -> None:
@@ -335,12 +348,12 @@ def _main(args, dist) -> int:
     elif args.ddp:
         say("--ddp: not launched by torchrun (WORLD_SIZE unset), so one process trains every fold")
     protect = [p for p in (args.data, solution) if p is not None] + (list(test["img_path"]) if test is not None else [])
-    budget = {"budget": args.budget} if args.budget is not None else {}
     try:
         run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds),
                                    preset=args.preset, seed=args.seed, workers=args.workers, ddp=args.ddp,
-                                   sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect, **budget,
-                                   **chosen)
+                                   sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect,
+                                   budget=_budget_left(args.budget), procs=args.procs,
+                                   predict_after=len(test) if test is not None else 0, **chosen)
     except ValueError as e:
         if args.out is None and "different configuration" in str(e):
             raise ValueError(f"{e}; or pass --out {next_free(out)} (a free folder)") from None
@@ -362,6 +375,7 @@ def _main(args, dist) -> int:
             score_submission(sub, solution)
     for fig in artlearn.plots.save_run_figures(out):
         print(f"figure: {fig}")
+    artlearn.kfold.record_wall_time(out, time.time() - started)
     print(f"summary: {out / 'summary.json'}\nwall time: {time.time() - started:.0f} s")
     return 0
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import artlearn as al
+from artlearn.checks import run_cli
 
 GRIDS = {"arch": ("resnet34", "resnet50", "resnet101"), "size": (224, 288, 320), "pool": ("avg", "gem"),
          "preset": ("reference", "best")}
@@ -90,7 +91,9 @@ def parse_grids(text: str) -> list:
     """'arch,pool' -> ['arch', 'pool']; an unknown name is a ValueError naming the valid ones."""
     names = [t.strip() for t in str(text).split(",") if t.strip()]
     unknown = [n for n in names if n not in GRIDS]
-    if unknown or not names:
+    if not names:
+        raise ValueError(f"--grids {text!r}: name at least one grid; valid grids: {', '.join(GRIDS)}")
+    if unknown:
         raise ValueError(f"--grids {text!r}: unknown grid(s) {unknown}; valid grids: {', '.join(GRIDS)}")
     return list(dict.fromkeys(names))
 
@@ -416,7 +419,13 @@ def train_or_reuse(cell: Cell, args, train, folds: list, budget: Budget, runs: d
 
 
 def main(argv=None) -> int:
-    """Check the flags, run the study, print the table and where everything went."""
+    """Check the flags, run the study, print the table and where everything went; a bad flag or input is one line on
+    stderr and exit status 2 (`artlearn.checks.run_cli`)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
     budget = Budget(args.budget_minutes)
     grids = parse_grids(args.grids)

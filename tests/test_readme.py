@@ -63,13 +63,16 @@ def test_the_install_and_test_line_is_what_ci_runs():
 
 
 def test_every_run_kfold_command_parses_and_its_recipe_validates():
+    from artlearn.budget import parse_budget
     from artlearn.recipe import Recipe
     module = cli()
+    assert any("--budget" in argv for argv in run_kfold_argvs())
     argvs = run_kfold_argvs()
     assert argvs
     for argv in argvs:
         args = module.parse_args(argv)  # a renamed or removed flag ends here (SystemExit)
         Recipe.preset(args.preset).replace(**module.settings_from(args)).validate()
+        parse_budget(args.budget)  # a duration train_kfold cannot read is a ValueError
 
 
 def test_the_quick_start_command_runs(tmp_path):

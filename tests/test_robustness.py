@@ -448,8 +448,8 @@ def _generation(state: dict) -> int:
 
 def test_sigkill_while_saving_leaves_the_previous_complete_checkpoint_or_none(base_run, tmp_path):
     """kill -9 a process that rewrites best.safetensors in a loop; every kill leaves a complete file."""
-    source = base_run.run.fold_dir(0)
-    folder = fold_copy(source, tmp_path / "fold0", weights=False)
+    source = base_run.run.fold_dir(0)  # the writer's weights are not the ones meta.json records: no digest kept
+    folder = fold_copy(source, tmp_path / "fold0", meta_change=lambda m: m.pop("weights_sha256"), weights=False)
     target = folder / "best.safetensors"
     rng, last, mid_write = random.Random(0), None, 0
     for attempt in range(4):
@@ -531,9 +531,9 @@ def test_summary_and_submission_are_replaced_atomically(base_run, tmp_path, monk
         raise OSError(28, "No space left on device (simulated)")
 
     monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(al.checks.ArtlearnError, match="no space left on the device .*simulated"):
         finish_run(run.path)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(al.checks.ArtlearnError, match="no space left on the device .*simulated"):
         al.write_submission(["t1", "t0"], np.eye(2)[::-1], ["A", "B"], sub)
     assert summary.read_bytes() == before and sub.read_bytes() == sub_before
     assert not list(run.path.glob(".*.tmp")) and [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
@@ -651,7 +651,7 @@ def forbid_real_models(monkeypatch):
 def _seven_classes(meta):
     """A consistent meta.json for 7 artists (so only the weights disagree)."""
     meta["model"].update(n_classes=7)
-    meta.update(n_classes=7, vocab=[f"A{i}" for i in range(7)])
+    meta.update(n_classes=7, vocab=[f"A{i}" for i in range(7)], class_counts=[1] * 7)
 
 
 TAMPERED = {  # case: (change to meta.json, parts of the message)
@@ -1508,3 +1508,834 @@ def test_red_team(case, data, base_run, tmp_path, monkeypatch):
             undo()
         for p in set(data.root.iterdir()) - extra:  # red.csv and the like
             p.unlink()
+
+
+# ---------------------------------------------------------------- 10. identity, changed data, private store (issue 29)
+
+
+def _rewrite_meta(folder, change) -> dict:
+    """Edit a fold's meta.json as a new file (a run copy's files are hard links to the base run's)."""
+    path = Path(folder) / "meta.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.unlink()
+    path.write_text(json.dumps(meta))
+    return meta
+
+
+def _replace_file(path, data: bytes) -> None:
+    """Write `data` to a new file at path (never through a hard link)."""
+    Path(path).unlink()
+    Path(path).write_bytes(data)
+
+
+def test_weights_copied_from_another_fold_are_refused_and_retrained_on_resume(base_run, data, tmp_path, dry):
+    out = _run_copy(base_run, tmp_path / "run")
+    _replace_file(out / "fold1" / "best.safetensors", (out / "fold0" / "best.safetensors").read_bytes())
+    fold0 = snapshot(out / "fold0")
+    with refused("identity: fold0/best.safetensors copied into fold1/ (load_fold)", "fold1/best.safetensors",
+                 "sha256", "its meta.json recorded", "rerun train_kfold"):
+        load_fold(out / "fold1")
+    with refused("identity: fold0/best.safetensors copied into fold1/ (ensemble)", "fold1/best.safetensors", "sha256"):
+        al.ensemble(out, data.test, bs=4)
+    with refused("identity: fold0/best.safetensors copied into fold1/ (predict)", "fold1/best.safetensors", "sha256"):
+        al.predict(out, data.test["img_path"][:1].tolist())
+    _, lines, _ = train(data.train, out)
+    assert dry == [1]  # only the copied fold is trained again; fold 0 is kept byte for byte
+    assert snapshot(out / "fold0") == fold0 and not (out / "fold1" / "best.safetensors").exists()
+    why = next(line for line in lines if "not this run's" in line)
+    assert "fold 1" in why and "sha256" in why
+    note("identity: fold0/best.safetensors copied into fold1/ (resume retrains it)", why)
+
+
+def test_a_fold_folder_linked_to_another_runs_fold_is_refused_and_never_written_through(base_run, data, tmp_path):
+    out, other = _run_copy(base_run, tmp_path / "run"), _run_copy(base_run, tmp_path / "other")
+    shutil.rmtree(out / "fold1")
+    (out / "fold1").symlink_to(other / "fold1", target_is_directory=True)
+    with refused("identity: fold1/ a symlink to another run's fold1 (load_fold)", "fold1 is a symbolic link"):
+        load_fold(out / "fold1")
+    run = al.load_run(out)
+    assert run.folds == [0] and "symbolic link" in run.ignored["fold1"]
+    with unchanged(other), refused("identity: fold1/ a symlink to another run's fold1 (ensemble)", "folds [1]"):
+        al.ensemble(out, data.test)
+    refused_run("identity: fold1/ a symlink to another run's fold1 (resume)", data.train, out,
+                f"fold1 -> {other / 'fold1'}", "symbolic link", "remove the link", watch=[other])
+
+
+FOREIGN_META = {  # case: (change to fold1's meta.json, parts of the message)
+    "another tool's format": (lambda m: m.update(format="other-tool", format_version=99),
+                              ["'format' is 'other-tool'", "'artlearn-fold'"]),
+    "a newer format version": (lambda m: m.update(format_version=99), ["'format_version' is 99", "1..3"]),
+    "vocab reversed": (lambda m: m.update(vocab=m["vocab"][::-1]),
+                       ["'vocab' is not the run's artists", "folds.csv", "another order"]),
+    "pipeline 'bogus'": (lambda m: m.update(pipeline="bogus"), ["'pipeline' is 'bogus'", "['device', 'items']"]),
+    "run_id of another run": (lambda m: m.update(run_id="0" * 32), ["run_id 000", "is not this run's", "config.json"]),
+    "weights digest not hex": (lambda m: m.update(weights_sha256="xyz"), ["'weights_sha256' is 'xyz'"]),
+    "fold number of fold 0": (lambda m: m.update(fold=0), ["says fold=0", "fold1"]),
+    "complete as text": (lambda m: m.update(complete="yes"), ["'complete' is 'yes'", "true or false"]),
+    "monitor unknown": (lambda m: m.update(monitor="loss"), ["'monitor' is 'loss'"]),
+    "class_counts too short": (lambda m: m.update(class_counts=[1, 2]), ["'class_counts' is [1, 2]"]),
+    "ema out of range": (lambda m: m.update(ema=1.5), ["'ema' is 1.5"]),
+    "score NaN": (lambda m: m.update(score=float("nan")), ["'score' is nan"]),
+}
+
+
+RESUMED = ("another tool's format", "vocab reversed", "pipeline 'bogus'", "fold number of fold 0")
+
+
+@pytest.mark.parametrize("case", list(FOREIGN_META))
+def test_a_fold_meta_json_that_is_not_this_runs_is_refused_never_coerced(base_run, data, tmp_path, dry, case):
+    change, parts = FOREIGN_META[case]
+    out = _run_copy(base_run, tmp_path / "run")
+    _rewrite_meta(out / "fold1", change)
+    with refused(f"identity: fold meta.json with {case}", "fold1", *parts):
+        load_fold(out / "fold1")
+    with refused(f"identity: fold meta.json with {case} (ensemble)", "fold1", *parts):
+        al.ensemble([out / "fold0", out / "fold1"], data.test)
+    if case in RESUMED:  # the resume path is the same for every field: run for a few (each costs a dry run)
+        fold0 = snapshot(out / "fold0")
+        _, lines, _ = train(data.train, out)
+        assert dry == [1] and snapshot(out / "fold0") == fold0
+        assert any("fold 1: its checkpoint is not this run's" in line and parts[0] in line for line in lines)
+
+
+def test_a_tensor_of_another_dtype_is_refused_never_cast(base_run, tmp_path):
+    from safetensors.torch import save_file
+    folder = fold_copy(base_run.run.fold_dir(0), tmp_path / "fold0", weights=False)
+    state = load_weights(base_run.run.fold_dir(0) / "best.safetensors")
+    state["fc.weight"] = (state["fc.weight"] * 1000).to(torch.int64)
+    save_file(state, folder / "best.safetensors")
+    _rewrite_meta(folder, lambda m: m.update(weights_sha256=al.checkpoint.file_sha256(folder / "best.safetensors")))
+    with refused("identity: classifier weight stored as int64", "best.safetensors: tensor 'fc.weight' is torch.int64",
+                 "expects torch.float32", "never casts"):
+        load_fold(folder)
+
+
+def test_runs_written_before_the_identity_fields_still_load_and_resume(base_run, data, tmp_path, dry):
+    out = _run_copy(base_run, tmp_path / "run")
+    for k in (0, 1):
+        meta = _rewrite_meta(out / f"fold{k}", lambda m: [m.pop(key) for key in ("run_id", "weights_sha256")]
+                             + [m.update(format_version=2)])
+        assert "run_id" not in meta and meta["format_version"] == 2
+    model, meta = load_fold(out / "fold1")
+    assert meta["fold"] == 1
+    probs, vocab = al.ensemble(out, data.test, bs=4)
+    assert probs.shape == (len(data.test), len(vocab))
+    train(data.train, out)
+    assert dry == []  # nothing retrained
+    written = json.loads((base_run.run.fold_dir(0) / "meta.json").read_text())
+    assert written["format_version"] == 3 and len(written["run_id"]) == 32 and len(written["weights_sha256"]) == 64
+    assert written["weights_sha256"] == al.checkpoint.file_sha256(base_run.run.fold_dir(0) / "best.safetensors")
+
+
+def _own_data(tmp_path) -> pd.DataFrame:
+    """A small training table of its own (the test changes its images)."""
+    csv = make_dataset(tmp_path / "own", {"Ana": 5, "Bo": 5, "Cy": 4}, size=(36, 36))
+    return al.read_artworks(csv, kind="train")
+
+
+@pytest.mark.parametrize("change", ["repainted", "deleted"])
+def test_images_changed_between_folds_stop_the_run_naming_them(tmp_path, monkeypatch, change):
+    df = _own_data(tmp_path)
+    victim = df["img_path"][3]
+    fitted = []
+
+    def fake_train(job, k, **kw):
+        fitted.append(k)
+        if k == 0:
+            if change == "repainted":
+                write_image(victim, (36, 36), color=(0, 250, 0), seed=99)
+            else:
+                os.unlink(victim)
+
+    monkeypatch.setattr(kfold_module, "_train_fold", fake_train)
+    out = tmp_path / "run"
+    why = "content changed" if change == "repainted" else "deleted or moved"
+    with refused(f"changed data: an image {change} during fold 0", "fold 0's out-of-fold predictions", victim, why,
+                 "Restore the images"):
+        train(df, out)
+    assert fitted == [0] and not (out / "summary.json").exists()
+
+
+def test_images_changed_before_a_resume_are_named_by_the_config_check(tmp_path, dry):
+    df = _own_data(tmp_path)
+    train(df, tmp_path / "run")
+    write_image(df["img_path"][0], (36, 36), color=(0, 250, 0), seed=99)
+    with refused("changed data: an image repainted between two train_kfold calls", "different configuration",
+                 "data:"):
+        train(al.read_artworks(tmp_path / "own" / "train.csv", kind="train"), tmp_path / "run")
+
+
+def test_the_data_recheck_rereads_only_changed_files(tmp_path, monkeypatch):
+    from artlearn import tables
+    df = _own_data(tmp_path)
+    digests, changes = tables.digest_changes(df["img_path"])
+    assert changes == [] and None not in digests
+    read = []
+    real = tables.content_digest
+    monkeypatch.setattr(tables, "content_digest", lambda p: read.append(p) or real(p))
+    again, changes = tables.digest_changes(df["img_path"])
+    assert again == digests and read == [] and changes == []
+    os.utime(df["img_path"][2])  # touched, same bytes: read again, not a change
+    again, changes = tables.digest_changes(df["img_path"])
+    assert read == [df["img_path"][2]] and changes == [] and again == digests
+
+
+def test_a_store_file_replaced_by_another_images_array_is_never_served(tmp_path, caplog):
+    from artlearn.store import PresizeCache
+    a = str(write_image(tmp_path / "a.png", (30, 20), color=(200, 0, 0), seed=1))
+    b = str(write_image(tmp_path / "b.png", (30, 20), color=(0, 0, 200), seed=2))
+    first = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    first.fill([a, b])
+    want_a = first.get(a).copy()
+    file_a, file_b = (first._disk_path(first._disk_keys[p]) for p in (a, b))
+    shutil.copy(file_b, file_a)  # a's store file now holds b's array
+    caplog.set_level("WARNING", logger="artlearn")
+    assert np.array_equal(first.get(a), want_a)  # read in this process: the claim is checked, a is decoded again
+    again = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    shutil.copy(file_b, file_a)
+    again.fill([a])  # a later process: the file's claim is not a's
+    assert again.n_decodes == 1 and np.array_equal(again.get(a), want_a)
+    assert sum("claims to hold image" in r.getMessage() for r in caplog.records) == 2
+    np.save(file_a, np.load(file_a)[:300])  # not a store file at all
+    third = PresizeCache(16, mode="disk", cache_dir=tmp_path / "cache")
+    third.fill([a])
+    assert third.n_decodes == 1 and np.array_equal(third.get(a), want_a)
+
+
+def test_an_image_deleted_after_it_was_stored_is_a_clear_error(tmp_path):
+    from artlearn.store import PresizeCache
+    a = write_image(tmp_path / "a.png", (30, 20), seed=1)
+    for mode in ("memory", "disk"):
+        cache = PresizeCache(16, mode=mode, cache_dir=tmp_path / "cache")
+        cache.fill([str(a)])
+        moved = a.rename(tmp_path / "moved.png")
+        with refused(f"changed data: an image deleted after the store read it ({mode})", str(a), "deleted or moved"):
+            cache.get(str(a))
+        moved.rename(a)
+
+
+PLANT = r"""
+import os, sys
+import numpy as np
+os.setuid(65534)
+folder = sys.argv[1]
+os.mkdir(folder, 0o777)
+os.chmod(folder, 0o777)
+np.save(os.path.join(folder, "planted.npy"), np.zeros(10, np.uint8))
+if len(sys.argv) > 2:
+    os.symlink(sys.argv[3], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to act as a second user")
+def test_a_store_folder_planted_by_another_user_is_never_used(tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    from artlearn.store import PresizeCache, default_store_dir
+    shared = Path(tempfile.mkdtemp(prefix="artlearn-test-tmp-", dir="/tmp"))  # a /tmp of its own: sticky, 1777
+    try:
+        shared.chmod(0o1777)
+        monkeypatch.setattr(tempfile, "tempdir", str(shared))
+        mine = default_store_dir()
+        assert mine.parent == shared and mine.name.endswith(str(os.getuid()))
+        subprocess.run([sys.executable, "-c", PLANT, str(mine)], check=True)  # uid 65534 takes the name first
+        assert mine.stat().st_uid == 65534
+        img = str(write_image(tmp_path / "a.png", (30, 20), seed=1))
+        caplog.set_level("WARNING", logger="artlearn")
+        cache = PresizeCache(16, mode="disk")
+        cache.fill([img])
+        used = cache.cache_dir
+        assert used != mine and used.parent == shared and (used.stat().st_mode & 0o777) == 0o700
+        assert used.stat().st_uid == os.getuid() and len(list(used.glob("*.npy"))) == 1
+        assert sorted(p.name for p in mine.iterdir()) == ["planted.npy"]  # nothing written into the planted folder
+        message = next(r.getMessage() for r in caplog.records if "belongs to another user" in r.getMessage())
+        note("private store: the default store folder pre-created by another user", message)
+        with refused("private store: cache_dir owned by another user", "belongs to another user (uid 65534"):
+            PresizeCache(16, mode="disk", cache_dir=mine).fill([img])
+        link = shared / "linked"
+        subprocess.run([sys.executable, "-c", PLANT, str(shared / "other"), str(link), str(tmp_path)], check=True)
+        with refused("private store: cache_dir a symlink planted by another user", "is a symbolic link"):
+            PresizeCache(16, mode="disk", cache_dir=link).fill([img])
+        open_dir = tmp_path / "open"
+        open_dir.mkdir(mode=0o777)
+        open_dir.chmod(0o777)
+        with refused("private store: cache_dir writable by everyone", "writable by other users (mode 777)"):
+            PresizeCache(16, mode="disk", cache_dir=open_dir).fill([img])
+        assert list(open_dir.iterdir()) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_the_device_pipeline_trains_on_1x1_to_3x3_images(tmp_path):
+    rows = []
+    for i in range(12):
+        side = 1 + i % 3
+        path = write_image(tmp_path / f"im{i}.png", (side, side + i % 2), color=(80 * (i % 3), 0, 0), seed=i)
+        rows.append((f"i{i}", str(path), f"A{i % 3}"))
+    df = pd.DataFrame(rows, columns=["id", "img_path", "artist"])
+    run, _, _ = train(df, tmp_path / "run", size=16, bs=4, pipeline="device")
+    assert run.folds == [0, 1] and len(run.oof) == 12 and np.isfinite(run.oof.filter(like="p_").to_numpy()).all()
+
+
+# ---------------------------------------------------------------- 11. the last raw errors (issue 29)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def script(name: str):
+    """An example script loaded in-process (no second interpreter start-up)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_script_29", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_line(capsys, case, *parts) -> str:
+    """The script's stderr: one 'error: ...' line holding every part (recorded for docs/robustness.md)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    missing = [p for p in parts if p not in err]
+    assert not missing, f"{missing} not in {err}"
+    return note(case, err.strip())
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_earlier_one_and_the_run_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from artlearn import files
+    df = _own_data(tmp_path)
+    real, seen = files._write_all, []
+
+    def full_disk(f, data, path):
+        seen.append(Path(path).name)
+        if {"history.csv", "meta.json"} <= set(seen[:-1]) and seen[-1] in ("best.safetensors", "history.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # the second epoch's first write
+        real(f, data, path)
+
+    monkeypatch.setattr(files, "_write_all", full_disk)
+    out = tmp_path / "run"
+    with refused("resource: disk full during a checkpoint write", "no space left on the device",
+                 "previous version of the file (an earlier checkpoint) is kept", "rerun"):
+        train(df, out, epochs=2)
+    monkeypatch.setattr(files, "_write_all", real)
+    kept = read_meta(out / "fold0")
+    assert kept["epoch"] == 0 and not kept["complete"] and load_fold(out / "fold0")[1]["epoch"] == 0
+    assert not list(out.rglob("*.tmp"))
+    run, _, _ = train(df, out, epochs=2, folds=[0])  # resumes: fold 0 trained again, complete this time
+    assert run.folds == [0] and read_meta(out / "fold0")["epochs_run"] == 2
+
+
+def test_a_submission_into_a_read_only_folder_or_a_folder_path_is_one_clear_error(tmp_path):
+    probs, ids, vocab = np.eye(3), ["a", "b", "c"], ["X", "Y", "Z"]
+    with refused("resource: write_submission to a folder", str(tmp_path), "is a folder", "submission.csv"):
+        al.write_submission(ids, probs, vocab, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    al.write_submission(ids, probs, vocab, locked / "submission.csv")
+    before = (locked / "submission.csv").read_bytes()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits: a read-only mount is simulated instead
+            import errno
+
+            from artlearn import files
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(files.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
+                    OSError(errno.EROFS, "Read-only file system")))
+                with refused("resource: write_submission into a read-only place", "submission.csv",
+                             "cannot be written (Read-only file system)"):
+                    al.write_submission(ids, probs[::-1], vocab, locked / "submission.csv")
+        else:
+            with refused("resource: write_submission into a read-only place", "cannot be written"):
+                al.write_submission(ids, probs[::-1], vocab, locked / "submission.csv")
+    finally:
+        locked.chmod(0o755)
+    assert (locked / "submission.csv").read_bytes() == before and sorted(os.listdir(locked)) == ["submission.csv"]
+
+
+def test_a_temp_file_of_a_killed_write_is_removed_by_the_next_good_write(tmp_path):
+    probs, ids, vocab = np.eye(2), ["a", "b"], ["X", "Y"]
+    stale = tmp_path / ".submission.csv.k1ll3d_x.tmp"  # as a write killed mid-way leaves it
+    stale.write_text("id,artist\na,")
+    fresh = tmp_path / ".submission.csv.s7arting.tmp"  # a write that has just started (not locked yet)
+    fresh.write_text("")
+    foreign = [tmp_path / ".submission.csv.notes.tmp", tmp_path / ".other.csv.k1ll3d_x.tmp", tmp_path / "mine.tmp"]
+    for p in [stale, *foreign]:
+        p.write_text("keep")
+        os.utime(p, (0, 0))
+    al.write_submission(ids, probs, vocab, tmp_path / "submission.csv")
+    assert not stale.exists() and fresh.exists() and all(p.exists() for p in foreign)
+
+
+def test_ensemble_and_predict_refuse_bad_numbers_before_loading(base_run, data, monkeypatch):
+    forbid_real_models(monkeypatch)
+    for case, kw, part in [("bs=0", dict(bs=0), "bs=0: need an integer >= 1"),
+                           ("prior_adjust=-5", dict(prior_adjust=-5), "prior_adjust=-5: need a number >= 0"),
+                           ("prior_adjust=inf", dict(prior_adjust=float("inf")), "not inf or NaN")]:
+        with refused(f"arguments: ensemble({case})", part):
+            al.ensemble(base_run.run, data.test, **kw)
+        with refused(f"arguments: predict({case})", part):
+            al.predict(base_run.run, data.test["img_path"][:1].tolist(), **kw)
+
+
+def test_train_kfold_refuses_a_non_finite_learning_rate(data, tmp_path):
+    for value in (float("inf"), float("nan")):
+        refused_run(f"arguments: train_kfold(lr={value})", data.train, tmp_path / "run", f"lr={value}",
+                    "need a finite number > 0", lr=value)
+
+
+def test_check_images_and_a_repeated_csv_column_are_refused_naming_the_column(data, tmp_path):
+    with refused("arguments: check_images on a table without img_path", "'img_path' column", "['id', 'artist']"):
+        al.check_images(data.train[["id", "artist"]])
+    csv = tmp_path / "twice.csv"
+    csv.write_text("id,img_path,artist,artist\na,x.jpg,Ana,Bo\n")
+    with refused("tables: a CSV header naming 'artist' twice", str(csv), "['artist'] more than once"):
+        al.read_artworks(csv, kind="train")
+
+
+def test_fold_learner_refuses_items_without_artists(base_run, data):
+    items = data.train[data.train["fold"] == 0] if "fold" in data.train.columns else data.train
+    with refused("arguments: fold_learner(items=<table without artist>)", "no 'artist' column", "predict"):
+        al.fold_learner(base_run.run.fold_dir(0), items=items.drop(columns="artist"))
+    learn = al.fold_learner(base_run.run.fold_dir(0), items=items)
+    assert len(learn.validate()) >= 2
+
+
+def test_predict_script_errors_are_one_line_and_nothing_is_written(base_run, data, tmp_path, capsys):
+    predict_py, image = script("predict"), data.test["img_path"][0]
+    assert predict_py.main([str(base_run.run.path), image, "--folds", "0,x"]) == 2
+    one_line(capsys, "cli: predict.py --folds 0,x", "--folds '0,x'", "comma-separated fold numbers")
+    assert predict_py.main([str(base_run.run.path), image, "--csv", str(tmp_path)]) == 2
+    one_line(capsys, "cli: predict.py --csv <a folder>", "--csv", "is a folder")
+    assert predict_py.main([str(base_run.run.path), image, "--explain", str(tmp_path)]) == 2
+    one_line(capsys, "cli: predict.py --explain <a folder>", "--explain", "is a folder")
+    (tmp_path / "file").write_text("")
+    assert predict_py.main([str(base_run.run.path), image, "--csv", str(tmp_path / "file" / "top.csv")]) == 2
+    one_line(capsys, "cli: predict.py --csv under a file", "is not a folder this user can write")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+    assert predict_py.main([str(base_run.run.path), image, "--csv", str(tmp_path / "top.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "top.csv")) == 4  # 4 artists
+
+
+def test_compare_report_only_on_a_hand_edited_jsonl_names_the_lines(tmp_path, capsys):
+    compare = script("compare_recipes")
+    jsonl = tmp_path / "edited.jsonl"
+    jsonl.write_text('{"row": "best"}\n[1, 2]\nnot json\n{"row": "reference", "seed": "0"}\n')
+    assert compare.read_records(jsonl) == []
+    err = capsys.readouterr().err
+    note("cli: compare_recipes --report-only on a hand-edited jsonl", err.strip().splitlines()[0])
+    assert "edited.jsonl:3 is not JSON" in err and [f"record {i} is not usable" in err for i in (1, 2, 3)] == [True] * 3
+    assert "missing or malformed 'data_fingerprint'" in err and "a JSON list" in err and "'seed'" in err
+
+
+# ---------------------------------------------------------------- 12. red team of issue 29 (docs/robustness.md)
+
+RED29 = {}  # case -> (class, verdict, parts of the message, function)
+
+
+def red29(kind, case, verdict, *parts):
+    """Register a case: 'refused' (fn does the set-up and returns the action, refused changing nothing under the
+    test's folder) or 'handled' (fn asserts the right result and may return a note)."""
+    def register(fn):
+        RED29[case] = (kind, verdict, parts, fn)
+        return fn
+    return register
+
+
+def _fold1(c, change):
+    """A copy of the base run with fold1's meta.json changed; the action loads fold1."""
+    out = _run_copy(c.base, c.tmp / "run")
+    _rewrite_meta(out / "fold1", change)
+    return lambda: load_fold(out / "fold1")
+
+
+for _case, _change, _part in [
+        ("meta.json 'fold' as text", lambda m: m.update(fold="1"), "'fold' is '1'"),
+        ("meta.json n_folds 1", lambda m: m.update(n_folds=1), "'n_folds' is 1"),
+        ("meta.json split_seed -1", lambda m: m.update(split_seed=-1), "'split_seed' is -1"),
+        ("meta.json epoch -1", lambda m: m.update(epoch=-1), "'epoch' is -1"),
+        ("meta.json epochs_run 2.0 (a float)", lambda m: m.update(epochs_run=2.0), "'epochs_run' is 2.0"),
+        ("meta.json artlearn_version a number", lambda m: m.update(artlearn_version=1), "'artlearn_version' is 1"),
+        ("meta.json weights_sha256 in upper case", lambda m: m.update(weights_sha256=m["weights_sha256"].upper()),
+         "'weights_sha256' is '"),
+        ("meta.json run_id of 31 digits", lambda m: m.update(run_id=m["run_id"][:31]), "'run_id' is '"),
+        ("meta.json vocab naming an artist the run lacks", lambda m: m.update(vocab=[*m["vocab"][:-1], "Zed"]),
+         "artists not in both: ['Solo', 'Zed']"),
+        ("meta.json stopped a number", lambda m: m.update(stopped=3), "'stopped' is 3"),
+        ("meta.json of fold0 copied over fold1's (weights fold1's)", lambda m: m.update(fold=0), "says fold=0")]:
+    red29("identity", _case, "refused", "fold1", _part)(lambda c, change=_change: _fold1(c, change))
+
+
+def _retyped(c, convert):
+    """A fold folder (outside a run) whose tensors `convert` changed, with the digest of the new file recorded."""
+    from safetensors.torch import save_file
+    folder = fold_copy(c.base.run.fold_dir(0), c.tmp / "fold0", weights=False)
+    state = {k: convert(k, v) for k, v in load_weights(c.base.run.fold_dir(0) / "best.safetensors").items()}
+    save_file(state, folder / "best.safetensors")
+    _rewrite_meta(folder, lambda m: m.update(weights_sha256=al.checkpoint.file_sha256(folder / "best.safetensors")))
+    return lambda: load_fold(folder)
+
+
+red29("identity", "every tensor stored as float16", "refused", "is torch.float16", "never casts")(
+    lambda c: _retyped(c, lambda k, v: v.half() if v.is_floating_point() else v))
+red29("identity", "num_batches_tracked stored as float32", "refused", "num_batches_tracked' is torch.float32")(
+    lambda c: _retyped(c, lambda k, v: v.float()))
+
+
+@red29("identity", "config.json edited (epochs) after the folds were trained", "refused", "is not this run's",
+       "config.json")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").unlink()
+    (out / "config.json").write_text(json.dumps({**config, "epochs": 9}))
+    return lambda: load_fold(out / "fold0")
+
+
+@red29("identity", "both files of fold0 copied into fold1/", "refused", "says fold=0")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    for name in ("meta.json", "best.safetensors"):
+        _replace_file(out / "fold1" / name, (out / "fold0" / name).read_bytes())
+    return lambda: load_fold(out / "fold1")
+
+
+@red29("identity", "a whole run directory copied elsewhere", "handled")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "moved")
+    probs, _ = al.ensemble(out, c.data.test, bs=4)
+    assert np.allclose(probs, al.ensemble(c.base.run, c.data.test, bs=4)[0], atol=1e-6)
+    return "the copy keeps its identity (run_id is the config's fingerprint, not the path): same predictions"
+
+
+@red29("identity", "a fold folder copied out of its run", "handled")
+def _(c):
+    folder = fold_copy(c.base.run.fold_dir(1), c.tmp / "fold1")
+    assert load_fold(folder)[1]["fold"] == 1
+    return "loads alone: the weights digest is checked, the run's identity only inside a run"
+
+
+@red29("identity", "weights replaced by a byte-identical copy", "handled")
+def _(c):
+    out = _run_copy(c.base, c.tmp / "run")
+    _replace_file(out / "fold0" / "best.safetensors", (out / "fold0" / "best.safetensors").read_bytes())
+    assert load_fold(out / "fold0")[1]["fold"] == 0
+    return "same bytes, same digest: accepted"
+
+
+def _changed(c, change, *, extra=None):
+    """A small table with its fingerprint; `change` edits the images; the action re-checks them."""
+    df = _own_data(c.tmp)
+    config = {"data": al.run.data_fingerprint(df, al.tables.content_digests(df["img_path"]))}
+    change(df)
+    return lambda: al.run.check_data_unchanged(df, config, "fold 1")
+
+
+def _repaint(path, seed=99):
+    write_image(path, (36, 36), color=(0, 250, 0), seed=seed)
+
+
+red29("changed data", "an image truncated between folds", "refused", "TRAIN_0001.jpg (content changed)")(
+    lambda c: _changed(c, lambda df: Path(df["img_path"][1]).write_bytes(Path(df["img_path"][1]).read_bytes()[:50])))
+
+
+def _restore_mtime(df):
+    path = df["img_path"][2]
+    st = os.stat(path)
+    _repaint(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: the mtime says nothing changed
+
+
+red29("changed data", "an image repainted and its mtime restored", "refused", "TRAIN_0002.jpg (content changed)")(
+    lambda c: _changed(c, _restore_mtime))
+
+
+def _relink(df):
+    os.unlink(df["img_path"][3])
+    os.symlink(df["img_path"][9], df["img_path"][3])
+
+
+red29("changed data", "an image replaced by a symlink to another image", "refused",
+      "TRAIN_0003.jpg (content changed)")(lambda c: _changed(c, _relink))
+
+
+def _swap(df):
+    a, b = df["img_path"][0], df["img_path"][12]
+    os.rename(a, a + ".x")
+    os.rename(b, a)
+    os.rename(a + ".x", b)
+
+
+red29("changed data", "two images swapped", "refused", "2 training image(s) changed", "TRAIN_0000.jpg",
+      "TRAIN_0012.jpg")(lambda c: _changed(c, _swap))
+red29("changed data", "an image moved away", "refused", "TRAIN_0004.jpg (deleted or moved)")(
+    lambda c: _changed(c, lambda df: os.rename(df["img_path"][4], df["img_path"][4] + ".bak")))
+
+
+def _to_folder(df):
+    os.unlink(df["img_path"][5])
+    os.mkdir(df["img_path"][5])
+
+
+red29("changed data", "an image replaced by a folder of the same name", "refused",
+      "TRAIN_0005.jpg (cannot be read")(lambda c: _changed(c, _to_folder))
+
+
+@red29("changed data", "an image rewritten with the same bytes", "handled")
+def _(c):
+    action = _changed(c, lambda df: _replace_file(df["img_path"][6], Path(df["img_path"][6]).read_bytes()))
+    action()
+    return "read again (new inode), same digest: the run goes on"
+
+
+def _stored(c, mode="disk"):
+    """A disk store holding two images: (cache, a, b, a's store file, b's store file)."""
+    from artlearn.store import PresizeCache
+    a = str(write_image(c.tmp / "a.png", (30, 20), color=(200, 0, 0), seed=1))
+    b = str(write_image(c.tmp / "b.png", (30, 20), color=(0, 0, 200), seed=2))
+    cache = PresizeCache(16, mode=mode, cache_dir=c.tmp / "cache")
+    cache.fill([a, b])
+    return cache, a, b, *(cache._disk_path(cache._disk_keys[p]) for p in (a, b))
+
+
+def _served_again(c, tamper) -> str:
+    """Tamper with a's store file; a new store must decode a again (never serve the file)."""
+    from artlearn.store import PresizeCache
+    cache, a, b, file_a, file_b = _stored(c)
+    want = cache.get(a).copy()
+    tamper(cache, a, b, file_a, file_b)
+    again = PresizeCache(16, mode="disk", cache_dir=c.tmp / "cache")
+    again.fill([a])
+    assert again.n_decodes == 1 and np.array_equal(again.get(a), want)
+    return "decoded again from the image, with a warning naming the store file"
+
+
+def _other_presize(cache, a, b, file_a, file_b):
+    from artlearn.store import PresizeCache
+    other = PresizeCache(24, mode="disk", cache_dir=cache.cache_dir)
+    other.fill([a])
+    shutil.copy(other._disk_path(other._disk_keys[a]), file_a)
+
+
+red29("private store", "a store file of the same image at another presize copied over", "handled")(
+    lambda c: _served_again(c, _other_presize))
+red29("private store", "a store file replaced by a symlink to another store file", "handled")(
+    lambda c: _served_again(c, lambda cache, a, b, fa, fb: (fa.unlink(), fa.symlink_to(fb))))
+red29("private store", "a plain .npy (older artlearn, no claim) in the store", "handled")(
+    lambda c: _served_again(c, lambda cache, a, b, fa, fb: np.save(fa, cache.get(a))))
+
+
+def _edit_pixels(cache, a, b, file_a, file_b):
+    flat = np.load(file_a)
+    flat[-1] ^= 0xFF
+    np.save(file_a, flat)
+
+
+red29("private store", "a store file's pixels edited in place (claim kept)", "handled")(
+    lambda c: _served_again(c, _edit_pixels))
+
+
+@red29("private store", "the default store folder is this user's but mode 0777", "handled")
+def _(c):
+    import tempfile
+
+    from artlearn.store import PresizeCache, default_store_dir
+    c.mp.setattr(tempfile, "tempdir", str(c.tmp))
+    folder = default_store_dir()
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    cache = PresizeCache(16, mode="disk")
+    cache.fill([str(write_image(c.tmp / "a.png", (30, 20), seed=1))])
+    assert cache.cache_dir != folder and (cache.cache_dir.stat().st_mode & 0o777) == 0o700
+    assert list(folder.iterdir()) == []
+    return f"replaced by a fresh private folder {cache.cache_dir.name} (warning names both)"
+
+
+@red29("private store", "cache_dir is a regular file", "refused", "is not a folder")
+def _(c):
+    from artlearn.store import PresizeCache
+    (c.tmp / "afile").write_text("x")
+    img = str(write_image(c.tmp / "a.png", (30, 20), seed=1))
+    return lambda: PresizeCache(16, mode="disk", cache_dir=c.tmp / "afile").fill([img])
+
+
+@red29("private store", "a cache_dir that does not exist yet", "handled")
+def _(c):
+    cache, *_ = _stored(c)
+    assert (cache.cache_dir.stat().st_mode & 0o777) == 0o700
+    return "created 0700"
+
+
+@red29("resource errors", "write_submission under a path whose parent is a file", "refused", "cannot be written")
+def _(c):
+    (c.tmp / "afile").write_text("x")
+    return lambda: al.write_submission(["a"], np.ones((1, 1)), ["X"], c.tmp / "afile" / "submission.csv")
+
+
+@red29("resource errors", "save_weights to a folder path", "refused", "is a folder")
+def _(c):
+    return lambda: al.checkpoint.save_weights(c.tmp, {"w": torch.zeros(1)})
+
+
+@red29("resource errors", "disk full while writing config.json", "refused", "config.json: cannot be written",
+       "no space left")
+def _(c):
+    import errno
+
+    from artlearn import files
+    real = files._write_all
+
+    def full(f, data, path):
+        if Path(path).name == "config.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data, path)
+
+    c.mp.setattr(files, "_write_all", full)
+    c.mp.setattr(kfold_module, "_train_fold", lambda job, k, **kw: None)
+    (c.tmp / "run").mkdir()  # an empty --out: after the failure it holds nothing but the lock file
+    return lambda: _run_then_check(c.data.train, c.tmp / "run")
+
+
+def _run_then_check(df, out):
+    """train_kfold that must fail before config.json exists (and leave no temp file)."""
+    try:
+        train(df, out)
+    finally:
+        assert not (out / "config.json").exists() and not list(out.glob(".*.tmp"))
+
+
+@red29("resource errors", "a temp file locked by a live writer", "handled")
+def _(c):
+    import fcntl
+    tmp = c.tmp / ".submission.csv.l1vewrit.tmp"
+    tmp.write_text("")
+    os.utime(tmp, (0, 0))
+    with open(tmp) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        al.write_submission(["a"], np.ones((1, 1)), ["X"], c.tmp / "submission.csv")
+        assert tmp.exists()
+    return "kept: its writer holds the lock"
+
+
+@red29("resource errors", "a symlink named like a temp file", "handled")
+def _(c):
+    target = c.tmp / "precious.txt"
+    target.write_text("keep")
+    link = c.tmp / ".submission.csv.s1mlink_.tmp"
+    link.symlink_to(target)
+    os.utime(link, (0, 0), follow_symlinks=False)
+    al.write_submission(["a"], np.ones((1, 1)), ["X"], c.tmp / "submission.csv")
+    assert link.is_symlink() and target.read_text() == "keep"
+    return "neither followed nor removed"
+
+
+@red29("resource errors", "an I/O error artlearn has no advice for", "handled")
+def _(c):
+    import errno
+
+    from artlearn import files
+    c.mp.setattr(files, "_write_all", lambda f, d, p: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        files.atomic_write_text(c.tmp / "x.txt", "x")
+    assert list(c.tmp.iterdir()) == []
+    return "re-raised as it is (OSError EIO), no temp file left"
+
+
+for _case, _kw, _part in [("ensemble(bs=2.5)", dict(bs=2.5), "bs=2.5: need an integer >= 1"),
+                          ("ensemble(bs=True)", dict(bs=True), "bs=True: need an integer >= 1"),
+                          ("ensemble(prior_adjust=nan)", dict(prior_adjust=float("nan")), "not inf or NaN")]:
+    red29("argument checks", _case, "refused", _part)(
+        lambda c, kw=_kw: (lambda: al.ensemble(c.base.run, c.data.test, **kw)))
+
+for _case, _kw, _part in [("train_kfold(epochs=inf)", dict(epochs=float("inf")), "epochs=inf: need a finite"),
+                          ("train_kfold(wd=inf)", dict(wd=float("inf")), "wd=inf: need a finite")]:
+    red29("argument checks", _case, "refused", _part)(
+        lambda c, kw=_kw: (lambda: train(c.data.train, c.tmp / "run", **kw)))
+
+
+def _header(c, header):
+    csv = c.tmp / "t.csv"
+    csv.write_text(header + "\n" + ",".join(["a"] * len(header.split(","))) + "\n")
+    return lambda: al.read_artworks(csv)
+
+
+red29("argument checks", "a CSV header naming img_path twice", "refused", "['img_path'] more than once")(
+    lambda c: _header(c, "id,img_path,img_path,artist"))
+red29("argument checks", "a CSV header with ' artist' and 'artist'", "refused", "['artist'] more than once")(
+    lambda c: _header(c, "id,img_path, artist,artist"))
+red29("argument checks", "check_images on a list of paths", "refused", "'img_path' column", "list")(
+    lambda c: (lambda: al.check_images(list(c.data.train["img_path"]))))
+
+
+def _cli(c, argv, *parts):
+    """predict.py main(argv): exit status 2 and one line naming every part."""
+    predict_py = script("predict")
+
+    def action():
+        assert predict_py.main([str(c.base.run.path), *argv]) == 2
+        err = c.capsys.readouterr().err
+        assert err.count("\n") == 1 and all(p in err for p in parts), err
+        raise ValueError(err.strip())  # reported like the refusals
+    return action
+
+
+red29("argument checks", "predict.py --folds 7", "refused", "folds [7] have no complete checkpoint")(
+    lambda c: _cli(c, [c.data.test["img_path"][0], "--folds", "7"], "folds [7]"))
+red29("argument checks", "predict.py with a missing image", "refused", "nope.jpg")(
+    lambda c: _cli(c, [str(c.tmp / "nope.jpg")], "nope.jpg"))
+
+
+@red29("argument checks", "study.py --grids arch,arch", "handled")
+def _(c):
+    assert script("study").parse_grids("arch,arch") == ["arch"]
+    return "one arch grid"
+
+
+@red29("argument checks", "predict.py --csv in a folder that does not exist yet", "handled")
+def _(c):
+    assert script("predict").main([str(c.base.run.path), c.data.test["img_path"][0], "--csv",
+                                   str(c.tmp / "new" / "top.csv")]) == 0
+    assert len(pd.read_csv(c.tmp / "new" / "top.csv")) == 4
+    c.capsys.readouterr()
+    return "the folder is created, the table written atomically"
+
+
+@red29("argument checks", "run_cli on a message spread over lines", "handled")
+def _(c):
+    def main(argv):
+        raise al.checks.ArtlearnError("first\n\tsecond")
+    assert al.checks.run_cli(main) == 2
+    assert c.capsys.readouterr().err == "error: first second\n"
+    return "one line"
+
+
+@pytest.mark.parametrize("case", list(RED29))
+def test_red_team_29(case, data, base_run, tmp_path, monkeypatch, capsys):
+    kind, verdict, parts, fn = RED29[case]
+    c = SimpleNamespace(data=data, base=base_run, tmp=tmp_path, mp=monkeypatch, capsys=capsys)
+    if verdict == "refused":
+        action = fn(c)
+        with unchanged(tmp_path), refused(f"red29: {kind}: {case}", *parts):
+            action()
+    else:
+        note(f"red29: {kind}: {case}", fn(c) or "handled correctly")
+
+
+def test_a_fold_folder_that_cannot_be_written_on_resume_is_one_clear_error(base_run, data, tmp_path, monkeypatch):
+    out = _run_copy(base_run, tmp_path / "run")
+    _rewrite_meta(out / "fold1", lambda m: m.update(complete=False))  # fold 1 must be trained again
+    real = Path.unlink
+
+    def denied(self, missing_ok=False):
+        if self.parent.name == "fold1":
+            raise PermissionError(13, "Permission denied")  # as for a folder of another user (tests run as root)
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    fold1 = snapshot(out / "fold1")
+    with refused("resource: a fold folder that cannot be written on resume", "fold1/",
+                 "cannot be deleted to retrain its fold (Permission denied)", "writable by this user"):
+        train(data.train, out)
+    assert snapshot(out / "fold1") == fold1

@@ -2,6 +2,7 @@
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,21 +137,28 @@ def test_budget_zero_still_reports_finished_cells(done, study_mod, capsys):
     assert _mtimes(done.out) == before and (done.out / "pool.png").read_bytes()[:8] == PNG
 
 
-def test_bad_flags_are_refused_before_anything_is_written(study_mod, tmp_path):
+def _refused(study_mod, capsys, argv, part) -> str:
+    """main(argv) exits with status 2 and one line on stderr holding `part` (no traceback)."""
+    assert study_mod.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(part, err), err
+    return err
+
+
+def test_bad_flags_are_refused_before_anything_is_written(study_mod, tmp_path, capsys):
     out = tmp_path / "never"
-    with pytest.raises(ValueError, match="valid grids: arch, size, pool, preset"):
-        study_mod.main(["--grids", "pool,depth", "--out", str(out)])
-    with pytest.raises(ValueError, match=r"use folds 0\.\.1"):
-        study_mod.main(["--folds", "2", "--n-folds", "2", "--out", str(out)])
-    with pytest.raises(ValueError, match="minutes >= 0"):
-        study_mod.main(["--budget-minutes", "-1", "--out", str(out)])
+    _refused(study_mod, capsys, ["--grids", "pool,depth", "--out", str(out)], "valid grids: arch, size, pool, preset")
+    _refused(study_mod, capsys, ["--grids", "bogus", "--out", str(out)], r"unknown grid\(s\) \['bogus'\]")
+    _refused(study_mod, capsys, ["--grids", "", "--out", str(out)], "name at least one grid")
+    _refused(study_mod, capsys, ["--folds", "2", "--n-folds", "2", "--out", str(out)], r"use folds 0\.\.1")
+    _refused(study_mod, capsys, ["--budget-minutes", "-1", "--out", str(out)], "minutes >= 0")
     assert not out.exists()
 
 
-def test_a_run_made_with_other_settings_is_refused(done, study_mod):
+def test_a_run_made_with_other_settings_is_refused(done, study_mod, capsys):
     other = [*TINY[:TINY.index("--epochs")], "--epochs", "2", *TINY[TINY.index("--epochs") + 2:]]
-    with pytest.raises(ValueError, match="made with other settings.*epochs: 1 there, 2 now"):
-        study_mod.main(["--data", str(done.data), "--out", str(done.out), *other])
+    _refused(study_mod, capsys, ["--data", str(done.data), "--out", str(done.out), *other],
+             "made with other settings.*epochs: 1 there, 2 now")
 
 
 def test_grids_hold_the_base_setting_and_share_the_base_run(study_mod):

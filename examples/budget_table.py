@@ -1,0 +1,150 @@
+"""Recipes at equal wall time: every row gets the same minutes for fold 0 of the same folds, one thread each.
+
+    python examples/budget_table.py --data ../shared/data/artworks --minutes 7 --seeds 7,42 --out runs/budget7
+
+Each row is trained by `train_kfold(..., folds=[0], budget=...)` (the epochs planned to fit the minutes on this
+machine) in its own process with one torch thread, `--parallel` rows at a time (as a 2-core machine runs two
+folds side by side). `plain` is examples/plain_torchvision.py given the same minutes (`--minutes`), `fastai` is
+fastai's own `vision_learner(xresnet18)` + `fit_one_cycle` (examples/fastai_baseline.py). One JSON line per run in
+<out>/results.jsonl (reruns skip the runs already there); the table (mean, min..max over seeds) in results.md.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROWS = {  # row name -> train_kfold preset and overrides (each a Recipe setting alone, or the chosen combination)
+    "fast": dict(preset="fast"),
+    "fast+lr=1e-3": dict(preset="fast", lr=1e-3),
+    "fast+size=96": dict(preset="fast", size=96),
+    "fast+size=96+progressive=0.5": dict(preset="fast", size=96, progressive=0.5),
+    "fast+size=48": dict(preset="fast", size=48),
+    "fast+tta=flip": dict(preset="fast", tta="flip"),
+    "fast+label_smoothing=0.1": dict(preset="fast", label_smoothing=0.1),
+    "fast+sgd": dict(preset="fast", optimizer="sgd", lr=0.05, wd=5e-4),
+    "reference@64px": dict(preset="reference", arch="resnet18", size=64),
+}
+SCRIPTS = {"plain": "plain_torchvision.py", "fastai": "fastai_baseline.py"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="competition folder with train.csv")
+    p.add_argument("--minutes", type=float, required=True, help="wall minutes each row gets for fold 0")
+    p.add_argument("--rows", default="fast,plain,fastai", help=f"comma-separated: {', '.join([*ROWS, *SCRIPTS])}")
+    p.add_argument("--seeds", default="7,42")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def fold_table(data: Path, out: Path) -> Path:
+    """folds.csv of the shared 4-fold split (seed 42), written once: every row and seed trains the same fold 0."""
+    path = out / "folds.csv"
+    if not path.is_file():
+        import artlearn as al
+        df = al.assign_folds(al.read_artworks(data / "train.csv"), 4, 42)
+        out.mkdir(parents=True, exist_ok=True)
+        df[["img_path", "artist", "fold"]].to_csv(path, index=False)
+    return path
+
+
+def command(row: str, seed: int, args, folds_csv: Path) -> list:
+    """The command line of one run."""
+    run_dir = args.out / f"{row}-s{seed}"
+    if row in SCRIPTS:
+        return [sys.executable, str(HERE / SCRIPTS[row]), "--train-csv", str(args.data / "train.csv"),
+                "--folds-csv", str(folds_csv), "--fold", "0", "--minutes", str(args.minutes), "--seed", str(seed),
+                "--out", str(run_dir)]
+    return [sys.executable, str(Path(__file__).resolve()), "--one", row, str(seed), str(args.minutes),
+            str(folds_csv), str(run_dir)]
+
+
+def train_one(row: str, seed: int, minutes: float, folds_csv: str, run_dir: str) -> None:
+    """One artlearn row: fold 0 trained with the row's recipe, within `minutes`; result.json in run_dir."""
+    import logging
+
+    import pandas as pd
+    import torch
+
+    import artlearn as al
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    df = pd.read_csv(folds_csv, dtype={"img_path": str, "artist": str}, keep_default_na=False)
+    started = time.time()
+    run = al.train_kfold(df, run_dir, folds=[0], seed=seed, budget=minutes * 60, progress=False, procs=1,
+                         **ROWS[row])
+    oof = run.oof_scores
+    timing = run.summary["timing"]
+    result = dict(row=row, seed=seed, minutes=minutes, accuracy=oof["accuracy"], f1_macro=oof["f1_macro"],
+                  epochs=timing["folds"]["0"]["epochs"], planned_s=timing["folds"]["0"]["planned_s"],
+                  wall_s=round(time.time() - started, 1), settings=ROWS[row])
+    Path(run_dir, "result.json").write_text(json.dumps(result))
+
+
+def run_one(row: str, seed: int, args, folds_csv: Path) -> dict:
+    """Run one row and seed in its own process (one thread); its result line."""
+    run_dir = args.out / f"{row}-s{seed}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.time()
+    with open(args.out / f"{row}-s{seed}.log", "w") as log:
+        subprocess.run(command(row, seed, args, folds_csv), env=env, stdout=log, stderr=subprocess.STDOUT,
+                       check=True)
+    result = json.loads((run_dir / "result.json").read_text())
+    result.update(row=row, seed=seed, minutes=args.minutes, process_wall_s=round(time.time() - started, 1),
+                  load_avg=round(os.getloadavg()[0], 2))
+    return result
+
+
+def write_table(out: Path, results: list) -> None:
+    """results.md: one line per row, mean and min..max over seeds."""
+    lines = ["| row | seeds | OOF accuracy | OOF macro-F1 | epochs | wall s per run |", "|---|---|---|---|---|---|"]
+    rows = {}
+    for r in results:
+        rows.setdefault(r["row"], []).append(r)
+    for row, rs in sorted(rows.items(), key=lambda kv: -statistics.mean(r["accuracy"] for r in kv[1])):
+        acc, f1 = [r["accuracy"] for r in rs], [r["f1_macro"] for r in rs]
+        lines.append(f"| {row} | {','.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} "
+                     f"({min(acc):.4f}..{max(acc):.4f}) | {statistics.mean(f1):.4f} ({min(f1):.4f}..{max(f1):.4f}) | "
+                     f"{', '.join(str(r.get('epochs')) for r in rs)} | "
+                     f"{', '.join(str(r.get('process_wall_s')) for r in rs)} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--one":
+        row, seed, minutes, folds_csv, run_dir = sys.argv[2:7]
+        train_one(row, int(seed), float(minutes), folds_csv, run_dir)
+        return 0
+    args = parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS and r not in SCRIPTS]
+    if unknown:
+        print(f"error: unknown rows {unknown}; choose from {[*ROWS, *SCRIPTS]}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    folds_csv = fold_table(args.data, args.out)
+    jsonl = args.out / "results.jsonl"
+    done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
+    seen = {(r["row"], r["seed"]) for r in done}
+    todo = [(row, int(s)) for s in args.seeds.split(",") for row in rows if (row, int(s)) not in seen]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for result in pool.map(lambda job: run_one(*job, args, folds_csv), todo):
+            done.append(result)
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            write_table(args.out, done)
+            print(f"{result['row']} seed {result['seed']}: accuracy {result['accuracy']:.4f}, "
+                  f"macro-F1 {result['f1_macro']:.4f} ({result.get('epochs')} epochs)", flush=True)
+    write_table(args.out, done)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

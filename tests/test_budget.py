@@ -1,0 +1,267 @@
+"""Time budgets: parsing, the epoch plan (fake clock), re-planning, the hour warning, and their use in train_kfold."""
+import json
+import logging
+import math
+import warnings
+
+import pytest
+
+import artlearn as al
+import artlearn.kfold as kfold_module
+from artlearn.budget import BatchTimer, FoldPlanner, FoldShape, Speed, measure_speed, parse_budget, plan_epochs
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def _speed(batch_s=0.5, view_s=0.01, setup_s=2.0, bs=32, size=64):
+    return Speed(train_batch_s={size: batch_s}, eval_view_s=view_s, setup_s=setup_s, bs=bs)
+
+
+SHAPE = FoldShape(n_train=3200, n_valid=800, size=64, views=2)  # 100 batches + 800 views: 58 s per epoch
+
+
+@pytest.mark.parametrize("text, seconds", [("60min", 3600), ("1.5h", 5400), ("90s", 90), ("2 hours", 7200),
+                                           (" 15 MIN ", 900), (120, 120.0), (0.5, 0.5)])
+def test_parse_budget(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["60", "ten min", "5 fortnights", "-5min", "0s", 0, -1, float("inf"), True, [60]])
+def test_parse_budget_refuses_what_it_cannot_read(bad):
+    with pytest.raises(ValueError, match="budget="):
+        parse_budget(bad)
+
+
+def test_parse_budget_none_is_no_budget():
+    assert parse_budget(None) is None
+
+
+def test_epoch_seconds_and_fixed_seconds():
+    speed = _speed()
+    assert SHAPE.mean_epoch_s(speed) == pytest.approx(100 * 0.5 + 800 * 0.01)
+    assert SHAPE.fixed_s(speed) == pytest.approx(2.0 + 800 * 2 * 0.01)
+    progressive = FoldShape(3200, 800, 64, small_size=32, small_fraction=0.25, views=2)
+    speed2 = Speed(train_batch_s={32: 0.1, 64: 0.5}, eval_view_s=0.01, setup_s=2.0, bs=32)
+    assert progressive.mean_epoch_s(speed2) == pytest.approx(0.25 * (10 + 8) + 0.75 * (50 + 8))
+
+
+def test_plan_epochs_is_the_most_that_fit():
+    left, folds, epoch_s, fixed_s, final_s = 3600.0, 4, 58.0, 18.0, 100.0
+    epochs = plan_epochs(left, folds, epoch_s, fixed_s, final_s)
+    used = lambda e: final_s + folds * (fixed_s + e * epoch_s)  # noqa: E731
+    assert used(epochs) <= left < used(epochs + 1)
+
+
+def test_plan_epochs_refuses_a_budget_too_small_with_what_it_needs():
+    with pytest.raises(ValueError, match=r"leaves 60 s for 4 fold\(s\), but 1 epoch\(s\) per fold need about 4.5 min"):
+        plan_epochs(60.0, 4, 58.0, 10.0, 0.0)
+
+
+def test_planner_without_budget_keeps_the_recipe_epochs_and_estimates():
+    planner = FoldPlanner(SHAPE, _speed(), [0, 1, 2, 3], epochs=10)
+    assert planner.before_fold(0, [0, 1, 2, 3]) == 10
+    text = planner.plan_text([0, 1, 2, 3])
+    total = 4 * (SHAPE.fixed_s(_speed()) + 10 * SHAPE.mean_epoch_s(_speed()))
+    assert text == f"4 folds x 10 epochs at 64 px, about {total / 60:.1f} min on this machine (1 process x 1 thread)"
+    assert planner.hour_warning([0, 1, 2, 3]) is None
+
+
+def test_hour_warning_names_the_time_and_what_to_try():
+    planner = FoldPlanner(SHAPE, _speed(batch_s=20.0), [0], epochs=30)  # 2,008 s per epoch
+    warning = planner.hour_warning([0])
+    assert warning.startswith("one fold will take about 16.7 h on this machine")
+    assert "--preset fast" in warning and "--budget 60min" in warning
+
+
+def test_plan_fits_the_budget_and_replans_after_a_slow_fold():
+    clock = FakeClock()
+    budget = 3600.0
+    planner = FoldPlanner(SHAPE, _speed(), [0, 1, 2, 3], budget_s=budget, start=clock.now, clock=clock,
+                          predict_after=1000, n_models=4)
+    final = planner.final_s
+    assert final == pytest.approx(1000 * 2 * 4 * 0.01)
+    e0 = planner.before_fold(0, [0, 1, 2, 3])
+    assert 4 * planner.fold_seconds(e0) + final <= budget
+    assert 4 * planner.fold_seconds(e0 + 1) + final > budget * 0.96
+    clock.now += planner.fold_seconds(e0) * 1.5  # fold 0 took half as long again as planned
+    planner.after_fold(0, planner.fold_seconds(e0) * 1.5)
+    e1 = planner.before_fold(1, [1, 2, 3])
+    assert e1 < e0
+    spent = clock.now - planner.start
+    assert spent + 3 * planner.fold_seconds(e1) + final <= budget
+    record = planner.record()
+    assert record["budget_seconds"] == budget
+    assert record["folds"]["0"]["epochs"] == e0 and record["folds"]["0"]["actual_s"] > record["folds"]["0"]["planned_s"]
+    assert record["folds"]["1"]["actual_s"] is None
+
+
+def test_fast_fold_gives_the_next_folds_more_epochs():
+    clock = FakeClock()
+    planner = FoldPlanner(SHAPE, _speed(), [0, 1], budget_s=1800.0, start=clock.now, clock=clock)
+    e0 = planner.before_fold(0, [0, 1])
+    clock.now += planner.fold_seconds(e0) * 0.5
+    planner.after_fold(0, planner.fold_seconds(e0) * 0.5)
+    assert planner.before_fold(1, [1]) > e0
+
+
+def test_measured_prediction_speed_replaces_the_estimate():
+    planner = FoldPlanner(SHAPE, _speed(), [0, 1], budget_s=3600.0, clock=FakeClock(), start=1000.0,
+                          predict_after=500, n_models=2)
+    assert planner.final_s == pytest.approx(500 * 2 * 2 * 0.01)
+    e0 = planner.before_fold(0, [0, 1])
+    planner.after_fold(0, planner.fold_seconds(e0), predict_s=800 * 2 * 0.05)  # OOF: 0.05 s per view
+    assert planner.predict_view_s == pytest.approx(0.05)
+    assert planner.final_s == pytest.approx(500 * 2 * 2 * 0.05)
+
+
+def test_overrun_after_a_trained_fold_warns_and_trains_the_least(caplog):
+    clock = FakeClock()
+    planner = FoldPlanner(SHAPE, _speed(), [0, 1], budget_s=1200.0, start=clock.now, clock=clock)
+    e0 = planner.before_fold(0, [0, 1])
+    clock.now += 1190.0  # fold 0 ate nearly the whole budget
+    planner.after_fold(0, 1190.0)
+    with caplog.at_level(logging.WARNING, logger="artlearn"):
+        assert planner.before_fold(1, [1]) == 1
+    assert e0 > 1
+    assert "past the budget" in caplog.text
+
+
+def test_budget_too_small_before_any_fold_is_a_value_error():
+    planner = FoldPlanner(SHAPE, _speed(), [0, 1], budget_s=30.0, clock=FakeClock(), start=1000.0)
+    with pytest.raises(ValueError, match="give a larger --budget"):
+        planner.plan_text([0, 1])
+
+
+def test_warmup_epochs_are_the_least_a_plan_trains():
+    shape = FoldShape(3200, 800, 64, views=2, warmup=3)
+    with pytest.raises(ValueError, match=r"4 epoch\(s\) per fold"):
+        FoldPlanner(shape, _speed(), [0], budget_s=200.0, clock=FakeClock(), start=1000.0).before_fold(0, [0])
+
+
+# ---------------------------------------------------------------- measuring, and train_kfold
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    root = al.make_synthetic_artworks(tmp_path_factory.mktemp("bud") / "data", n_artists=4, n_train=40, n_test=8,
+                                      seed=3)
+    return al.read_artworks(root / "train.csv", kind="train")
+
+
+def test_batch_timer_stops_after_n_training_batches(table):
+    dls = al.artist_dls(table, fold=0, size=16, bs=4, n_folds=2)
+    learn = al.artist_learner(dls, arch="resnet18", progress=False, seed=0)
+    steps = []
+    learn.add_cb(type("Count", (__import__("fastai.callback.core", fromlist=["Callback"]).Callback,),
+                      {"after_step": lambda self: steps.append(1)})())
+    timer = BatchTimer(3)
+    learn.fit(1, cbs=[timer])
+    assert len(steps) == 3 and len(timer.stamps) == 4
+    assert all(b > a for a, b in zip(timer.stamps, timer.stamps[1:]))
+
+
+def test_measure_speed_on_a_real_learner(table):
+    def build(size):
+        dls = al.artist_dls(table, fold=0, size=size, bs=4, n_folds=2)
+        return dls, al.artist_learner(dls, arch="resnet18", progress=False, seed=0)
+    speed = measure_speed(build, [16, 24], bs=4)
+    assert set(speed.train_batch_s) == {16, 24}
+    assert all(0 < s < 30 for s in speed.train_batch_s.values())
+    assert 0 < speed.eval_view_s < 5 and speed.setup_s > 0 and speed.threads >= 1
+
+
+TINY = dict(n_folds=2, arch="resnet18", size=32, bs=8, progress=False)
+
+
+def _fixed_speed(monkeypatch, batch_s):
+    """measure_speed replaced by a fixed Speed (the plan becomes deterministic)."""
+    def fake(build, sizes, bs):
+        return Speed(train_batch_s={s: batch_s for s in sizes}, eval_view_s=0.001, setup_s=0.1, bs=bs)
+    monkeypatch.setattr(kfold_module, "measure_speed", fake)
+
+
+def _train(df, out, **kw):
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = al.train_kfold(df, out, log=lines.append, **{**TINY, **kw})
+    return run, lines
+
+
+def test_train_kfold_logs_the_plan_before_fold_0_and_records_timing(table, tmp_path):
+    run, lines = _train(table, tmp_path / "r", epochs=2)
+    plan = [i for i, line in enumerate(lines) if line.startswith("plan: 2 folds x 2 epochs at 32 px, about ")]
+    first_fold = next(i for i, line in enumerate(lines) if line.startswith("fold 0 (1 of 2 to train): 2 epochs"))
+    assert plan and plan[0] < first_fold
+    timing = json.loads((tmp_path / "r" / "summary.json").read_text())["timing"]
+    assert timing["budget_seconds"] is None and timing["cpu_count"] >= 1 and timing["processes"] == 1
+    assert [timing["folds"][k]["epochs"] for k in ("0", "1")] == [2, 2]
+    assert all(timing["folds"][k]["actual_s"] > 0 for k in ("0", "1"))
+    assert timing["train_seconds"] >= sum(timing["folds"][k]["actual_s"] for k in ("0", "1"))
+
+
+def test_train_kfold_with_a_budget_trains_the_planned_epochs(table, tmp_path, monkeypatch):
+    _fixed_speed(monkeypatch, batch_s=0.05)
+    run, lines = _train(table, tmp_path / "r", budget="20s", procs=1)
+    timing = run.summary["timing"]
+    epochs = [timing["folds"][k]["epochs"] for k in ("0", "1")]
+    assert all(e >= 1 for e in epochs)
+    for k, e in zip((0, 1), epochs):
+        assert len(run.histories[k]) == e  # the fold trained exactly what the plan said
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["budget"] == 20.0 and config["epochs"] is None
+    assert any("(budget 20 s)" in line for line in lines)
+
+
+def test_budget_too_small_is_refused_before_any_fold_trains(table, tmp_path, monkeypatch):
+    _fixed_speed(monkeypatch, batch_s=60.0)
+    with pytest.raises(ValueError, match="give a larger --budget"):
+        _train(table, tmp_path / "r", budget="1min", procs=1)
+    assert not (tmp_path / "r" / "fold0" / "best.safetensors").exists()
+
+
+def test_slow_fold_warns_about_the_hour(table, tmp_path, monkeypatch):
+    _fixed_speed(monkeypatch, batch_s=400.0)
+    monkeypatch.setattr(kfold_module, "_fit_fold", lambda learn, epochs, fold: learn.fit(1))
+    _, lines = _train(table, tmp_path / "r", epochs=3)
+    assert any(line.startswith("one fold will take about") and "--preset fast" in line for line in lines)
+
+
+def test_budgeted_run_resumes_with_another_budget(table, tmp_path, monkeypatch):
+    _fixed_speed(monkeypatch, batch_s=0.05)
+    _train(table, tmp_path / "r", budget="20s", procs=1, folds=[0])
+    run, lines = _train(table, tmp_path / "r", budget="30s", procs=1)
+    assert any("fold 0: complete checkpoint found" in line for line in lines)
+    assert set(run.summary["timing"]["folds"]) == {"0", "1"}  # fold 0's record kept from the first call
+
+
+@pytest.mark.parametrize("kw, match", [(dict(budget="soon"), "budget="), (dict(procs=0), "procs="),
+                                       (dict(predict_after=-1), "predict_after=")])
+def test_bad_budget_arguments(table, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _train(table, tmp_path / "r", **kw)
+    assert not (tmp_path / "r").exists()
+
+
+def test_procs_with_callbacks_is_refused(table, tmp_path):
+    with pytest.raises(ValueError, match="cannot travel to other processes"):
+        al.train_kfold(table, tmp_path / "r", procs=2, log=print, **TINY)
+
+
+def test_fold_parallel_processes_train_every_fold(table, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = al.train_kfold(table, tmp_path / "r", procs=2, epochs=1, **TINY)
+    assert run.folds == [0, 1]
+    timing = run.summary["timing"]
+    assert timing["processes"] == 2 and timing["threads_per_process"] >= 1
+    assert set(timing["folds"]) == {"0", "1"}
+    assert math.isfinite(run.oof_scores["accuracy"])
