@@ -302,12 +302,20 @@ def main(argv=None) -> int:
     """Run the whole workflow and print where every output went (under torchrun: on every process)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    from fastprogress import fastprogress
+    saved = warnings.showwarning, fastprogress.NO_BAR
     warnings.showwarning = show_warning
+    fastprogress.NO_BAR = saved[1] or args.no_progress  # no bars; the learner still prints its per-epoch table
+    try:
+        return _run(args)
+    finally:  # main() called in a process that goes on (tests, notebooks) leaves these as they were
+        warnings.showwarning, fastprogress.NO_BAR = saved
+
+
+def _run(args) -> int:
+    """The checks and the workflow; a refusal is one `error:` line (2), Ctrl-C one `interrupted` line (130)."""
     try:
         check_args(args)
-        if args.no_progress:
-            from fastprogress import fastprogress
-            fastprogress.NO_BAR = True  # no bars; the learner still prints its per-epoch table
         dist = artlearn.distributed.init_distributed()  # torchrun: joins the other processes; one process: nothing
         try:
             return _main(args, dist)

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -195,6 +196,9 @@ def test_bad_flags_end_with_a_message_before_anything_is_built(cli, tmp_path, ca
     status, _, err = cli(*args)
     assert status == 2 and f"error: {message}" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no synthetic data built, no run folder
+    from fastprogress import fastprogress
+    assert fastprogress.NO_BAR is False and warnings.showwarning is not None  # main() left the process as it was
+    assert getattr(warnings.showwarning, "__name__", "") != "show_warning"
 
 
 def _tree(folder) -> dict:
