@@ -494,7 +494,8 @@ def test_the_rare_artist_warning_points_at_the_callers_line(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ValueError):
-            al.train_kfold(df, tmp_path / "run", n_folds=16, bs=1000)  # folds assigned (warned), then bs refused
+            al.train_kfold(df, root, n_folds=16, arch="resnet18", size=16, epochs=1, bs=2,
+                           progress=False)  # folds assigned (warned), then the data folder refused as the run folder
         al.assign_folds(df, 16)
     rare = [w for w in caught if "fewer works than n_folds" in str(w.message)]
     assert len(rare) == 2 and {w.filename for w in rare} == {__file__}
