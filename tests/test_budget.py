@@ -267,3 +267,32 @@ def test_fold_parallel_processes_train_every_fold(table, tmp_path):
     assert timing["processes"] == 2 and timing["threads_per_process"] >= 1
     assert set(timing["folds"]) == {"0", "1"}
     assert math.isfinite(run.oof_scores["accuracy"])
+
+
+def test_fold_deadline_shortens_the_fit_and_reaims_the_cosine(table, tmp_path):
+    from fastai.callback.core import Callback
+
+    from artlearn.budget import FoldDeadline
+    clock = FakeClock(0.0)
+
+    class TenSecondEpochs(Callback):
+        def after_train(self):
+            clock.now += 10.0
+
+    dls = al.artist_dls(table, fold=0, size=16, bs=8, n_folds=2)
+    learn = al.artist_learner(dls, arch="resnet18", progress=False, seed=0, epochs=6, lr=1e-3, out=tmp_path, fold=0)
+    learn.fit(6, cbs=[TenSecondEpochs(), FoldDeadline(deadline=25.0, clock=clock)])
+    assert len(learn.history.rows) == 2  # after epoch 1 (10 s each) only one more fits before 25 s
+    assert learn.cosine_annealing.t_total == 2
+    lrs = learn.history.frame()["lr"].tolist()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 2)) / 2)
+    meta = json.loads((tmp_path / "fold0" / "meta.json").read_text())
+    assert meta["complete"] is True and meta["epochs_run"] == 2
+
+
+def test_fold_deadline_on_time_changes_nothing(table):
+    from artlearn.budget import FoldDeadline
+    dls = al.artist_dls(table, fold=0, size=16, bs=8, n_folds=2)
+    learn = al.artist_learner(dls, arch="resnet18", progress=False, seed=0, epochs=2)
+    learn.fit(2, cbs=[FoldDeadline(deadline=float("inf"))])
+    assert len(learn.history.rows) == 2 and learn.cosine_annealing.t_total == 2
