@@ -21,6 +21,7 @@ from .ensemble import ensemble
 from .files import atomic_write_csv, atomic_write_json
 from .folds import assign_folds, check_duplicates, check_fold_groups, check_n_folds
 from .recipe import TTA_VIEWS, Recipe
+from .rng import keep_global_rng
 from .run import (
     CONFIG_NAME,
     FOLDS_NAME,
@@ -291,7 +292,7 @@ def _fold_dls(job: _FoldJob, k: int, size: int | None = None):
                       **data_kw)
 
 
-def _train_fold(job: _FoldJob, k: int, epochs: int, deadline: float | None = None, **learner_kw) -> None:
+def _train_fold(job: _FoldJob, k: int, *, epochs: int, deadline: float | None = None, **learner_kw) -> None:
     """Build fold k's DataLoaders and Learner and fit it for `epochs` (`learner_kw` overrides artist_learner's)."""
     from .learner import artist_learner
     start = time.time()
@@ -333,7 +334,8 @@ def _planner(job: _FoldJob, k: int, folds: list, n_models: int) -> FoldPlanner:
         return dls, artist_learner(dls, seed=job.seed + k, progress=False, **job.recipe.kwargs_for("learner"))
     shape = _fold_shape(job, k)
     sizes = [shape.small_size, shape.size] if shape.small_size else [shape.size]
-    speed = measure_speed(build, sizes, job.recipe.bs)
+    with keep_global_rng():  # the throwaway learner's weight init and loaders draw from the global RNGs
+        speed = measure_speed(build, sizes, job.recipe.bs)
     return FoldPlanner(shape, speed, folds, epochs=job.recipe.epochs, budget_s=job.budget_s, start=job.started,
                        predict_after=job.predict_after, n_models=n_models, clock=time.time,
                        decode_image_s=job.decode_image_s)
@@ -372,7 +374,7 @@ def _run_fold(job: _FoldJob, k: int, epochs: int, deadline: float | None = None)
     the seconds the OOF predictions took. The images are checked unchanged before and after training."""
     check_data_unchanged(job.df, job.config, f"fold {k}")
     clear_fold(fold_dir(job.out, k))
-    _train_fold(job, k, epochs, deadline)
+    _train_fold(job, k, epochs=epochs, deadline=deadline)
     started = time.time()
     check_data_unchanged(job.df, job.config, f"fold {k}'s out-of-fold predictions")
     _write_missing_oof(job, k)
@@ -435,7 +437,7 @@ def _data_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list, s
         if k in pending:
             if ctx.is_main:
                 clear_fold(folder)
-            _train_fold(job, k, job.recipe.epochs, out=job.out if ctx.is_main else None,
+            _train_fold(job, k, epochs=job.recipe.epochs, out=job.out if ctx.is_main else None,
                         cbs=[DDPTrainer(sync_bn=sync_bn)])
         elif ctx.is_main:
             logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")

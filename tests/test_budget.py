@@ -187,7 +187,7 @@ def _fixed_speed(monkeypatch, batch_s):
     def fake(build, sizes, bs):
         return Speed(train_batch_s={s: batch_s for s in sizes}, eval_view_s=0.001, setup_s=0.1, bs=bs)
     monkeypatch.setattr(kfold_module, "measure_speed", fake)
-    monkeypatch.setattr(FoldPlanner, "after_fold", lambda self, fold, seconds, predict_s=None: None)
+    monkeypatch.setattr(FoldPlanner, "after_fold", lambda self, *args, **kw: None)
 
 
 def _train(df, out, **kw):
