@@ -99,6 +99,7 @@ class FoldTiming:
     planned_s: float | None
     actual_s: float | None = None
     trained: bool = True
+    epochs_run: int | None = None  # fewer than `epochs` when the fold's deadline shortened it
 
 
 def plan_epochs(seconds_left: float, folds_left: int, epoch_s: float, fixed_s: float, final_s: float,
@@ -170,6 +171,15 @@ class FoldPlanner:
     def _fixed_s(self) -> float:
         return self.shape.fixed_s(self.speed, self._predict_view_s)
 
+    def fold_deadline(self, todo: list) -> float | None:
+        """When training of the first fold of `todo` must end (its share of the budget left, less its OOF
+        predictions and the final prediction), on the planner's clock; None without a budget."""
+        if self.budget_s is None:
+            return None
+        now = self.clock()
+        share = (self.budget_s * (1 - SAFETY) - (now - self.start) - self.final_s) / len(todo)
+        return now + share - self.shape.n_valid * self.shape.views * self.predict_view_s
+
     def fold_seconds(self, epochs: int) -> float:
         """Predicted seconds of one fold of `epochs` epochs."""
         return self._fixed_s + epochs * self._epoch_s
@@ -182,10 +192,11 @@ class FoldPlanner:
 
     def after_fold(self, fold: int, seconds: float, predict_s: float | None = None,
                    epochs_run: int | None = None) -> None:
-        """Record what `fold` took (`predict_s` of it writing its OOF predictions) and correct the seconds per epoch
-        and per predicted view from it (re-plan for the next folds and the final prediction)."""
+        """Record what `fold` took (`predict_s` of it writing its OOF predictions, `epochs_run` when a deadline
+        shortened it) and correct the seconds per epoch and per predicted view (re-plan the next folds)."""
         timing = self.timings[fold]
         timing.actual_s = seconds
+        timing.epochs_run = epochs_run if epochs_run is not None else timing.epochs
         if predict_s is not None and predict_s > 0:
             self._predict_view_s = predict_s / max(1, self.shape.n_valid * self.shape.views)
         epochs = epochs_run or timing.epochs
@@ -226,6 +237,38 @@ class FoldPlanner:
         return dict(budget_seconds=self.budget_s, folds=folds, threads=self.speed.threads,
                     seconds_per_epoch_measured=round(self.shape.mean_epoch_s(self.speed), 3),
                     seconds_per_eval_view=self.speed.eval_view_s, seconds_per_predicted_view=self._predict_view_s)
+
+
+class FoldDeadline(Callback):
+    """Ends a fold's fit by `deadline` (on `clock`): after each epoch, when the epochs left at the pace measured so
+    far would pass it, the fit is shortened and the cosine schedule re-aimed at the new last epoch (or the fit ends
+    now). A budget is kept even when the machine slows down during a fold (other work, a throttled CPU)."""
+    order = 150  # after the checkpoint and the history have recorded the epoch
+
+    def __init__(self, deadline: float, clock=time.time):
+        self.deadline, self.clock, self.total, self.started = deadline, clock, None, None
+
+    def before_fit(self):
+        self.started, self.total = self.clock(), self.n_epoch
+
+    def after_epoch(self):
+        done, now = self.epoch + 1, self.clock()
+        pace = (now - self.started) / done
+        left = self.total - done
+        if pace > 0 and now + left * pace > self.deadline:  # the epochs left would pass the deadline
+            total = done + max(0, math.floor((self.deadline - now) / pace))
+            logger.info(f"behind the plan ({pace:.0f} s per epoch): this fold ends after epoch {total} of "
+                        f"{self.n_epoch}, its learning-rate schedule shortened to match")
+            self.total = total
+            self._shorten_schedule(total)
+        if done >= self.total:
+            raise CancelFitException()
+
+    def _shorten_schedule(self, total: int) -> None:
+        """Re-aim the per-epoch cosine (CosineAnnealing) at `total` epochs, when it has more than its warmup."""
+        for cb in self.learn.cbs:
+            if hasattr(cb, "t_total") and hasattr(cb, "warmup") and cb.t_total is not None and total > cb.warmup:
+                cb.t_total = total
 
 
 # ---------------------------------------------------------------- measuring this machine

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .budget import FoldPlanner, FoldShape, cpu_count, describe_seconds, measure_speed, parse_budget
+from .budget import FoldDeadline, FoldPlanner, FoldShape, cpu_count, describe_seconds, measure_speed, parse_budget
 from .checks import check_choice
 from .distributed import DistContext, init_distributed, single_process_view
 from .ensemble import ensemble
 from .files import atomic_write_csv, atomic_write_json
 from .folds import assign_folds, check_duplicates, check_fold_groups, check_n_folds
 from .recipe import TTA_VIEWS, Recipe
+from .rng import keep_global_rng
 from .run import (
     CONFIG_NAME,
     FOLDS_NAME,
@@ -39,6 +40,7 @@ from .run import (
     load_run,
     majority_baseline,
     read_folds,
+    read_history,
     run_config,
     run_lock,
     write_run_dir,
@@ -290,7 +292,7 @@ def _fold_dls(job: _FoldJob, k: int, size: int | None = None):
                       **data_kw)
 
 
-def _train_fold(job: _FoldJob, k: int, epochs: int, **learner_kw) -> None:
+def _train_fold(job: _FoldJob, k: int, *, epochs: int, deadline: float | None = None, **learner_kw) -> None:
     """Build fold k's DataLoaders and Learner and fit it for `epochs` (`learner_kw` overrides artist_learner's)."""
     from .learner import artist_learner
     start = time.time()
@@ -300,6 +302,8 @@ def _train_fold(job: _FoldJob, k: int, epochs: int, **learner_kw) -> None:
     kw["cbs"] = [*(kw.get("cbs") or []), *(make() for make in job.cbs)]
     if job.recipe.progressive:
         kw["cbs"].append(_progressive_callback(job, k, epochs))
+    if deadline is not None:
+        kw["cbs"].append(FoldDeadline(deadline))
     learn = artist_learner(dls, **kw)
     _fit_fold(learn, epochs, k)
     logger.info(f"fold {k}: trained in {time.time() - start:.0f} s")
@@ -330,7 +334,8 @@ def _planner(job: _FoldJob, k: int, folds: list, n_models: int) -> FoldPlanner:
         return dls, artist_learner(dls, seed=job.seed + k, progress=False, **job.recipe.kwargs_for("learner"))
     shape = _fold_shape(job, k)
     sizes = [shape.small_size, shape.size] if shape.small_size else [shape.size]
-    speed = measure_speed(build, sizes, job.recipe.bs)
+    with keep_global_rng():  # the throwaway learner's weight init and loaders draw from the global RNGs
+        speed = measure_speed(build, sizes, job.recipe.bs)
     return FoldPlanner(shape, speed, folds, epochs=job.recipe.epochs, budget_s=job.budget_s, start=job.started,
                        predict_after=job.predict_after, n_models=n_models, clock=time.time,
                        decode_image_s=job.decode_image_s)
@@ -364,12 +369,12 @@ def _write_missing_oof(job: _FoldJob, k: int) -> None:
         _write_oof(job, k)
 
 
-def _run_fold(job: _FoldJob, k: int, epochs: int) -> float:
+def _run_fold(job: _FoldJob, k: int, epochs: int, deadline: float | None = None) -> float:
     """Fold k, trained afresh for `epochs` (whatever an interrupted try left is cleared), then its OOF; returns
     the seconds the OOF predictions took. The images are checked unchanged before and after training."""
     check_data_unchanged(job.df, job.config, f"fold {k}")
     clear_fold(fold_dir(job.out, k))
-    _train_fold(job, k, epochs)
+    _train_fold(job, k, epochs=epochs, deadline=deadline)
     started = time.time()
     check_data_unchanged(job.df, job.config, f"fold {k}'s out-of-fold predictions")
     _write_missing_oof(job, k)
@@ -401,9 +406,15 @@ def _fold_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list) -
                         f"{describe_seconds(sum(planner.fold_seconds(epochs) for _ in left) + planner.final_s)} "
                         "left")
             started = time.time()
-            predict_s = _run_fold(job, k, epochs)
-            planner.after_fold(k, time.time() - started, predict_s)
+            predict_s = _run_fold(job, k, epochs, planner.fold_deadline(left))
+            planner.after_fold(k, time.time() - started, predict_s, _epochs_run(job, k))
     return planner.record() if planner is not None else None
+
+
+def _epochs_run(job: _FoldJob, k: int) -> int | None:
+    """The epochs fold k recorded in its history.csv (None when it has none)."""
+    path = fold_dir(job.out, k) / "history.csv"
+    return len(read_history(path)) if path.is_file() else None
 
 
 def _start_plan(ctx: DistContext, job: _FoldJob, train: list, n_models: int) -> FoldPlanner:
@@ -426,7 +437,7 @@ def _data_parallel(ctx: DistContext, job: _FoldJob, todo: list, pending: list, s
         if k in pending:
             if ctx.is_main:
                 clear_fold(folder)
-            _train_fold(job, k, job.recipe.epochs, out=job.out if ctx.is_main else None,
+            _train_fold(job, k, epochs=job.recipe.epochs, out=job.out if ctx.is_main else None,
                         cbs=[DDPTrainer(sync_bn=sync_bn)])
         elif ctx.is_main:
             logger.info(f"fold {k}: complete checkpoint found in {folder}, not retrained")

@@ -182,10 +182,12 @@ TINY = dict(n_folds=2, arch="resnet18", size=32, bs=8, progress=False)
 
 
 def _fixed_speed(monkeypatch, batch_s):
-    """measure_speed replaced by a fixed Speed (the plan becomes deterministic)."""
+    """measure_speed replaced by a fixed Speed and no re-plan from the folds' real times (a plan of a few epochs
+    whatever this machine's load; re-planning is tested above with a fake clock)."""
     def fake(build, sizes, bs):
         return Speed(train_batch_s={s: batch_s for s in sizes}, eval_view_s=0.001, setup_s=0.1, bs=bs)
     monkeypatch.setattr(kfold_module, "measure_speed", fake)
+    monkeypatch.setattr(FoldPlanner, "after_fold", lambda self, *args, **kw: None)
 
 
 def _train(df, out, **kw):
@@ -209,16 +211,16 @@ def test_train_kfold_logs_the_plan_before_fold_0_and_records_timing(table, tmp_p
 
 
 def test_train_kfold_with_a_budget_trains_the_planned_epochs(table, tmp_path, monkeypatch):
-    _fixed_speed(monkeypatch, batch_s=0.05)
-    run, lines = _train(table, tmp_path / "r", budget="20s", procs=1)
+    _fixed_speed(monkeypatch, batch_s=2.0)
+    run, lines = _train(table, tmp_path / "r", budget="40s", procs=1)
     timing = run.summary["timing"]
     epochs = [timing["folds"][k]["epochs"] for k in ("0", "1")]
     assert all(e >= 1 for e in epochs)
     for k, e in zip((0, 1), epochs):
         assert len(run.histories[k]) == e  # the fold trained exactly what the plan said
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert config["budget"] == 20.0 and config["epochs"] is None
-    assert any("(budget 20 s)" in line for line in lines)
+    assert config["budget"] == 40.0 and config["epochs"] is None
+    assert any("(budget 40 s)" in line for line in lines)
 
 
 def test_budget_too_small_is_refused_before_any_fold_trains(table, tmp_path, monkeypatch):
@@ -236,9 +238,9 @@ def test_slow_fold_warns_about_the_hour(table, tmp_path, monkeypatch):
 
 
 def test_budgeted_run_resumes_with_another_budget(table, tmp_path, monkeypatch):
-    _fixed_speed(monkeypatch, batch_s=0.05)
-    _train(table, tmp_path / "r", budget="20s", procs=1, folds=[0])
-    run, lines = _train(table, tmp_path / "r", budget="30s", procs=1)
+    _fixed_speed(monkeypatch, batch_s=2.0)
+    _train(table, tmp_path / "r", budget="30s", procs=1, folds=[0])
+    run, lines = _train(table, tmp_path / "r", budget="40s", procs=1)
     assert any("fold 0: complete checkpoint found" in line for line in lines)
     assert set(run.summary["timing"]["folds"]) == {"0", "1"}  # fold 0's record kept from the first call
 
@@ -265,3 +267,32 @@ def test_fold_parallel_processes_train_every_fold(table, tmp_path):
     assert timing["processes"] == 2 and timing["threads_per_process"] >= 1
     assert set(timing["folds"]) == {"0", "1"}
     assert math.isfinite(run.oof_scores["accuracy"])
+
+
+def test_fold_deadline_shortens_the_fit_and_reaims_the_cosine(table, tmp_path):
+    from fastai.callback.core import Callback
+
+    from artlearn.budget import FoldDeadline
+    clock = FakeClock(0.0)
+
+    class TenSecondEpochs(Callback):
+        def after_train(self):
+            clock.now += 10.0
+
+    dls = al.artist_dls(table, fold=0, size=16, bs=8, n_folds=2)
+    learn = al.artist_learner(dls, arch="resnet18", progress=False, seed=0, epochs=6, lr=1e-3, out=tmp_path, fold=0)
+    learn.fit(6, cbs=[TenSecondEpochs(), FoldDeadline(deadline=25.0, clock=clock)])
+    assert len(learn.history.rows) == 2  # after epoch 1 (10 s each) only one more fits before 25 s
+    assert learn.cosine_annealing.t_total == 2
+    lrs = learn.history.frame()["lr"].tolist()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 2)) / 2)
+    meta = json.loads((tmp_path / "fold0" / "meta.json").read_text())
+    assert meta["complete"] is True and meta["epochs_run"] == 2
+
+
+def test_fold_deadline_on_time_changes_nothing(table):
+    from artlearn.budget import FoldDeadline
+    dls = al.artist_dls(table, fold=0, size=16, bs=8, n_folds=2)
+    learn = al.artist_learner(dls, arch="resnet18", progress=False, seed=0, epochs=2)
+    learn.fit(2, cbs=[FoldDeadline(deadline=float("inf"))])
+    assert len(learn.history.rows) == 2 and learn.cosine_annealing.t_total == 2
