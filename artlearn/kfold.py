@@ -3,9 +3,11 @@
 One orchestration path serves one process and torchrun alike: with one process the distributed context is a
 no-op; under torchrun the folds are shared out (fold-parallel) or each fold is trained by every process (`ddp`).
 """
+import contextlib
 import copy
 import json
 import logging
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -650,13 +652,30 @@ def _spawn_folds(df: pd.DataFrame, out: Path, a: _RunArgs, overrides: dict, proc
     errors = mp.get_context("spawn").SimpleQueue()
     port = _free_port()
     try:
-        mp.start_processes(_fold_process, args=(procs, threads, port, df, str(out), kwargs, a.started, errors,
-                                                logger.getEffectiveLevel()), nprocs=procs, start_method="spawn")
+        with _children_quiet_about_fastai_import():
+                mp.start_processes(_fold_process, args=(procs, threads, port, df, str(out), kwargs, a.started, errors,
+                                                    logger.getEffectiveLevel()), nprocs=procs, start_method="spawn")
     except mp.ProcessExitedException:
         if not errors.empty():
             raise ValueError(errors.get()) from None
         raise
     return load_run(out)
+
+
+@contextlib.contextmanager
+def _children_quiet_about_fastai_import():
+    """Spawned processes import fastai before any artlearn code runs in them: the one FutureWarning artlearn's own
+    import hides (fastai's `torch.jit.script`, see artlearn/__init__.py) is hidden there through PYTHONWARNINGS."""
+    rule = "ignore:`torch.jit.script` is deprecated:FutureWarning"
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = f"{before},{rule}" if before else rule
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = before
 
 
 def _free_port() -> int:
@@ -670,7 +689,6 @@ def _free_port() -> int:
 def _fold_process(rank: int, procs: int, threads: int, port: int, df, out: str, kwargs: dict, started: float,
                   errors, level: int) -> None:
     """One spawned fold-parallel process: torchrun's environment, its thread count, then train_kfold."""
-    import os
     import sys
 
     import torch

@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 import warnings
 
 import pytest
@@ -258,10 +259,12 @@ def test_procs_with_callbacks_is_refused(table, tmp_path):
         al.train_kfold(table, tmp_path / "r", procs=2, log=print, **TINY)
 
 
-def test_fold_parallel_processes_train_every_fold(table, tmp_path):
+def test_fold_parallel_processes_train_every_fold(table, tmp_path, capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = al.train_kfold(table, tmp_path / "r", procs=2, epochs=1, **TINY)
+    assert "torch.jit.script" not in capfd.readouterr().err  # the spawned processes start quiet too
+    assert os.environ.get("PYTHONWARNINGS") is None or "torch.jit" not in os.environ["PYTHONWARNINGS"]
     assert run.folds == [0, 1]
     timing = run.summary["timing"]
     assert timing["processes"] == 2 and timing["threads_per_process"] >= 1
