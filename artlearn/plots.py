@@ -5,10 +5,10 @@ and in notebooks (a returned `Figure` displays in Jupyter once `%matplotlib inli
 `fig.savefig(path)` or `save_figure(fig, path)` (atomic).
 """
 
+import io
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator, PercentFormatter
 
+from .files import atomic_write_bytes
 from .run import HISTORY_COLUMNS  # noqa: F401  (the columns plots read; re-exported)
 from .run import CONFIG_NAME, load_run, read_config, read_history, read_oof
 
@@ -682,16 +683,10 @@ def plot_artist_recall(source, ax=None) -> Figure:
 
 
 def save_figure(fig: Figure, path, dpi: int = 110) -> Path:
-    """Write fig as PNG atomically (temp file in the same folder, then os.replace); returns the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # plain file: usual permissions
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write fig as PNG atomically (rendered in memory, then files.atomic_write_bytes); returns the path."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def save_run_figures(run_dir) -> list:

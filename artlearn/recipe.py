@@ -20,8 +20,8 @@ SAMPLERS = (None, "balanced", "sqrt")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PIPELINES = ("device", "items")
 STORES = ("crop", "presize", "full")
-TTAS = ("flip", "multicrop", "none")
-TTA_VIEWS = {"flip": 2, "multicrop": 7, "none": 1}  # views each image is evaluated with (what TTA costs)
+TTA_VIEWS = {"flip": 2, "multicrop": 12, "none": 1}  # each `tta` choice: forward passes per image and fold
+TTAS = tuple(TTA_VIEWS)
 
 
 def _setting(default, stage: str, to: str, help: str, choices=None):
@@ -152,8 +152,8 @@ REFERENCE = Recipe()
 # Budget-free: no epoch-scaled setting.
 BEST = dataclasses.replace(REFERENCE, min_scale=0.35, tta="multicrop", lr=5e-4)
 # For a CPU and a time budget (issue 30): best's crop scale and learning rate on a ResNet-18 at 64 px, where a CPU
-# minute buys the most epochs, with flip views only: multicrop's 7 views per image and fold cost 3.5x flip's in the
-# ensemble (the 60-min run of docs/results/fast-60min-shared kept ~17 of its 60 minutes for them), minutes that
-# buy epochs instead. With train_kfold(budget=...) the epochs are planned to fit.
+# minute buys the most epochs, with flip views only: multicrop's 12 views per image and fold cost 6x flip's in the
+# ensemble (in docs/results/fast-60min-shared the test set's 3,044 paintings x 12 views x 4 folds took 24 min after
+# training), minutes that buy epochs instead. With train_kfold(budget=...) the epochs are planned to fit.
 FAST = dataclasses.replace(BEST, arch="resnet18", size=64, epochs=16, tta="flip")
 PRESETS = {"reference": REFERENCE, "best": BEST, "fast": FAST}

@@ -20,13 +20,14 @@ import csv
 import json
 import math
 import operator
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from .files import atomic_write_text
 
 __all__ = ["make_synthetic_artworks"]
 
@@ -158,17 +159,9 @@ def _cache_state(dest, params):
     return "foreign" if has_data else "empty"
 
 
-def _write_atomic(path, text):
-    """Write `text` to `path` through a temporary file and os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_csv(df, path):
     """Write a DataFrame as CSV atomically."""
-    _write_atomic(path, df.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
 
 
 def _clear_images(dest):
@@ -619,7 +612,7 @@ def _build(dest, params):
     """Write every image, the four CSVs and, last, the marker."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MARKER).unlink(missing_ok=True)
-    _write_atomic(dest / BUILDING, json.dumps(params))
+    atomic_write_text(dest / BUILDING, json.dumps(params))
     _clear_images(dest)
     names = _artist_names(params["n_artists"])
     styles = _styles(params["seed"], names)
@@ -637,7 +630,7 @@ def _build(dest, params):
     _write_csv(test[["id", "artist"]], dest / "test_solution.csv")
     marker = {"params": params, "artists": dict(zip(names, train_counts.tolist(), strict=True)),
               "test_artists": dict(zip(names, test_counts.tolist(), strict=True))}
-    _write_atomic(dest / MARKER, json.dumps(marker, indent=1) + "\n")
+    atomic_write_text(dest / MARKER, json.dumps(marker, indent=1) + "\n")
     (dest / BUILDING).unlink(missing_ok=True)
 
 

@@ -14,6 +14,7 @@ the folds come from sklearn's StratifiedKFold(4, shuffle=True, random_state=42).
 """
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def evaluate(model, loader, loss_fn, device, tta=False):
     return sum(losses) / len(loader.dataset), torch.cat(probs).cpu().numpy()
 
 
+def epochs_that_fit(seconds_left: float, epoch_s: float) -> int:
+    """Total epochs (the first one done) that fit the seconds left, half an epoch kept for the final flip-TTA pass."""
+    return 1 + max(0, int((seconds_left - 0.5 * epoch_s) // epoch_s))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-csv", required=True)
@@ -97,8 +103,12 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--minutes", type=float, help="wall-time budget instead of --epochs: after the first epoch, the "
+                   "epochs that fit at its pace (the cosine schedule re-aimed at them), the final flip-TTA included")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.minutes is not None and not args.minutes > 0:
+        p.error("--minutes must be positive")
     start, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -117,12 +127,16 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = getattr(torchvision.models, args.arch)(weights=None, num_classes=len(classes)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    plan = {"epochs": args.epochs}  # with --minutes, re-set after the first epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (1 + math.cos(math.pi * min(e, plan["epochs"])
+                                                                           / plan["epochs"])) / 2)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
     best, history = (float("inf"), 0, None), []
-    for epoch in range(args.epochs):
+    epoch = 0
+    while epoch < plan["epochs"]:
+        epoch_start = time.time()
         model.train()
-        train_losses = []
+        train_losses, lr = [], opt.param_groups[0]["lr"]
         for x, y in train_dl:
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
@@ -134,11 +148,15 @@ def main(argv=None):
         train_loss = float(np.mean(train_losses))
         valid_loss, probs = evaluate(model, valid_dl, loss_fn, device)
         acc = float((probs.argmax(1) == np.array(valid_dl.dataset.labels)).mean())
-        history.append(dict(epoch=epoch, train_loss=train_loss, valid_loss=valid_loss, valid_acc=acc))
+        history.append(dict(epoch=epoch, lr=lr, train_loss=train_loss, valid_loss=valid_loss, valid_acc=acc))
         print(f"epoch {epoch}: train loss {train_loss:.4f}  valid loss {valid_loss:.4f}  valid acc {acc:.4f}",
               flush=True)
         if valid_loss < best[0]:
             best = (valid_loss, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        if args.minutes is not None and epoch == 0:
+            plan["epochs"] = epochs_that_fit(args.minutes * 60 - (time.time() - start), time.time() - epoch_start)
+            print(f"budget: {plan['epochs']} epochs fit in {args.minutes:g} min at this pace", flush=True)
+        epoch += 1
     model.load_state_dict(best[2])
     _, probs = evaluate(model, valid_dl, loss_fn, device, tta=True)
     pred = [classes[i] for i in probs.argmax(1)]
@@ -146,7 +164,8 @@ def main(argv=None):
                         "pred": pred})
     oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)
     oof.to_csv(out / "oof.csv", index=False)
-    result = dict(script="plain_torchvision", fold=args.fold, arch=args.arch, size=args.size, epochs=args.epochs,
+    result = dict(script="plain_torchvision", fold=args.fold, arch=args.arch, size=args.size, epochs=plan["epochs"],
+                  minutes=args.minutes,
                   bs=args.bs, lr=args.lr, seed=args.seed, n_train=len(train), n_valid=len(valid),
                   accuracy=float(accuracy_score(valid["artist"], pred)),
                   f1_macro=float(f1_score(valid["artist"], pred, average="macro", zero_division=0)),

@@ -208,3 +208,52 @@ def test_a_row_with_the_settings_of_a_done_row_reuses_its_scores(compared, capsy
     assert all(r["accuracy"] == by_seed[r["seed"]]["accuracy"] for r in written)
     assert "trained in" not in capsys.readouterr().out
     assert load("compare_recipes").main(argv) == []  # now in the jsonl under its own name
+
+
+def test_plain_script_schedule_is_torchs_cosine_annealing(data, tmp_path):
+    """The plain script's per-epoch learning rates equal torch's CosineAnnealingLR (T_max = the epochs)."""
+    import torch
+    plain = load("plain_torchvision")
+    plain.main(["--train-csv", str(data / "train.csv"), "--size", "16", "--epochs", "4", "--bs", "16",
+                "--out", str(tmp_path / "p")])
+    lrs = [row["lr"] for row in json.loads((tmp_path / "p" / "result.json").read_text())["history"]]
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    oracle = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    expected = []
+    for _ in range(4):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        oracle.step()
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_plain_script_with_minutes_plans_its_epochs(data, tmp_path):
+    plain = load("plain_torchvision")
+    assert plain.epochs_that_fit(seconds_left=100.0, epoch_s=10.0) == 1 + 9  # half an epoch kept for the TTA pass
+    assert plain.epochs_that_fit(seconds_left=3.0, epoch_s=10.0) == 1
+    plain.main(["--train-csv", str(data / "train.csv"), "--size", "16", "--bs", "16", "--minutes", "0.2",
+                "--out", str(tmp_path / "p")])
+    result = json.loads((tmp_path / "p" / "result.json").read_text())
+    assert result["minutes"] == 0.2 and result["epochs"] == len(result["history"]) >= 1
+    assert math.isfinite(result["accuracy"])
+
+
+def test_budget_table_runs_each_row_with_the_same_minutes(tmp_path):
+    """examples/budget_table.py: artlearn's fast row, the plain script and fastai's own baseline, one JSON line each."""
+    import artlearn
+    data = artlearn.make_synthetic_artworks(tmp_path / "data", n_artists=4, n_train=120, n_test=4, seed=2,
+                                            min_size=40, max_size=72)  # fold 0 trains on 2+ batches of 32
+    table = load("budget_table")
+    assert table.main(["--data", str(data), "--minutes", "0.25", "--rows", "fast,plain,fastai", "--seeds", "3",
+                       "--out", str(tmp_path / "b")]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["row"] for r in lines) == ["fast", "fastai", "plain"]
+    assert all(r["minutes"] == 0.25 and r["epochs"] >= 1 and math.isfinite(r["accuracy"]) for r in lines)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert all(f"| {row} | 3 |" in md for row in ("fast", "fastai", "plain"))
+    folds = pd.read_csv(tmp_path / "b" / "folds.csv")
+    fastai_oof = pd.read_csv(tmp_path / "b" / "fastai-s3" / "oof.csv")
+    plain_oof = pd.read_csv(tmp_path / "b" / "plain-s3" / "oof.csv")
+    valid = set(folds.loc[folds["fold"] == 0, "img_path"].map(lambda p: str(Path(p).resolve())))
+    assert set(fastai_oof["img_path"].map(lambda p: str(Path(p).resolve()))) == valid  # the same fold 0 for all
+    assert set(plain_oof["img_path"]) == valid

@@ -308,3 +308,23 @@ def test_pil_images_are_ensembled_without_entering_the_cache(tiny_run, tmp_path)
     from_pil, _ = al.ensemble(run, [img], cache=cache)
     assert len(cache) == 0
     np.testing.assert_allclose(from_pil, al.ensemble(run, tmp_path / "painting.png")[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "multicrop"])
+def test_each_image_costs_the_forward_passes_the_budget_planner_charges(device_run, monkeypatch, tta):
+    """recipe.TTA_VIEWS (what FoldPlanner reserves time for) equals the images ensemble() passes through each fold."""
+    import sys
+
+    from artlearn.recipe import TTA_VIEWS
+    ensemble_module = sys.modules["artlearn.ensemble"]  # artlearn.ensemble is the function
+    run, _, test = device_run
+    seen, real_load = [], ensemble_module.load_folds
+
+    def counting_load(*args, **kw):
+        models, metas, device = real_load(*args, **kw)
+        for m in models:
+            m.register_forward_hook(lambda mod, inp, out: seen.append(len(inp[0])))
+        return models, metas, device
+    monkeypatch.setattr(ensemble_module, "load_folds", counting_load)
+    al.ensemble(run.path, test, tta=tta, bs=5)
+    assert sum(seen) == len(test) * len(run.folds) * TTA_VIEWS[tta]

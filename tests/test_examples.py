@@ -260,3 +260,21 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     totals = re.search(r"fastai loop +(\d+\.\d+) s, model-only +(\d+\.\d+) s", phases["total"])
     assert totals and all(float(t) > 0 for t in totals.groups())  # fastai loop and model-only, both timed
     assert "peak memory" in out
+
+
+def test_bench_procs_times_both_layouts_side_by_side(tiny_data, tmp_path):
+    """examples/bench_procs.py: one process of N threads and N single-thread processes, timed in one run."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    script = str(ROOT / "examples" / "bench_procs.py")
+    args = ["--data", str(tiny_data), "--size", "16", "--bs", "4", "--batches", "2", "--reps", "1", "--procs", "2"]
+    done = subprocess.run([sys.executable, script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rates = {m.group(1): float(m.group(2)) for m in
+             re.finditer(r"^(1 process x 2 threads|2 processes x 1 thread) : (\d+\.\d+) \(", done.stdout, re.M)}
+    assert set(rates) == {"1 process x 2 threads", "2 processes x 1 thread"} and all(r > 0 for r in rates.values())
+    ratio = float(re.search(r"ratio \(processes / threads\): (\d+\.\d+)", done.stdout).group(1))
+    assert ratio > 0
+    too_many = subprocess.run([sys.executable, script, *args[:6], "--batches", "500"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert too_many.returncode == 2 and "fewer than the 2 warm-up + 500 timed ones" in too_many.stderr
