@@ -1,4 +1,5 @@
-"""Crops and augmentation: torchvision's RandomResizedCrop box on stored pixels, the centre evaluation view."""
+"""Crops and augmentation: torchvision's RandomResizedCrop box on stored pixels, colour jitter, a recipe's training
+views (`recipe_views`), the centre evaluation view."""
 import math
 import random
 
@@ -7,6 +8,8 @@ import torch.nn.functional as F
 from fastai.vision.augment import RandTransform
 from fastai.vision.core import PILImage
 from PIL import Image
+
+from .checks import check_side
 
 
 def random_crop_box(width: int, height: int, min_scale: float, ratio, rng=random) -> tuple:
@@ -62,7 +65,7 @@ class ArtistCrop(RandTransform):
 # (N, 2) holding each image's real (height, width); or a list of N uint8 (3, h, w) tensors (a ragged batch, e.g. the
 # store's own zero-copy views: nothing is copied into a canvas; `sizes` then optional). Any device; channels-last
 # pixels (channel stride 1, as the store's HWC arrays) make the CPU's antialiased resize 2-3x faster. Views are
-# float (N, 3, S, S) in 0..255 (divide by 255 for fastai's 0..1). Every view is ONE
+# float (N, 3, size, size) in 0..255 (divide by 255 for fastai's 0..1). Every view is ONE
 # resampling of the stored pixels: crop box, rotation about the box centre and flip compose into one affine map per
 # image (a "map": (N, 2, 3) float, output pixel (u, v, 1) -> source pixel (x, y), pixel centres at integers).
 #
@@ -77,16 +80,8 @@ class ArtistCrop(RandTransform):
 #   align_corners=False), never about the canvas's.
 # Random draws all come from a torch.Generator the caller passes (device of the generator; moved afterwards).
 # ---------------------------------------------------------------------------------------------------------------------
-MIN_SIZE = 8
 CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params
 OVERSAMPLE = 1.3  # source pixels per output pixel kept in each image's prefiltered level (see resample)
-
-
-def _check_size(out_size) -> int:
-    """An output side of at least MIN_SIZE pixels, as an int."""
-    if isinstance(out_size, bool) or not isinstance(out_size, int) or out_size < MIN_SIZE:
-        raise ValueError(f"out_size={out_size!r}: need an integer of at least {MIN_SIZE} pixels")
-    return out_size
 
 
 def _check_min_scale(min_scale) -> float:
@@ -161,7 +156,7 @@ def store_side(size: int, min_scale: float, image_short_side: int, cap: int | No
     # A crop of area fraction s of a square image of side L has side sqrt(s) * L: at this side even a min_scale crop
     # (aspect 1) covers `size` pixels, so it is not upsampled (a 3:4 crop's narrow side is up to 1.15x short). Images
     # already smaller stay as they are (the store never upsamples); `cap` comes from the store's memory budget.
-    _check_size(size)
+    check_side("size", size)
     _check_min_scale(min_scale)
     if cap is not None and cap < 1:
         raise ValueError(f"cap={cap!r}: need a side of at least 1 pixel, or None")
@@ -211,13 +206,13 @@ def center_boxes(sizes: torch.Tensor) -> torch.Tensor:
     return torch.stack([top, left, side, side], 1).float()
 
 
-def crop_affine(boxes: torch.Tensor, sizes: torch.Tensor, angles_deg=None, flips=None, out_size: int = 224):
+def crop_affine(boxes: torch.Tensor, sizes: torch.Tensor, angles_deg=None, flips=None, size: int = 224):
     """Per-image maps (N, 2, 3), output pixel (u, v, 1) -> source pixel (x, y): box, rotation about its centre, flip."""
-    # Output pixel u's centre is at left + (u + 0.5) * width / S - 0.5 (torchvision's resize convention). A positive
+    # Output pixel u's centre is at left + (u + 0.5) * width / size - 0.5 (torchvision's resize convention). A positive
     # angle turns the content counter-clockwise (torchvision's rotate); rotation acts in output space (resize, then
     # rotate, as fastai's crop-then-affine); the flip mirrors the finished view. `sizes` is unused: resample handles
     # the edges.
-    S = _check_size(out_size)
+    size = check_side("size", size)
     boxes = boxes.float()
     n, device = len(boxes), boxes.device
     top, left, h, w = boxes.unbind(1)
@@ -230,8 +225,8 @@ def crop_affine(boxes: torch.Tensor, sizes: torch.Tensor, angles_deg=None, flips
     # T = diag(w, h) @ R(theta) @ diag(sign, 1): normalised output offset (a, b) in (-1/2, 1/2)^2 -> source offset
     T = torch.stack([torch.stack([w * cos * sign, -w * sin], 1), torch.stack([h * sin * sign, h * cos], 1)], 1)
     centre = torch.stack([left + w / 2 - 0.5, top + h / 2 - 0.5], 1)
-    q = torch.full((n, 2, 1), 0.5 / S - 0.5, device=device)
-    return torch.cat([T / S, centre[:, :, None] + T @ q], 2)
+    q = torch.full((n, 2, 1), 0.5 / size - 0.5, device=device)
+    return torch.cat([T / size, centre[:, :, None] + T @ q], 2)
 
 
 def _source_steps(maps: torch.Tensor) -> torch.Tensor:
@@ -239,17 +234,17 @@ def _source_steps(maps: torch.Tensor) -> torch.Tensor:
     return maps[:, :, :2].norm(dim=2)
 
 
-def _footprints(maps: torch.Tensor, out_size: int) -> tuple:
+def _footprints(maps: torch.Tensor, size: int) -> tuple:
     """Lowest and highest source (x, y) that the output pixel centres map to, each (N, 2)."""
-    last = out_size - 1.0
+    last = size - 1.0
     corners = torch.tensor([[0, 0, 1], [last, 0, 1], [0, last, 1], [last, last, 1]], device=maps.device)
     points = maps @ corners.T  # (N, 2, 4)
     return points.min(2).values, points.max(2).values
 
 
-def _regions(maps, sizes, out_size: int, factors) -> torch.Tensor:
+def _regions(maps, sizes, size: int, factors) -> torch.Tensor:
     """Integer source windows (x0, y0, x1, y1) with every pixel a view reads: footprint, its mirror, filter margin."""
-    low, high = _footprints(maps, out_size)
+    low, high = _footprints(maps, size)
     extent = sizes.flip(1).to(low.dtype)  # (w, h)
     margin = torch.ceil(2 * factors) + 1  # the antialias tent reaches `factor` source px, bilinear one more
     low, high = low - margin, high + margin
@@ -273,21 +268,21 @@ def _fast_uint8(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _resize(pixels: torch.Tensor, size: tuple, antialias: bool, memory_format) -> torch.Tensor:
+def _resize(pixels: torch.Tensor, shape: tuple, antialias: bool, memory_format) -> torch.Tensor:
     """torch's (antialiased) bilinear resize of (n, 3, h, w) uint8 pixels: in uint8 where fast, else in float."""
     if _fast_uint8(pixels.device):
         pixels = pixels.contiguous(memory_format=memory_format)
     else:
         pixels = pixels.float()
-    return F.interpolate(pixels, size=size, mode="bilinear", antialias=antialias)
+    return F.interpolate(pixels, size=shape, mode="bilinear", antialias=antialias)
 
 
-def _levels(images, index: list, maps, sizes, out_size: int, antialias: bool) -> tuple:
+def _levels(images, index: list, maps, sizes, size: int, antialias: bool) -> tuple:
     """Windows of images[index] resized to OVERSAMPLE px per output px, in one float canvas; origins, steps, sizes."""
     # origins (x0, y0) in source px, steps in source px per level px, sizes (w, h) in level px
     n, device, fmt = len(index), images[0].device, _memory_format(images)
     factors = (_source_steps(maps) / OVERSAMPLE).clamp(min=1) if antialias else torch.ones(n, 2, device=device)
-    windows = _regions(maps, sizes, out_size, factors)
+    windows = _regions(maps, sizes, size, factors)
     spans = (windows[:, 2:] - windows[:, :2]).to(factors.dtype)
     level_sizes = torch.round(spans / factors).clamp(min=1).long()
     steps = spans / level_sizes
@@ -304,11 +299,12 @@ def _levels(images, index: list, maps, sizes, out_size: int, antialias: bool) ->
     return canvas, windows[:, :2].to(steps.dtype), steps, level_sizes.to(steps.dtype)
 
 
-def _source_planes(maps: torch.Tensor, out_size: int) -> torch.Tensor:
-    """Source coordinates + 0.5 (pixel edges at 0 and w), planes (N, 2, S, S) (x, y) of each output pixel centre."""
-    n, S = len(maps), out_size
-    pixels = torch.arange(S, device=maps.device, dtype=maps.dtype)
-    planes = torch.empty((n, 2, S, S), device=maps.device, dtype=maps.dtype)
+def _source_planes(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Source coordinates + 0.5 (pixel edges at 0 and w), planes (N, 2, size, size) (x, y) of each output pixel
+    centre."""
+    n = len(maps)
+    pixels = torch.arange(size, device=maps.device, dtype=maps.dtype)
+    planes = torch.empty((n, 2, size, size), device=maps.device, dtype=maps.dtype)
     for axis in (0, 1):  # affine: a v-part plus a u-part, one broadcast add
         along_v = maps[:, axis, 1, None, None] * pixels[None, :, None] + (maps[:, axis, 2, None, None] + 0.5)
         torch.add(along_v, maps[:, axis, 0, None, None] * pixels[None, None, :], out=planes[:, axis])
@@ -321,11 +317,11 @@ def _mirror_(planes: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
     return torch.sub(extent, planes, out=planes)
 
 
-def _integer_boxes(maps: torch.Tensor, sizes: torch.Tensor, out_size: int) -> tuple:
+def _integer_boxes(maps: torch.Tensor, sizes: torch.Tensor, size: int) -> tuple:
     """Boxes (N, 4) (top, left, height, width) of axis-aligned maps, and whether each is a whole-pixel box inside."""
-    S = out_size
-    centre = maps[:, :, 0] * (S - 1) / 2 + maps[:, :, 1] * (S - 1) / 2 + maps[:, :, 2]  # (x, y) of the view's centre
-    span = torch.stack([maps[:, 0, 0], maps[:, 1, 1]], 1).abs() * S  # (w, h)
+    half = (size - 1) / 2
+    centre = maps[:, :, 0] * half + maps[:, :, 1] * half + maps[:, :, 2]  # (x, y) of the view's centre
+    span = torch.stack([maps[:, 0, 0], maps[:, 1, 1]], 1).abs() * size  # (w, h)
     start = centre - span / 2 + 0.5
     boxes = torch.cat([start.flip(1), span.flip(1)], 1)
     whole = (boxes - boxes.round()).abs().amax(1) < 1e-3
@@ -335,16 +331,16 @@ def _integer_boxes(maps: torch.Tensor, sizes: torch.Tensor, out_size: int) -> tu
     return boxes.long(), axis_aligned & whole & inside
 
 
-def _resized_boxes(images, index: list, boxes, flips, out_size: int, antialias: bool) -> torch.Tensor:
+def _resized_boxes(images, index: list, boxes, flips, size: int, antialias: bool) -> torch.Tensor:
     """torchvision's resized_crop of whole-pixel boxes of images[index], then the mirrors; one call per shared box."""
-    S, fmt = out_size, _memory_format(images)
+    fmt = _memory_format(images)
     groups = {}
     for row, box in enumerate(boxes.tolist()):
         groups.setdefault(tuple(box), []).append(row)
-    out = torch.empty((len(index), 3, S, S), device=images[0].device)
+    out = torch.empty((len(index), 3, size, size), device=images[0].device)
     for (top, left, h, w), rows in groups.items():
         crops = _stacked([images[index[r]][:, top : top + h, left : left + w] for r in rows], fmt)
-        crops = crops.float() if (h, w) == (S, S) else _resize(crops, (S, S), antialias, fmt).float()
+        crops = crops.float() if (h, w) == (size, size) else _resize(crops, (size, size), antialias, fmt).float()
         if len(rows) == 1:
             out[rows[0]] = crops[0]
         else:
@@ -366,13 +362,12 @@ def _stacked(crops: list, memory_format) -> torch.Tensor:
     return out
 
 
-def _turned_views(images, index: list, sizes, maps, out_size: int, antialias: bool) -> torch.Tensor:
+def _turned_views(images, index: list, sizes, maps, size: int, antialias: bool) -> torch.Tensor:
     """One bilinear tap per output pixel from the prefiltered levels of images[index], mirrored at their own edges."""
-    S = out_size
-    canvas, origins, steps, extents = _levels(images, index, maps, sizes, S, antialias)
-    planes = _source_planes(maps, S)
+    canvas, origins, steps, extents = _levels(images, index, maps, sizes, size, antialias)
+    planes = _source_planes(maps, size)
     image_extent = sizes.flip(1).to(planes.dtype)
-    low, high = _footprints(maps, S)
+    low, high = _footprints(maps, size)
     if bool(((low < 0) | (high > image_extent - 1)).any()):
         _mirror_(planes, image_extent[:, :, None, None])
     shape = torch.tensor([canvas.shape[3], canvas.shape[2]], device=maps.device, dtype=maps.dtype)
@@ -385,29 +380,29 @@ def _turned_views(images, index: list, sizes, maps, out_size: int, antialias: bo
     return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def resample(images, sizes, maps: torch.Tensor, out_size: int, antialias: bool = True) -> torch.Tensor:
-    """Views float (N, 3, S, S) in 0..255 through per-image maps (antialias rule above; False: plain bilinear)."""
-    S = _check_size(out_size)
+def resample(images, sizes, maps: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """Views float (N, 3, size, size) in 0..255 through per-image maps (antialias rule above; False: plain bilinear)."""
+    size = check_side("size", size)
     images, sizes, device = _check_batch(images, sizes)
-    return _resample(images, sizes, maps.to(device).float(), S, antialias, device)
+    return _resample(images, sizes, maps.to(device).float(), size, antialias, device)
 
 
-def _resample(images: list, sizes, maps, S: int, antialias: bool, device) -> torch.Tensor:
+def _resample(images: list, sizes, maps, size: int, antialias: bool, device) -> torch.Tensor:
     """`resample` of checked images: whole-pixel boxes resized as torchvision does, the rest turned."""
     if not images:
-        return torch.empty((0, 3, S, S), device=device)
-    boxes, boxed = _integer_boxes(maps, sizes, S)
+        return torch.empty((0, 3, size, size), device=device)
+    boxes, boxed = _integer_boxes(maps, sizes, size)
     flips = torch.stack([maps[:, 0, 0] < 0, maps[:, 1, 1] < 0], 1)
     parts = []
     rows = boxed.nonzero()[:, 0]
     if len(rows):
-        parts.append((rows, _resized_boxes(images, rows.tolist(), boxes[rows], flips[rows], S, antialias)))
+        parts.append((rows, _resized_boxes(images, rows.tolist(), boxes[rows], flips[rows], size, antialias)))
     rows = (~boxed).nonzero()[:, 0]
     if len(rows):
-        parts.append((rows, _turned_views(images, rows.tolist(), sizes[rows], maps[rows], S, antialias)))
+        parts.append((rows, _turned_views(images, rows.tolist(), sizes[rows], maps[rows], size, antialias)))
     if len(parts) == 1:
         return parts[0][1]
-    out = torch.empty((len(images), 3, S, S), device=device)
+    out = torch.empty((len(images), 3, size, size), device=device)
     for rows, views in parts:
         out.index_copy_(0, rows, views)
     return out
@@ -421,13 +416,14 @@ def _check_rotation(max_rotate, p_rotate):
         raise ValueError(f"p_rotate={p_rotate!r}: need a probability in [0, 1]")
 
 
-def train_views(images, sizes, out_size: int, generator: torch.Generator, min_scale: float = 0.08,
+def train_views(images, sizes, size: int, generator: torch.Generator, min_scale: float = 0.08,
                 ratio=(3 / 4, 4 / 3), max_rotate: float = 15.0, p_rotate: float = 0.75,
                 flip: bool = True) -> torch.Tensor:
-    """Training views float (N, 3, S, S) in 0..255: RandomResizedCrop, rotation, flip in one resampling per image."""
+    """Training views float (N, 3, size, size) in 0..255: RandomResizedCrop, rotation, flip in one resampling per
+    image."""
     # Draws, in this order, from `generator` only: the boxes (sample_crop_boxes), one angle uniform in
     # [-max_rotate, max_rotate] per image, whether to rotate (p_rotate), whether to flip (0.5; drawn even if not flip).
-    S = _check_size(out_size)
+    size = check_side("size", size)
     _check_rotation(max_rotate, p_rotate)
     images, sizes, device = _check_batch(images, sizes)
     boxes = sample_crop_boxes(sizes, min_scale, ratio, generator)
@@ -435,16 +431,45 @@ def train_views(images, sizes, out_size: int, generator: torch.Generator, min_sc
     angles = _uniform(n, (), -float(max_rotate), float(max_rotate), generator, device)
     angles = angles * (_uniform(n, (), 0.0, 1.0, generator, device) < p_rotate)
     flips = _uniform(n, (), 0.0, 1.0, generator, device) < 0.5
-    maps = crop_affine(boxes.to(device), sizes, angles, flips if flip else None, S)
-    return _resample(images, sizes, maps, S, True, device)
+    maps = crop_affine(boxes.to(device), sizes, angles, flips if flip else None, size)
+    return _resample(images, sizes, maps, size, True, device)
 
 
-def center_views(images, sizes, out_size: int) -> torch.Tensor:
-    """Evaluation views float (N, 3, S, S) in 0..255: each image's central square resized (antialiased) to S x S."""
-    S = _check_size(out_size)
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma (N, 1, H, W) of RGB views (N, 3, H, W), torchvision's rgb_to_grayscale weights."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def colour_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Views float (N, 3, H, W) in 0..255 with brightness, contrast and saturation changed, in this order, by factors
+    drawn uniformly in [1 - strength, 1 + strength] per image: torchvision's adjust_brightness / adjust_contrast /
+    adjust_saturation (each clamped to 0..255) batched, with a fixed order instead of ColorJitter's random one.
+    strength 0 draws nothing and returns `x`."""
+    if not strength:
+        return x
+    n, device = len(x), x.device
+    brightness, contrast, saturation = (_uniform(n, (), 1 - strength, 1 + strength, generator, device)
+                                        .to(x.dtype).view(n, 1, 1, 1) for _ in range(3))
+    x = (x * brightness).clamp_(0, 255)
+    mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = (contrast * x + (1 - contrast) * mean).clamp_(0, 255)
+    return (saturation * x + (1 - saturation) * _grayscale(x)).clamp_(0, 255)
+
+
+def recipe_views(images, sizes, recipe, generator: torch.Generator, ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """A `Recipe`'s training views of a batch, float (N, 3, size, size) in 0..255: every data augmentation it sets
+    (`train_views`' crop, rotation and flip, then `colour_jitter`). A new augmentation setting is applied here."""
+    x = train_views(images, sizes, recipe.size, generator, min_scale=recipe.min_scale, ratio=ratio,
+                    max_rotate=recipe.max_rotate, flip=recipe.flip)
+    return colour_jitter(x, recipe.colour_jitter, generator)
+
+
+def center_views(images, sizes, size: int) -> torch.Tensor:
+    """Evaluation views float (N, 3, size, size) in 0..255: each image's central square resized (antialiased)."""
+    size = check_side("size", size)
     images, sizes, device = _check_batch(images, sizes)
-    maps = crop_affine(center_boxes(sizes).to(device), sizes, None, None, S)
-    return _resample(images, sizes, maps, S, True, device)
+    maps = crop_affine(center_boxes(sizes).to(device), sizes, None, None, size)
+    return _resample(images, sizes, maps, size, True, device)
 
 
 def flip_views(x: torch.Tensor) -> torch.Tensor:
@@ -452,14 +477,15 @@ def flip_views(x: torch.Tensor) -> torch.Tensor:
     return x.flip(3)
 
 
-def tent_reference(img: torch.Tensor, maps: torch.Tensor, S: int, taps: int = 8) -> torch.Tensor:
-    """Slow oracle of `resample` for tests and benchmarks: views (N, 3, S, S) of one uint8 (3, h, w) image by brute
-    force, taps^2 bilinear samples per output pixel tent-weighted over +-1 output pixel, reflected at its edges."""
+def tent_reference(img: torch.Tensor, maps: torch.Tensor, size: int, taps: int = 8) -> torch.Tensor:
+    """Slow oracle of `resample` for tests and benchmarks: views (N, 3, size, size) of one uint8 (3, h, w) image by
+    brute force, taps^2 bilinear samples per output pixel tent-weighted over +-1 output pixel, reflected at its
+    edges."""
     h, w = img.shape[1:]
     src = img.float()[None].expand(len(maps), -1, -1, -1)
     offsets = (torch.arange(taps) + 0.5) / taps * 2 - 1
     weights = (1 - offsets.abs()) / (1 - offsets.abs()).sum()
-    pixels = torch.arange(S, dtype=torch.float32)
+    pixels = torch.arange(size, dtype=torch.float32)
     out = 0
     for dv, wv in zip(offsets, weights):
         for du, wu in zip(offsets, weights):

@@ -13,13 +13,14 @@ import re
 from pathlib import Path
 
 from .files import atomic_write_bytes, atomic_write_csv  # noqa: F401 (atomic_write_csv: old import path)
+from .checks import MIN_SIDE
 from .rng import fork_global_rng
+from .runconfig import CONFIG_NAME as RUN_CONFIG_NAME, FOLDS_NAME as RUN_FOLDS_NAME, read_config, run_identity
 
 __all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "save_weights", "load_weights", "weight_shapes", "read_meta",
            "check_meta", "load_fold", "fold_identity", "identity_problem", "file_sha256"]
 
 WEIGHTS_NAME, META_NAME, HISTORY_NAME = "best.safetensors", "meta.json", "history.csv"
-RUN_CONFIG_NAME, RUN_FOLDS_NAME = "config.json", "folds.csv"  # a run directory's files (artlearn.run names them too)
 META_FORMAT, META_FORMAT_VERSION = "artlearn-fold", 3  # version 3 adds run_id and weights_sha256
 # meta.json keys added after folds were first written, and what their absence means: not recorded, so not checked
 META_ABSENT_MEANS = {"run_id": None, "weights_sha256": None, "format": META_FORMAT, "format_version": 1}
@@ -64,7 +65,6 @@ def file_sha256(path) -> str:
 
 def run_id_of(run_dir) -> str | None:
     """A run's identity (`artlearn.run.run_identity` of its config.json); None for a folder that is not a run."""
-    from .run import read_config, run_identity  # run.py owns the config's terms; imported here, as ensemble does
     if not (Path(run_dir) / RUN_CONFIG_NAME).is_file():
         return None
     return run_identity(read_config(run_dir))
@@ -228,8 +228,8 @@ def _meta_problem(meta: dict) -> str | None:
         if len(vocab) != n:
             return f"'vocab' has {len(vocab)} artist(s) but the model has {n} classes"
     size = meta.get("size")
-    if size is not None and not _is_int(size, 8, MAX_SIZE):
-        return f"'size' is {size!r}; need an integer image size in 8..{MAX_SIZE}"
+    if size is not None and not _is_int(size, MIN_SIDE, MAX_SIZE):
+        return f"'size' is {size!r}; need an integer image size in {MIN_SIDE}..{MAX_SIZE}"
     side = meta.get("store_side")
     if side is not None and not _is_int(side, 8, MAX_SIZE):
         return f"'store_side' is {side!r}; need an integer shorter side in 8..{MAX_SIZE}"

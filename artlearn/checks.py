@@ -5,6 +5,7 @@ import numbers
 import sys
 
 SHOW = 5  # how many offending names an error message lists
+MIN_SIDE = 8  # the smallest image side anything in artlearn makes or stores (a ResNet's stride 32 needs >= 1 px left)
 
 
 class ArtlearnError(ValueError):
@@ -51,6 +52,12 @@ def check_number(name: str, value, low: float = 0.0, strict: bool = False, integ
         raise ValueError(f"{name}={value!r}: need {'an integer' if integer else 'a number'} "
                          f"{'>' if strict else '>='} {low:g}")
     return value
+
+
+def check_side(name: str, value) -> int:
+    """`value` as an int image side of at least MIN_SIDE pixels, else ValueError naming it."""
+    check_number(name, value, low=MIN_SIDE, integer=True)
+    return int(value)
 
 
 def check_fraction(name: str, value, low_inclusive: bool = True) -> float:

@@ -15,10 +15,10 @@ from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize, Trans
 from fastai.vision.augment import aug_transforms
 from fastai.vision.core import PILImage
 
-from .augment import ArtistCrop, center_views, train_views
+from .augment import ArtistCrop, center_views, recipe_views
 from .device import default_workers, resolve_device
 from .folds import StratifiedFoldSplitter, assign_folds, check_fold, fold_column
-from .recipe import PIPELINES, REFERENCE, SAMPLERS, STORES
+from .recipe import REFERENCE, Recipe
 from .rng import keep_global_rng
 from .store import PresizeCache, fold_store_side, store_presize
 from .tables import ON_BAD_CHOICES, bad_images_message, check_images, normalise_labels
@@ -98,7 +98,7 @@ class StoreBatchDL(TfmdDL):
     The pattern of fastai's `TabDataLoader`: `do_item` passes the index through and `create_batch` builds the batch
     at once — the stored uint8 pixels of the batch (the store's own tensors, no copy, on the CPU or when the store
     fits the GPU; else a canvas of pinned host memory copied without blocking), then one resampling per image
-    (`augment.train_views`: RandomResizedCrop, rotation and flip; validation and test: `augment.center_views`). No
+    (`augment.recipe_views`: every data augmentation of the `recipe`; validation and test: `augment.center_views`). No
     worker processes, nothing restarted per epoch. The random draws come from a torch Generator seeded from the
     loader's own `rng` (shuffling, sampling and crops follow `Reproducible`'s seed). `wgts` samples training rows
     with replacement (balanced/sqrt). `prefetch=n` builds up to n batches ahead in a background thread (same
@@ -106,21 +106,24 @@ class StoreBatchDL(TfmdDL):
     ops competing with the model's).
     """
 
-    def __init__(self, dataset=None, cache: PresizeCache | None = None, size: int = REFERENCE.size,
-                 min_scale: float = REFERENCE.min_scale, max_rotate: float = REFERENCE.max_rotate,
-                 flip: bool = REFERENCE.flip, ratio=(3 / 4, 4 / 3), wgts=None, prefetch: int = 0, **kwargs):
+    def __init__(self, dataset=None, cache: PresizeCache | None = None, recipe: Recipe | None = None,
+                 ratio=(3 / 4, 4 / 3), wgts=None, prefetch: int = 0, **kwargs):
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch={prefetch!r}: need a whole number of batches >= 0 (0: no prefetching)")
-        self.cache, self.size, self.min_scale, self.ratio = cache, int(size), min_scale, tuple(ratio)
-        self.max_rotate, self.flip, self.prefetch = max_rotate, flip, prefetch
+        self.cache, self.recipe, self.ratio, self.prefetch = cache, recipe or REFERENCE, tuple(ratio), prefetch
         self._views, self._views_of, self._view_bytes = {}, None, 0
         self.wgts = None if wgts is None else np.asarray(wgts, dtype=np.float64) / np.sum(wgts)
         kwargs["num_workers"] = 0  # the batch is gathered in the main process: no worker start-up per epoch
         super().__init__(dataset, **kwargs)
 
+    @property
+    def size(self) -> int:
+        """The side of the views this loader makes (the recipe's `size`)."""
+        return int(self.recipe.size)
+
     def new(self, dataset=None, cls=None, **kwargs):
-        """A copy of this loader (e.g. `test_dl`) with the same store and augmentation settings."""
-        for name in ("cache", "size", "min_scale", "ratio", "max_rotate", "flip", "prefetch"):
+        """A copy of this loader (e.g. `test_dl`) with the same store and recipe."""
+        for name in ("cache", "recipe", "ratio", "prefetch"):
             kwargs.setdefault(name, getattr(self, name))
         if dataset is not None and dataset is not self.dataset:
             kwargs.setdefault("wgts", None)
@@ -198,8 +201,7 @@ class StoreBatchDL(TfmdDL):
         if getattr(self.dataset, "split_idx", None) == 0:
             images, sizes = self.cache.gather([paths[i] for i in b], device)
             generator = torch.Generator(device=device).manual_seed(self.rng.getrandbits(63))
-            x = train_views(images, sizes, self.size, generator, min_scale=self.min_scale, ratio=self.ratio,
-                            max_rotate=self.max_rotate, flip=self.flip)
+            x = recipe_views(images, sizes, self.recipe, generator, ratio=self.ratio)
         else:
             x = self._center_batch(list(b), paths, device)
         x = TensorImage(x.div_(255.0))
@@ -230,18 +232,6 @@ def _prepare_table(df: pd.DataFrame, fold: int, n_folds: int | None, seed: int) 
         df = assign_folds(df, n, seed)
     check_fold(fold, n)
     return df.reset_index(drop=True), n
-
-
-def _check_dls_args(size, bs, sampler, on_bad) -> None:
-    """ValueError for a bad size, batch size, sampler or on_bad."""
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 8:
-        raise ValueError(f"size={size!r}: need an integer image size of at least 8 pixels")
-    if not isinstance(bs, (int, np.integer)) or isinstance(bs, bool) or bs < 1:
-        raise ValueError(f"bs={bs!r}: need a positive batch size")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}: use None, 'balanced' or 'sqrt'")
-    if on_bad not in ON_BAD_CHOICES:
-        raise ValueError(f"on_bad={on_bad!r}: use 'raise' or 'drop'")
 
 
 def fill_store(df: pd.DataFrame, cache: PresizeCache, on_bad: str) -> pd.DataFrame:
@@ -304,7 +294,7 @@ def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache 
     kwargs = dict(bs=bs, device=device)
     if meta.get("pipeline", "items") == "device":
         block = _store_block(vocab, _all_valid, normalize)
-        kwargs.update(dl_type=StoreBatchDL, cache=cache, size=size)
+        kwargs.update(dl_type=StoreBatchDL, cache=cache, recipe=REFERENCE.override(size=size))
     else:
         block = _artist_block(cache, vocab, ArtistCrop(size), _all_valid, [normalize])
         kwargs.update(num_workers=0)
@@ -316,29 +306,39 @@ def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache 
     return dls
 
 
-def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: int = REFERENCE.bs,
-               n_folds: int | None = None, seed: int = 42, cache: PresizeCache | None = None,
-               workers: int | None = None, min_scale: float = REFERENCE.min_scale, ratio=(3 / 4, 4 / 3),
-               max_rotate: float = REFERENCE.max_rotate, flip: bool = REFERENCE.flip,
-               sampler: str | None = REFERENCE.sampler, device=None, on_bad: str = "raise",
-               pipeline: str = REFERENCE.pipeline, store: str = REFERENCE.store):
+def data_recipe(recipe: Recipe | None = None, **settings) -> Recipe:
+    """The validated recipe a loader uses: `recipe` (default `Recipe()`, the reference) with data settings given by
+    name (None: the recipe's); a setting of another stage is a ValueError naming the function it belongs to."""
+    recipe = recipe if recipe is not None else REFERENCE
+    others = sorted(k for k in settings if k in Recipe.names() and recipe.consumer(k) != "artist_dls")
+    if others:
+        raise ValueError(f"{others} are not data settings; pass them to {recipe.consumer(others[0])} (or give the "
+                         "whole recipe=)")
+    return recipe.replace(**settings).validate()
+
+
+def artist_dls(df: pd.DataFrame, fold: int = 0, size: int | None = None, bs: int | None = None, *,
+               recipe: Recipe | None = None, n_folds: int | None = None, seed: int = 42,
+               cache: PresizeCache | None = None, workers: int | None = None, ratio=(3 / 4, 4 / 3), device=None,
+               on_bad: str = "raise", **settings):
     """fastai DataLoaders for one fold: DataBlock(ImageBlock, CategoryBlock) + StratifiedFoldSplitter.
 
-    pipeline='device' (default): `StoreBatchDL` gathers each batch from the store and does crop, rotation and flip
-    in one resampling per image on the device. pipeline='items' (fastai's per-item pipeline, kept for comparison
-    and for runs trained with it): RandomResizedCrop at `size` per item (PIL), then flip and rotation as batch
-    transforms. Validation: the centre square resized to
+    The data settings come from `recipe` (default `Recipe()`, the reference recipe), whole; `size`, `bs` and any
+    other data setting given by name (`min_scale=0.35`, `colour_jitter=0.2`, ...) override it.
+    pipeline='device' (default): `StoreBatchDL` gathers each batch from the store and makes the recipe's training
+    views (crop, rotation, flip, ...) in one resampling per image on the device. pipeline='items' (fastai's
+    per-item pipeline, kept for runs trained with it): RandomResizedCrop at `size` per item (PIL), then flip and
+    rotation as batch transforms. Validation: the centre square resized to
     `size`. Both normalised with the training split's own per-channel mean/std (nothing is pretrained, so no
     ImageNet statistics). Images come from a PresizeCache, decoded once and shared by every epoch and fold; without
     one, `store` picks its shorter side (`store_presize`: 'crop' keeps a min_scale crop at `size` pixels or more).
     """
-    _check_dls_args(size, bs, sampler, on_bad)
-    if pipeline not in PIPELINES:
-        raise ValueError(f"pipeline={pipeline!r}: use one of {list(PIPELINES)}")
-    if store not in STORES:
-        raise ValueError(f"store={store!r}: use one of {list(STORES)}")
+    recipe = data_recipe(recipe, size=size, bs=bs, **settings)
+    if on_bad not in ON_BAD_CHOICES:
+        raise ValueError(f"on_bad={on_bad!r}: use 'raise' or 'drop'")
+    size, bs, min_scale = recipe.size, recipe.bs, recipe.min_scale
     df, n_folds = _prepare_table(df, fold, n_folds, seed)
-    cache = cache if cache is not None else PresizeCache(store_presize(store, size, min_scale, len(df)))
+    cache = cache if cache is not None else PresizeCache(store_presize(recipe.store, size, min_scale, len(df)))
     df = fill_store(df, cache, on_bad)
     splitter = StratifiedFoldSplitter(fold, n_folds, seed)
     train_idx, valid_idx = splitter(df)
@@ -349,17 +349,16 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
     vocab = sorted(df["artist"].unique())
     device = resolve_device(device)
     normalize = Normalize.from_stats(mean, std, cuda=device.type == "cuda")
-    if pipeline == "device":
+    if recipe.pipeline == "device":
         block = _store_block(vocab, splitter, normalize)
-        kwargs = dict(bs=bs, device=device, dl_type=StoreBatchDL, cache=cache, size=size, min_scale=min_scale,
-                      ratio=ratio, max_rotate=max_rotate, flip=flip)
+        kwargs = dict(bs=bs, device=device, dl_type=StoreBatchDL, cache=cache, recipe=recipe, ratio=ratio)
     else:
-        augment = aug_transforms(do_flip=flip, max_rotate=max_rotate, min_zoom=1.0, max_zoom=1.0, max_lighting=0.0,
-                                 max_warp=0.0, p_affine=0.75)
+        augment = aug_transforms(do_flip=recipe.flip, max_rotate=recipe.max_rotate, min_zoom=1.0, max_zoom=1.0,
+                                 max_lighting=0.0, max_warp=0.0, p_affine=0.75)
         block = _artist_block(cache, vocab, ArtistCrop(size, min_scale, ratio), splitter, [*augment, normalize])
         workers = default_workers() if workers is None else workers
         kwargs = dict(bs=bs, num_workers=workers, device=device, pin_memory=device.type == "cuda")
-        if sampler is not None:
+        if recipe.sampler is not None:
             kwargs["dl_type"] = SeededWeightedDL
     train_kw = {}
     if len(train_idx) < bs:  # fastai drops the incomplete last training batch: nothing would be trained
@@ -367,14 +366,13 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int = REFERENCE.size, bs: 
                       "trains on one partial batch (lower bs, or use fewer folds)", stacklevel=2)
         train_kw["drop_last"] = False
     with keep_global_rng():  # building loaders runs transforms and seeds fastai's RNGs from the global ones
-        if sampler is not None:
-            train_kw["wgts"] = sample_weights(df["artist"], sampler)[train_idx]
+        if recipe.sampler is not None:
+            train_kw["wgts"] = sample_weights(df["artist"], recipe.sampler)[train_idx]
         dls = block.dataloaders(df, dl_kwargs=[train_kw, {}], **kwargs)
     dls.train.rng = random.Random(seed)
     counts = df["artist"].iloc[train_idx].value_counts().reindex(vocab, fill_value=0)
     dls.artlearn_meta = dict(size=int(size), mean=mean, std=std, vocab=list(vocab), fold=int(fold),
                              class_counts=[int(c) for c in counts],
-                             n_folds=int(n_folds), seed=int(seed), min_scale=min_scale, max_rotate=max_rotate,
-                             pipeline=pipeline, store_side=cache.presize)
+                             n_folds=int(n_folds), seed=int(seed), pipeline=recipe.pipeline, store_side=cache.presize)
     dls.cache = cache
     return dls

@@ -13,12 +13,11 @@ from .checkpoint import META_NAME, atomic_write_csv, load_fold
 from .checks import ArtlearnError, check_number
 from .augment import center_views, valid_crop
 from .device import autocast, resolve_device, to_memory_format
-from .recipe import TTAS
-from .store import PresizeCache, fold_store_side, pad_batch, presize_for, shrink
+from .store import PresizeCache, fold_store_side, pad_batch
 from .tables import read_artworks
+from .tta import tta_spec
 # and, inside _fold_dirs: from .run import KFoldRun, load_run
 
-TTA_CHOICES = (None, *TTAS)  # the recipe setting's names, and None for no TTA
 AVERAGE_CHOICES = ("prob", "logit")
 PREDICT_COLUMNS = ["image", "rank", "artist", "probability"]
 logger = logging.getLogger("artlearn")
@@ -164,50 +163,31 @@ def _inputs(images, presize: int, cache=None, workers=None, keep_new: bool = Fal
         yield labels, table, _ReadThrough(cache, presize, Path(tmp) / "cache", workers)
 
 
-def _native_crops(arr: np.ndarray, size: int) -> list:
-    """Five size x size windows (centre and four corners) of the image at the 1.15 x size scale multicrop is defined
-    at: a stored image larger than that (store 'crop' or 'full') is brought down to it first, a smaller one is
-    used as it is (upscaled only below `size`), so the windows are the same whatever the store's resolution."""
-    img = shrink(Image.fromarray(arr), presize_for(size))  # the store's own shrink; never upscales
-    if min(img.size) < size:
-        img = img.resize((max(size, round(img.width * size / min(img.size))),
-                          max(size, round(img.height * size / min(img.size)))), Image.Resampling.BILINEAR)
-    w, h = img.size
-    boxes = [((w - size) // 2, (h - size) // 2), (0, 0), (w - size, 0), (0, h - size), (w - size, h - size)]
-    return [np.asarray(img.crop((x, y, x + size, y + size))) for x, y in boxes]
-
-
-def _item_views(arr: np.ndarray, size: int, tta) -> list:
-    """One image's evaluation crops: the centre square resized to size, plus five native crops with 'multicrop'."""
-    views = [np.asarray(valid_crop(Image.fromarray(arr), size))]
-    return views + _native_crops(arr, size) if tta == "multicrop" else views
-
-
-def crop_batch(cache: PresizeCache, paths, size: int, tta=None, pool=None):
-    """uint8 tensor (n_views, n, 3, size, size) of the evaluation crops of cached images (threads when `pool`)."""
+def crop_batch(cache: PresizeCache, paths, size: int, pool=None):
+    """uint8 tensor (1, n, 3, size, size): the items pipeline's centre views (PIL's `valid_crop`) of cached images
+    (threads when `pool`)."""
     import torch
     mapper = pool.map if pool is not None else map
-    per_item = list(mapper(lambda p: _item_views(cache.get(p), size, tta), paths))
-    views = np.stack([np.stack(v) for v in zip(*per_item)])
-    return torch.from_numpy(views).permute(0, 1, 4, 2, 3).contiguous()
+    views = np.stack(list(mapper(lambda p: np.asarray(valid_crop(Image.fromarray(cache.get(p)), size)), paths)))
+    return torch.from_numpy(views[None]).permute(0, 1, 4, 2, 3).contiguous()
 
 
 def _crops(cache, paths, size: int, tta, pool, device, pipeline: str) -> list:
-    """The evaluation crops of a batch, as training validated them: the device pipeline's centre view
-    (`augment.center_views` of the stored pixels, float 0..255) or PIL's, plus the multicrop windows."""
+    """The evaluation crops of a batch: the centre view as training validated it (the device pipeline's
+    `augment.center_views` of the stored pixels, float 0..255, or PIL's), then the registered TTA's windows."""
     import torch
     if pipeline != "device":
-        return list(crop_batch(cache, paths, size, tta, pool).to(device))
-    stored = [torch.from_numpy(np.ascontiguousarray(cache.get(p))).permute(2, 0, 1) for p in paths]
-    views = [center_views(*pad_batch(stored, device), size)]
-    if tta == "multicrop":
-        views += list(crop_batch(cache, paths, size, tta, pool)[1:].to(device))
-    return views
+        views = list(crop_batch(cache, paths, size, pool).to(device))
+    else:
+        stored = [torch.from_numpy(np.ascontiguousarray(cache.get(p))).permute(2, 0, 1) for p in paths]
+        views = [center_views(*pad_batch(stored, device), size)]
+    spec = tta_spec(tta)
+    return views + (list(spec.windows(cache, paths, size, pool, device)) if spec.n_windows else [])
 
 
 def _views(x, tta):
-    """The test-time views of one crop batch: the crop, and its horizontal flip unless TTA is off."""
-    return [x, x.flip(3)] if tta in ("flip", "multicrop") else [x]
+    """The test-time views of one crop batch: the crop, and its horizontal flip when the TTA mirrors."""
+    return [x, x.flip(3)] if tta_spec(tta).mirror else [x]
 
 
 def _log_prior(meta: dict, device):
@@ -229,8 +209,7 @@ def _check_args(bs, prior_adjust) -> None:
 
 def _check_choices(tta, average) -> None:
     """ValueError for an unknown TTA or averaging mode."""
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"tta={tta!r}: use 'flip', 'multicrop', or None / 'none'")
+    tta_spec(tta)
     if average not in AVERAGE_CHOICES:
         raise ValueError(f"average={average!r}: use 'prob' (mean of softmax) or 'logit' (softmax of mean logits)")
 

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 
 from .budget import FoldDeadline, FoldPlanner, FoldShape, cpu_count, describe_seconds, measure_speed, parse_budget
-from .checks import check_choice
+from .checks import MIN_SIDE, check_choice
 from .distributed import DistContext, init_distributed, single_process_view
 from .ensemble import ensemble
 from .files import atomic_write_csv, atomic_write_json
 from .folds import assign_folds, check_duplicates, check_fold_groups, check_n_folds
-from .recipe import TTA_VIEWS, Recipe
+from .recipe import Recipe
 from .rng import keep_global_rng
 from .run import (
     CONFIG_NAME,
@@ -49,6 +49,7 @@ from .run import (
 )
 from .store import PresizeCache, default_memory_budget, store_presize
 from .tables import content_digests, validate_table
+from .tta import tta_spec
 
 logger = logging.getLogger("artlearn")
 FOLD_RULES = ("complete", "stable")  # select_folds: every complete fold, or the report's stability rule
@@ -280,18 +281,15 @@ class _FoldJob:
 
 
 def _small_size(size: int) -> int:
-    """Progressive resizing's first training size: half the size (at least 8 px)."""
-    return max(8, size // 2)
+    """Progressive resizing's first training size: half the size (at least MIN_SIDE px)."""
+    return max(MIN_SIDE, size // 2)
 
 
 def _fold_dls(job: _FoldJob, k: int, size: int | None = None):
     """Fold k's DataLoaders with the recipe's data settings (at `size` when given)."""
     from .dls import artist_dls
-    data_kw = job.recipe.kwargs_for("dls")
-    if size is not None:
-        data_kw["size"] = size
-    return artist_dls(job.df, fold=k, n_folds=job.n_folds, seed=job.seed, cache=job.cache, workers=job.workers,
-                      **data_kw)
+    return artist_dls(job.df, fold=k, size=size, recipe=job.recipe, n_folds=job.n_folds, seed=job.seed,
+                      cache=job.cache, workers=job.workers)
 
 
 def _train_fold(job: _FoldJob, k: int, *, epochs: int, deadline: float | None = None, **learner_kw) -> None:
@@ -299,7 +297,7 @@ def _train_fold(job: _FoldJob, k: int, *, epochs: int, deadline: float | None = 
     from .learner import artist_learner
     start = time.time()
     dls = _fold_dls(job, k)
-    kw = dict(seed=job.seed + k, out=job.out, fold=k, progress=job.progress, **job.recipe.kwargs_for("learner"))
+    kw = dict(recipe=job.recipe, seed=job.seed + k, out=job.out, fold=k, progress=job.progress)
     kw.update(learner_kw, epochs=epochs)
     kw["cbs"] = [*(kw.get("cbs") or []), *(make() for make in job.cbs)]
     if job.recipe.progressive:
@@ -324,7 +322,7 @@ def _fold_shape(job: _FoldJob, k: int) -> FoldShape:
     r = job.recipe
     return FoldShape(n_train=len(job.df) - n_valid, n_valid=n_valid, size=r.size,
                      small_size=_small_size(r.size) if r.progressive else None, small_fraction=r.progressive,
-                     views=TTA_VIEWS[r.tta], warmup=r.warmup)
+                     views=tta_spec(r.tta).views, warmup=r.warmup)
 
 
 def _planner(job: _FoldJob, k: int, folds: list, n_models: int) -> FoldPlanner:
@@ -333,7 +331,7 @@ def _planner(job: _FoldJob, k: int, folds: list, n_models: int) -> FoldPlanner:
 
     def build(size):
         dls = _fold_dls(job, k, size)
-        return dls, artist_learner(dls, seed=job.seed + k, progress=False, **job.recipe.kwargs_for("learner"))
+        return dls, artist_learner(dls, recipe=job.recipe, seed=job.seed + k, progress=False)
     shape = _fold_shape(job, k)
     sizes = [shape.small_size, shape.size] if shape.small_size else [shape.size]
     with keep_global_rng():  # the throwaway learner's weight init and loaders draw from the global RNGs

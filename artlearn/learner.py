@@ -1,6 +1,5 @@
 """`artist_learner`: a fastai Learner with the recipe's defaults (from-scratch model, torch Adam, label-smoothed
 cross-entropy, per-epoch cosine LR, accuracy and macro-F1) and its optional extras."""
-import numbers
 import sys
 import tempfile
 from functools import partial
@@ -43,8 +42,8 @@ from .callbacks import (
 )
 from .checks import check_choice, check_number
 from .device import dls_on_cuda, resolve_precision
-from .models import ARCHITECTURES, POOLS, build_model
-from .recipe import MONITORS, OPTIMIZERS as OPTIMIZER_NAMES, PRECISIONS, REFERENCE
+from .models import build_model
+from .recipe import OPTIMIZERS as OPTIMIZER_NAMES, REFERENCE, Recipe
 from .rng import fork_global_rng
 
 __all__ = ["artist_learner", "fold_learner", "ArtistLearner", "f1_macro", "torch_optimizer", "fused", "OPTIMIZERS"]
@@ -138,30 +137,6 @@ def torch_optimizer(name: str = "adam", wd: float = 0.0):
     return partial(OptimWrapper, opt=fused(OPTIMIZERS[name]), betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
 
 
-def _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
-                ema, logit_adjust, monitor, seed):
-    """ValueError for any bad `artist_learner` argument, naming the value and the valid choices."""
-    check_choice("arch", arch, tuple(ARCHITECTURES))
-    check_choice("pool", pool, POOLS)
-    check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-    check_choice("precision", precision, PRECISIONS)
-    check_choice("monitor", monitor, MONITORS)
-    if not (isinstance(label_smoothing, numbers.Real) and 0 <= label_smoothing < 1):
-        raise ValueError(f"label_smoothing={label_smoothing!r}: need a number in [0, 1)")
-    check_number("lr", lr, strict=True)
-    for name, value in (("wd", wd), ("mixup", mixup), ("cutmix", cutmix), ("logit_adjust", logit_adjust)):
-        check_number(name, value)
-    check_number("grad_accum", grad_accum, low=1, integer=True)
-    if epochs is not None:
-        check_number("epochs", epochs, low=1, integer=True)
-    if seed is not None:
-        check_number("seed", seed, integer=True)
-    if mixup and cutmix:
-        raise ValueError(f"mixup={mixup!r} and cutmix={cutmix!r}: use one of them, not both")
-    if ema is not None and not (isinstance(ema, numbers.Real) and 0 < ema < 1):
-        raise ValueError(f"ema={ema!r}: need a decay in (0, 1) (e.g. 0.999) or None")
-
-
 def _check_mix_cbs(mixup, cutmix, cbs) -> None:
     """ValueError when mixup=/cutmix= and a MixUp/CutMix in `cbs` would both mix the same batches."""
     mixers = [cb for cb in L(cbs)
@@ -173,13 +148,29 @@ def _check_mix_cbs(mixup, cutmix, cbs) -> None:
                          "callback in cbs=, not both")
 
 
-def _seeded_model(seed, arch, n_classes, pool, **kw):
-    """Build the model; with a seed, initialise it under a forked, seeded torch RNG (global state untouched)."""
+def _seeded_model(seed, recipe: Recipe, n_classes: int, **kw):
+    """The recipe's from-scratch model; with a seed, initialised under a forked, seeded torch RNG (global state
+    untouched)."""
+    def build():
+        return build_model(recipe.arch, n_classes=n_classes, pool=recipe.pool, drop_path=recipe.drop_path,
+                           zero_init_residual=recipe.zero_init_residual, grad_checkpoint=recipe.grad_checkpoint, **kw)
     if seed is None:
-        return build_model(arch, n_classes=n_classes, pool=pool, **kw)
+        return build()
     with fork_global_rng():
         torch.manual_seed(seed)
-        return build_model(arch, n_classes=n_classes, pool=pool, **kw)
+        return build()
+
+
+def learner_recipe(recipe: Recipe | None = None, epochs: int | None = None, **settings) -> tuple[Recipe, dict]:
+    """(the validated recipe a learner uses, the keywords left for the model): `recipe` (default `Recipe()`, the
+    reference) with the settings given by name exactly as given (None included: `ema=None` turns EMA off)."""
+    recipe = recipe if recipe is not None else REFERENCE
+    given = {k: v for k, v in settings.items() if k in Recipe.names()}
+    others = sorted(k for k in given if Recipe.consumer(k) == "artist_dls")
+    if others:
+        raise ValueError(f"{others} are data settings: pass them to artist_dls (or give the whole recipe=)")
+    recipe = recipe.override(**given, **({} if epochs is None else {"epochs": epochs})).validate()
+    return recipe, {k: v for k, v in settings.items() if k not in given}
 
 
 def _gpu_callbacks(dls, precision, channels_last) -> list:
@@ -203,60 +194,52 @@ def _fold_of(dls, fold):
     return fold
 
 
-def artist_learner(dls, arch=REFERENCE.arch, pool=REFERENCE.pool, label_smoothing=REFERENCE.label_smoothing,
-                   lr=REFERENCE.lr, optimizer=REFERENCE.optimizer, wd=REFERENCE.wd, epochs=None,
-                   eta_min=REFERENCE.eta_min, warmup=REFERENCE.warmup, seed=None, out=None, fold=None,
-                   monitor=REFERENCE.monitor, progress=True, precision=REFERENCE.precision, channels_last=None,
-                   grad_accum=REFERENCE.grad_accum, mixup=REFERENCE.mixup, cutmix=REFERENCE.cutmix, ema=REFERENCE.ema,
-                   logit_adjust=REFERENCE.logit_adjust, zero_init_residual=REFERENCE.zero_init_residual, cbs=None,
-                   model=None, compile=REFERENCE.compile, drop_path=REFERENCE.drop_path, **model_kw) -> ArtistLearner:
-    """A fastai Learner for `dls`: from-scratch `build_model(arch, pool=pool)`, torch Adam, label-smoothed CE,
-    per-epoch cosine LR, metrics accuracy and f1_macro, a `History`, and the optional extras.
+def artist_learner(dls, arch: str | None = None, pool: str | None = None, *, recipe: Recipe | None = None,
+                   epochs: int | None = None, seed=None, out=None, fold=None, progress=True, channels_last=None,
+                   cbs=None, model=None, **settings) -> ArtistLearner:
+    """A fastai Learner for `dls`: the recipe's from-scratch model (`build_model`), torch Adam, label-smoothed CE,
+    per-epoch cosine LR, metrics accuracy and f1_macro, a `History`, and the recipe's optional extras.
 
-    `epochs` is the cosine's `t_max` (None: the length of each `fit`); `out`+`fold` add a `FoldCheckpoint`;
-    `seed` seeds the model's initialisation and each fit (`Reproducible`) without reseeding the process;
-    `progress=False` trains silently. On CUDA: `precision` ('auto' = bf16 where supported, else fp16; 'fp32'),
-    channels-last memory format (default on). `grad_accum=n` accumulates n batches per step; `mixup`/`cutmix`
-    are Beta alphas (0 = off); `ema` an EMA decay; `logit_adjust` the logit-adjustment tau (0 = off);
-    `drop_path` the stochastic-depth probability (None: the architecture's own); `zero_init_residual` (ResNets)
-    zeroes each block's last BatchNorm weight;
-    `compile=True` compiles the model in place (`nn.Module.compile`: weights and checkpoint keys stay the same).
-    Extra keywords go to the model (e.g. `gem_p`, `drop_rate`, `stochastic_depth_prob`).
+    The settings come from `recipe` (default `Recipe()`, the reference recipe), whole; `arch`, `pool` and any other
+    model / optimisation / extras setting given by name (`lr=5e-4`, `ema=0.999`, ...) override it (each one's
+    meaning and check: `Recipe`). `epochs` is the cosine's `t_max`: given, or the recipe's when `recipe=` is
+    given, else the length of each `fit`. `out`+`fold` add a `FoldCheckpoint`; `seed` seeds the model's
+    initialisation and each fit (`Reproducible`) without reseeding the process; `progress=False` trains silently;
+    `channels_last=False` keeps the default memory format; `model` replaces the recipe's model. Other keywords go
+    to the model (e.g. `gem_p`, `drop_rate`).
     """
-    _check_args(arch, pool, label_smoothing, lr, optimizer, wd, epochs, precision, grad_accum, mixup, cutmix,
-                ema, logit_adjust, monitor, seed)
-    _check_mix_cbs(mixup, cutmix, cbs)
+    t_max = epochs if epochs is not None or recipe is None else recipe.epochs
+    settings = {**({} if arch is None else {"arch": arch}), **({} if pool is None else {"pool": pool}), **settings}
+    recipe, model_kw = learner_recipe(recipe, epochs, **settings)
+    if seed is not None:
+        check_number("seed", seed, integer=True)
+    _check_mix_cbs(recipe.mixup, recipe.cutmix, cbs)
     if getattr(dls.train, "bs", 2) < 2:
         raise ValueError(f"bs={dls.train.bs}: BatchNorm needs at least 2 images per training batch; use bs >= 2")
     if model is None:
-        if arch.startswith("resnet"):
-            model_kw["zero_init_residual"] = zero_init_residual
-        if drop_path is not None:
-            model_kw["drop_path" if arch.startswith("resnet") else "stochastic_depth_prob"] = drop_path
-        model = _seeded_model(seed, arch, len(dls.vocab), pool, **model_kw)
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile={compile!r}: need True or False")
-    if compile:
+        model = _seeded_model(seed, recipe, len(dls.vocab), **model_kw)
+    if recipe.compile:
         model.compile()  # in place, unlike torch.compile(model): state_dict keys keep no '_orig_mod.' prefix
-    callbacks = [LabelSmoothing(label_smoothing), CosineAnnealing(epochs, eta_min, warmup), History(),
+    r = recipe
+    callbacks = [LabelSmoothing(r.label_smoothing), CosineAnnealing(t_max, r.eta_min, r.warmup), History(),
                  NonFiniteGuard(fold), FlushDenormals(), ReuseHeap()]
     if out is not None:
-        callbacks.append(FoldCheckpoint(out, _fold_of(dls, fold), monitor))
+        callbacks.append(FoldCheckpoint(out, _fold_of(dls, fold), r.monitor))
     if seed is not None:
         callbacks.append(Reproducible(seed))
-    if logit_adjust:
-        callbacks.append(LogitAdjustment(logit_adjust))
-    callbacks += _gpu_callbacks(dls, precision, channels_last)
-    if grad_accum > 1:
-        callbacks.append(GradientAccumulation(grad_accum * dls.train.bs))
-    if mixup:
-        callbacks.append(MixUp(mixup))
-    if cutmix:
-        callbacks.append(CutMix(cutmix))
-    if ema is not None:
-        callbacks.append(EMA(ema))
-    learn = ArtistLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=torch_optimizer(optimizer, wd),
-                          lr=lr, wd=wd, metrics=[accuracy, f1_macro()], cbs=callbacks + list(L(cbs)))
+    if r.logit_adjust:
+        callbacks.append(LogitAdjustment(r.logit_adjust))
+    callbacks += _gpu_callbacks(dls, r.precision, channels_last)
+    if r.grad_accum > 1:
+        callbacks.append(GradientAccumulation(r.grad_accum * dls.train.bs))
+    if r.mixup:
+        callbacks.append(MixUp(r.mixup))
+    if r.cutmix:
+        callbacks.append(CutMix(r.cutmix))
+    if r.ema is not None:
+        callbacks.append(EMA(r.ema))
+    learn = ArtistLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=torch_optimizer(r.optimizer, r.wd),
+                          lr=r.lr, wd=r.wd, metrics=[accuracy, f1_macro()], cbs=callbacks + list(L(cbs)))
     learn.logger = fastai_noop  # fastai's printed table (smoothed train_loss, 'accuracy') gives way to EpochTable
     if not (progress and show_bars()):
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])

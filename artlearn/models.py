@@ -224,24 +224,31 @@ class ArtistConvNeXt(_SplitModel):
 
 def _resnet_builder(depth: int):
     """Registry entry for `resnet{depth}`: checks a `depth=` passed along (as in a config)."""
-    def build(n_classes, pool="avg", depth=depth, **kw):
+    def build(n_classes, pool="avg", depth=depth, drop_path=None, **kw):
         if depth != build.depth:
             raise ValueError(f"arch 'resnet{build.depth}' does not match depth={depth!r}")
-        return ArtistResNet(build.depth, n_classes, pool, **kw)
+        return ArtistResNet(build.depth, n_classes, pool, drop_path=0.0 if drop_path is None else drop_path, **kw)
     build.depth = depth
     return build
 
 
 def _convnext_builder(name: str):
     """Registry entry for a ConvNeXt variant (`depth` must be None: ConvNeXts are named, not numbered)."""
-    def build(n_classes, pool="avg", depth=None, **kw):
+    def build(n_classes, pool="avg", depth=None, drop_path=None, zero_init_residual=False, **kw):
         if depth is not None:
             raise ValueError(f"arch {name!r} has no depth (got depth={depth!r})")
+        if zero_init_residual:
+            raise ValueError(f"zero_init_residual=True: {name} has no residual BatchNorm to start at zero (a ResNet "
+                             "setting); leave it False")
+        if drop_path is not None:
+            kw["stochastic_depth_prob"] = drop_path
         return ArtistConvNeXt(name, n_classes, pool, **kw)
     return build
 
 
-# name -> builder(n_classes, pool='avg', **kw). Register a new architecture by adding an entry.
+# name -> builder(n_classes, pool='avg', depth=..., drop_path=None, zero_init_residual=False, grad_checkpoint=False,
+# **kw): every builder takes the recipe's model settings (refusing the ones it cannot honour) and a model's own
+# `config` back. Register a new architecture by adding an entry.
 ARCHITECTURES = {**{f"resnet{d}": _resnet_builder(d) for d in RESNET_DEPTHS},
                  **{name: _convnext_builder(name) for name in _CONVNEXT_BUILDERS}}
 

@@ -1,17 +1,20 @@
 """`Recipe`: the one owner of every recipe default, grouped by where each setting acts; presets are instances.
 
 Each field carries `metadata`: `stage` (data / model / optimisation / extras / evaluation, for people), `to` (the
-consumer: 'dls' = `artist_dls`, 'learner' = `artist_learner`, 'kfold' = `train_kfold` itself) and `help` (the CLI's
-text).
-`examples/run_kfold.py` builds one flag per field, and `train_kfold(..., **overrides)` takes the same names, so a
-new setting is one field here plus the code that uses it.
+consumer: 'dls' = `artist_dls`, 'learner' = `artist_learner`, 'kfold' = `train_kfold` itself), `help` (the CLI's
+text), `choices` (a tuple, or a registry read when checked) and `absent` (what a run's config.json without this key
+means: the default unless said otherwise).
+The whole `Recipe` travels: `train_kfold` hands it to `artist_dls` (which hands it to the batch augmentation) and to
+`artist_learner`; the CLI builds one flag per field and `train_kfold(..., **overrides)` takes the same names, so a new
+setting is one field here plus the code that uses it.
 """
 import dataclasses
 import numbers
 import typing
 from dataclasses import dataclass, field
 
-from .checks import check_choice, check_fraction, check_number
+from .checks import check_choice, check_fraction, check_number, check_side
+from .tta import TTA_VIEWS
 
 PRESET_NAMES = ("reference", "best", "fast")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -20,13 +23,16 @@ SAMPLERS = (None, "balanced", "sqrt")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PIPELINES = ("device", "items")
 STORES = ("crop", "presize", "full")
-TTA_VIEWS = {"flip": 2, "multicrop": 12, "none": 1}  # each `tta` choice: forward passes per image and fold
-TTAS = tuple(TTA_VIEWS)
+CONSUMERS = {"dls": "artist_dls", "learner": "artist_learner", "kfold": "train_kfold"}  # metadata `to` -> function
+TTAS = tuple(TTA_VIEWS)  # the built-in test-time views; `tta.TTA_VIEWS` is the registry, read live
+DEFAULT = object()  # `absent=DEFAULT`: a config.json without the key means the setting's default
 
 
-def _setting(default, stage: str, to: str, help: str, choices=None):
-    """A dataclass field with its stage, consumer, help text and (optional) choices."""
-    return field(default=default, metadata=dict(stage=stage, to=to, help=help, choices=choices))
+def _setting(default, stage: str, to: str, help: str, choices=None, absent=DEFAULT):
+    """A dataclass field with its stage, consumer, help text, (optional) choices and what its absence from an older
+    run's config.json means."""
+    return field(default=default, metadata=dict(stage=stage, to=to, help=help, choices=choices,
+                                                absent=default if absent is DEFAULT else absent))
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,17 @@ class Recipe:
     min_scale: float = _setting(0.08, "data", "dls", "RandomResizedCrop: smallest crop area fraction")
     max_rotate: float = _setting(15.0, "data", "dls", "largest rotation in degrees (0: none)")
     flip: bool = _setting(True, "data", "dls", "random horizontal flips")
+    colour_jitter: float = _setting(0.0, "data", "dls", "colour jitter strength s: brightness, contrast and "
+                                    "saturation factors drawn in [1 - s, 1 + s] per training image (0: off)")
     sampler: str | None = _setting(None, "data", "dls", "training sampler: none, balanced or sqrt", SAMPLERS)
     pipeline: str = _setting("device", "data", "dls", "images to batches: 'device' (store gathered per batch, one "
-                             "resampling per image on the device) or 'items' (fastai's per-item PIL pipeline)",
-                             PIPELINES)
+                             "resampling per image on the device) or 'items' (fastai's per-item PIL pipeline, "
+                             "kept for runs trained with it: the data settings it had, none added since)",
+                             PIPELINES, absent="items")
     store: str = _setting("crop", "data", "dls", "image store's shorter side: 'crop' (ceil(size / sqrt(min_scale)): "
                           "a min_scale crop is not upsampled), 'presize' (1.15 x size, v0.1's cache) or 'full' "
-                          "(each image as decoded); capped by the memory budget", STORES)
+                          "(each image as decoded); capped by the memory budget", STORES,
+                          absent="presize")
     # model: what learns
     arch: str = _setting("resnet50", "model", "learner", "architecture (resnet18/34/50/101, convnext_nano/tiny)")
     pool: str = _setting("avg", "model", "learner", "global pooling: avg or gem")
@@ -76,7 +86,8 @@ class Recipe:
     progressive: float = _setting(0.0, "extras", "kfold", "fraction of epochs trained at half size (0: off)")
     # evaluation: how the folds predict (OOF scores, the ensemble, the submission)
     tta: str = _setting("flip", "evaluation", "kfold", "test-time views: 'flip' (image + mirror), 'multicrop' "
-                        "(+ five crops at 1.15 x size) or 'none'", TTAS)
+                        "(+ five crops at 1.15 x size), 'none', or another name registered in tta.TTA_VIEWS",
+                        TTA_VIEWS)
 
     @classmethod
     def preset(cls, name: str = "reference") -> "Recipe":
@@ -90,11 +101,23 @@ class Recipe:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **overrides) -> "Recipe":
-        """A copy with the non-None overrides applied; unknown names are a ValueError listing the valid ones."""
-        unknown = sorted(set(overrides) - set(self.names()))
+        """A copy with the non-None overrides applied (None: not given, as from the CLI); unknown names are a
+        ValueError listing the valid ones."""
+        return self.override(**{k: v for k, v in overrides.items() if v is not None})
+
+    def override(self, **settings) -> "Recipe":
+        """A copy with `settings` exactly as given (None included: `ema=None` turns EMA off); unknown names are a
+        ValueError listing the valid ones."""
+        unknown = sorted(set(settings) - set(self.names()))
         if unknown:
             raise ValueError(f"unknown setting(s) {unknown}; valid ones: {sorted(self.names())}")
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(self, **settings) if settings else self
+
+    @classmethod
+    def consumer(cls, name: str) -> str:
+        """The function a setting goes to: 'artist_dls', 'artist_learner' or 'train_kfold'."""
+        to = {f.name: f.metadata["to"] for f in dataclasses.fields(cls)}[name]
+        return CONSUMERS[to]
 
     def kwargs_for(self, consumer: str) -> dict:
         """The settings that go to one consumer ('dls', 'learner' or 'kfold')."""
@@ -112,7 +135,7 @@ class Recipe:
         for f in dataclasses.fields(self):
             if f.metadata["choices"] is not None:
                 check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
-        check_number("size", self.size, low=8, integer=True)
+        check_side("size", self.size)
         check_number("bs", self.bs, low=1, integer=True)
         check_number("epochs", self.epochs, low=1, integer=True)
         check_number("lr", self.lr, strict=True)
@@ -120,13 +143,13 @@ class Recipe:
         check_number("warmup", self.warmup, integer=True)
         for name in ("wd", "eta_min", "max_rotate", "mixup", "cutmix", "logit_adjust"):
             check_number(name, getattr(self, name))
-        check_fraction("label_smoothing", self.label_smoothing)
-        check_fraction("progressive", self.progressive)
+        for name in ("label_smoothing", "progressive", "colour_jitter"):
+            check_fraction(name, getattr(self, name))
         if not (isinstance(self.min_scale, numbers.Real) and 0 < self.min_scale <= 1):
             raise ValueError(f"min_scale={self.min_scale!r}: need a crop area fraction in (0, 1]")
-        for name in ("flip", "grad_checkpoint", "compile", "zero_init_residual"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: need True or False")
+        for f in dataclasses.fields(self):
+            if field_type(f.name)[0] is bool and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: need True or False")
         if self.drop_path is not None and not (isinstance(self.drop_path, numbers.Real) and 0 <= self.drop_path < 1):
             raise ValueError(f"drop_path={self.drop_path!r}: need a probability in [0, 1), or None")
         if self.ema is not None:
@@ -136,7 +159,34 @@ class Recipe:
         if self.warmup >= self.epochs:
             raise ValueError(f"warmup={self.warmup} must be shorter than epochs={self.epochs}: lower warmup or "
                              "train more epochs")
+        self._check_items_pipeline()
         return self
+
+    def _check_items_pipeline(self) -> None:
+        """ValueError for a data setting the 'items' pipeline (kept for old runs) does not implement."""
+        if self.pipeline != "items":
+            return
+        for f in dataclasses.fields(self):
+            added = f.metadata["to"] == "dls" and f.name not in ITEMS_PIPELINE_SETTINGS
+            if added and getattr(self, f.name) != f.default:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} needs pipeline='device' (the 'items' pipeline is "
+                                 "kept for runs trained with it and has only the data settings it had then)")
+
+
+# The data settings the 'items' pipeline implements (it gets no new ones: a data option is written once, for 'device').
+ITEMS_PIPELINE_SETTINGS = frozenset({"size", "bs", "min_scale", "max_rotate", "flip", "sampler", "pipeline", "store"})
+# The settings every run with a run identity (format 3) records: its identity hashes them as written. A setting added
+# since is left out of the identity while it holds its `absent` value, so a library that adds one keeps old runs'
+# identities (and their folds resumable) without another edit.
+IDENTITY_SETTINGS = frozenset({
+    "size", "bs", "min_scale", "max_rotate", "flip", "sampler", "arch", "pool", "grad_checkpoint", "drop_path",
+    "compile", "epochs", "lr", "optimizer", "wd", "label_smoothing", "eta_min", "warmup", "monitor", "precision",
+    "grad_accum", "mixup", "cutmix", "ema", "logit_adjust", "progressive", "tta"})
+
+
+def absent_means() -> dict:
+    """Every setting -> what its absence from an older run's config.json means (field metadata `absent`)."""
+    return {f.name: f.metadata["absent"] for f in dataclasses.fields(Recipe)}
 
 
 def field_type(name: str):

@@ -7,7 +7,6 @@ content to the data fingerprint. artlearn writes only into a new or empty folder
 only the files it writes there, and never touches a folder that holds the data.
 """
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -22,6 +21,9 @@ import pandas as pd
 from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, check_meta, identity_problem
 from .checks import ArtlearnError, listing
 from .files import atomic_write_csv, atomic_write_json, read_json
+from .runconfig import (  # noqa: F401  (the config's terms, re-exported: run.py is where users look for them)
+    ABSENT_MEANS, CONFIG_NAME, FOLDS_NAME, OLD_SPELLINGS, RUN_FORMAT, RUN_FORMAT_VERSION, RUNTIME_KEYS, config_as_now,
+    read_config, run_format_version, run_identity)
 from .tables import digest_changes
 
 try:
@@ -31,21 +33,14 @@ except ImportError:  # not POSIX: no advisory locks
 
 logger = logging.getLogger("artlearn")
 
-CONFIG_NAME, FOLDS_NAME, SUMMARY_NAME, OOF_NAME = "config.json", "folds.csv", "summary.json", "oof.csv"
+SUMMARY_NAME, OOF_NAME = "summary.json", "oof.csv"
 SUBMISSION_NAME, LOCK_NAME = "submission.csv", ".lock"
 RUN_FIGURES = ("history.png", "confusion.png", "recall.png")  # plots.save_run_figures writes these into a run
 RUN_FILES = (CONFIG_NAME, FOLDS_NAME, SUMMARY_NAME, OOF_NAME, SUBMISSION_NAME, *RUN_FIGURES)
 FOLD_FILES = (WEIGHTS_NAME, META_NAME, HISTORY_NAME, OOF_NAME)
-RUN_FORMAT, RUN_FORMAT_VERSION = "artlearn-run", 3
 CONTENT_VERSION = 3  # the first format version whose 'data' fingerprint covers the image content
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "train_acc", "valid_acc", "f1_macro", "lr", "seconds")
 TEXT_COLUMNS = ("id", "img_path", "artist", "pred")  # read back as text, never as numbers or NaN
-# config.json keys added after runs were first written, and the value their absence stands for
-ABSENT_MEANS = {"pipeline": "items", "store": "presize", "zero_init_residual": False, "budget": None}
-# config.json values whose spelling changed, old -> now (tta was a train_kfold argument, None for no TTA)
-OLD_SPELLINGS = {"tta": {None: "none"}}
-# settings of a run that may differ between a run and its resume
-RUNTIME_KEYS = ("folds", "library_version", "format", "format_version", "budget")  # budget: how long, not what
 
 
 def fold_dir(run_dir, fold: int) -> Path:
@@ -123,30 +118,6 @@ def fold_status(meta: dict) -> str:
 # ---------------------------------------------------------------- config.json
 
 
-def run_format_version(config: dict) -> int | None:
-    """The format version of a config.json (1 for runs written before versions), None when not artlearn's."""
-    if config.get("format") == RUN_FORMAT:
-        version = config.get("format_version", 0)
-        return version if isinstance(version, int) and not isinstance(version, bool) else 0
-    return 1 if "library_version" in config and "format" not in config else None
-
-
-def read_config(path) -> dict:
-    """config.json of a run directory, refused when it is not artlearn's or of a newer format."""
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise ValueError(f"{path}: not an artlearn run directory (no {CONFIG_NAME}); train one with train_kfold")
-    config = read_json(path / CONFIG_NAME, fix="restore it, or use another --out folder")
-    version = run_format_version(config) if isinstance(config, dict) else None
-    if version is None:
-        raise ValueError(f"{path / CONFIG_NAME} is not an artlearn run config (no 'format': '{RUN_FORMAT}'); "
-                         "use another --out folder")
-    if version > RUN_FORMAT_VERSION:
-        raise ValueError(f"{path} has run format version {version}, newer than this artlearn reads "
-                         f"({RUN_FORMAT_VERSION}); upgrade artlearn")
-    return config
-
-
 def data_fingerprint(df: pd.DataFrame, digests=None) -> str:
     """Hash of the (img_path, artist, fold[, content digest]) assignment, to refuse mixing runs over other data."""
     cols = [c for c in ("img_path", "artist", "fold") if c in df.columns]
@@ -177,23 +148,6 @@ def run_config(settings: dict, df: pd.DataFrame, digests=None, **run_args) -> di
     from . import __version__
     return dict(format=RUN_FORMAT, format_version=RUN_FORMAT_VERSION, **run_args, **settings, n_images=len(df),
                 n_artists=int(df["artist"].nunique()), data=data_fingerprint(df, digests), library_version=__version__)
-
-
-def config_as_now(config: dict) -> dict:
-    """A run's config in today's terms: settings added since it was written get what their absence meant
-    (ABSENT_MEANS), values spelled the old way get today's spelling (OLD_SPELLINGS)."""
-    config = {**ABSENT_MEANS, **config}
-    return {k: OLD_SPELLINGS.get(k, {}).get(v, v) if isinstance(v, (str, type(None))) else v
-            for k, v in config.items()}
-
-
-def run_identity(config: dict) -> str:
-    """A run's identity, which every fold's meta.json records as run_id: a sha256 (32 hex digits) of its config in
-    today's terms, without the runtime keys and without settings that hold what their absence means (so a library
-    that adds a setting, or a config with an old spelling, keeps the identity; any other change does not)."""
-    settings = {k: v for k, v in config_as_now(config).items()
-                if k not in RUNTIME_KEYS and not (k in ABSENT_MEANS and v == ABSENT_MEANS[k])}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def check_config(out: Path, config: dict, legacy: dict | None = None) -> None:

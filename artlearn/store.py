@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import MAX_SIZE  # the largest side anything here handles: 'full' stores up to it
-from .checks import listing
+from .checks import check_side, listing
 from .tables import cached_digest, describe_error, load_rgb
 
 logger = logging.getLogger("artlearn")
@@ -207,8 +207,7 @@ class PresizeCache:
                  workers: int | None = None, device_memory: int | None = None):
         if mode not in ("auto", "memory", "disk"):
             raise ValueError(f"mode={mode!r}: use 'auto', 'memory' or 'disk'")
-        if not isinstance(presize, (int, np.integer)) or presize < 8:
-            raise ValueError(f"presize={presize!r}: need an integer of at least 8 pixels")
+        check_side("presize", presize)
         self.presize, self.mode, self.workers = int(presize), mode, workers or min(8, os.cpu_count() or 1)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.max_memory = max_memory if max_memory is not None else default_memory_budget()

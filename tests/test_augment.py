@@ -17,9 +17,11 @@ from artlearn.augment import (
     center_box,
     center_boxes,
     center_views,
+    colour_jitter,
     crop_affine,
     flip_views,
     random_crop_box,
+    recipe_views,
     resample,
     sample_crop_boxes,
     store_side,
@@ -313,7 +315,7 @@ def test_bad_arguments_raise_value_errors_naming_the_value():
         with pytest.raises(ValueError, match="min_scale"):
             store_side(64, min_scale, 256)
     for size in (7, 0, 32.0):
-        with pytest.raises(ValueError, match=f"out_size={size}"):
+        with pytest.raises(ValueError, match=f"size={size}"):
             center_views(batch, sizes, size)
         with pytest.raises(ValueError, match="out_size"):
             store_side(size, 0.5, 256)
@@ -372,3 +374,39 @@ def test_a_channels_last_batch_gives_the_same_views():
     b = train_views(cl, sizes, 32, torch.Generator().manual_seed(4))
     assert maxe(a, b) < 1e-3
     assert torch.equal(center_views(batch, sizes, 32), center_views(cl, sizes, 32))
+
+
+def test_colour_jitter_is_torchvisions_brightness_contrast_saturation_with_the_drawn_factors():
+    """Oracle: torchvision's adjust_brightness, adjust_contrast, adjust_saturation (in that order) of each view (0..1
+    floats) with the factors colour_jitter draws, which lie in [1 - s, 1 + s] and differ per image."""
+    x = torch.stack([painting(24, 24, seed).float() for seed in range(6)])
+    s = 0.4
+    ours = colour_jitter(x, s, torch.Generator().manual_seed(3))
+    draws = torch.rand((3, len(x)), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    factors = (1 - s + 2 * s * draws).float()
+    assert factors.min() >= 1 - s and factors.max() <= 1 + s and len(set(factors[0].tolist())) == len(x)
+    for i, img in enumerate(x / 255):
+        b, c, sat = factors[:, i].tolist()
+        want = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), sat) * 255
+        torch.testing.assert_close(ours[i], want, atol=1e-3, rtol=1e-4)
+    assert not torch.equal(ours, x) and ours.min() >= 0 and ours.max() <= 255
+
+
+def test_colour_jitter_off_draws_nothing_and_recipe_views_are_train_views():
+    """strength 0 returns the views as they are and leaves the generator's stream alone, so a recipe without colour
+    jitter makes exactly train_views' batches (same seed, same crops); with it, the same crops recoloured."""
+    from artlearn.recipe import FAST
+    imgs = [painting(*shape, seed=i) for i, shape in enumerate(SHAPES)]
+    canvas, sizes = padded(imgs)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 3, 8, 8) * 255
+    assert colour_jitter(x, 0.0, gen) is x
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(5).get_state())
+    plain = train_views(canvas, sizes, 32, torch.Generator().manual_seed(9), min_scale=0.35, max_rotate=15.0)
+    recipe = FAST.override(size=32)
+    torch.testing.assert_close(recipe_views(canvas, sizes, recipe, torch.Generator().manual_seed(9)), plain)
+    jittered = recipe_views(canvas, sizes, recipe.override(colour_jitter=0.3), torch.Generator().manual_seed(9))
+    assert not torch.allclose(jittered, plain)
+    gray = lambda v: (0.2989 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2])  # noqa: E731
+    corr = torch.corrcoef(torch.stack([gray(jittered).flatten(), gray(plain).flatten()]))[0, 1]
+    assert corr > 0.8  # the same crops, recoloured (not other crops)

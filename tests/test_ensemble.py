@@ -230,15 +230,15 @@ def test_multicrop_tta_equals_hand_written_views(tiny_run):
 def test_multicrop_windows_do_not_depend_on_the_stores_resolution(tmp_path):
     """The five windows are taken at the 1.15 x size scale: from a large stored image (store 'crop'/'full') they
     equal, within resampling error, the windows of the same image stored at 1.15 x size (v0.1's definition)."""
-    from artlearn.ensemble import crop_batch
+    from artlearn.tta import native_windows
     yy, xx = np.mgrid[0:240, 0:300]
     path = tmp_path / "big.png"  # smooth gradients: windows at another scale would have other colours
     Image.fromarray(np.stack([xx * 255 // 299, yy * 255 // 239, (xx + yy) * 255 // 538], 2).astype(np.uint8)).save(path)
     small, large = PresizeCache(presize_for(32)), PresizeCache(200)
     small.fill([path]), large.fill([path])
     assert min(large.get(path).shape[:2]) == 200 and min(small.get(path).shape[:2]) == presize_for(32)
-    a = crop_batch(small, [path], 32, tta="multicrop")[1:].float()
-    b = crop_batch(large, [path], 32, tta="multicrop")[1:].float()
+    a = torch.stack(native_windows(small, [path], 32)).float()
+    b = torch.stack(native_windows(large, [path], 32)).float()
     assert a.shape == b.shape == (5, 1, 3, 32, 32)
     assert (a - b).abs().mean() < 3.0  # 0..255 scale: the same windows, resampled along two paths
 
@@ -312,10 +312,11 @@ def test_pil_images_are_ensembled_without_entering_the_cache(tiny_run, tmp_path)
 
 @pytest.mark.parametrize("tta", ["none", "flip", "multicrop"])
 def test_each_image_costs_the_forward_passes_the_budget_planner_charges(device_run, monkeypatch, tta):
-    """recipe.TTA_VIEWS (what FoldPlanner reserves time for) equals the images ensemble() passes through each fold."""
+    """tta.TTA_VIEWS' views (what FoldPlanner reserves time for) equal the images ensemble() passes through each
+    fold."""
     import sys
 
-    from artlearn.recipe import TTA_VIEWS
+    from artlearn.tta import TTA_VIEWS
     ensemble_module = sys.modules["artlearn.ensemble"]  # artlearn.ensemble is the function
     run, _, test = device_run
     seen, real_load = [], ensemble_module.load_folds
@@ -327,4 +328,4 @@ def test_each_image_costs_the_forward_passes_the_budget_planner_charges(device_r
         return models, metas, device
     monkeypatch.setattr(ensemble_module, "load_folds", counting_load)
     al.ensemble(run.path, test, tta=tta, bs=5)
-    assert sum(seen) == len(test) * len(run.folds) * TTA_VIEWS[tta]
+    assert sum(seen) == len(test) * len(run.folds) * TTA_VIEWS[tta].views

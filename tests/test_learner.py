@@ -110,11 +110,10 @@ def test_fused_maker_falls_back_to_torchs_default_where_fusing_is_refused():
 def test_defaults_reproduce_the_reference_recipe():
     params = inspect.signature(artist_learner).parameters
     defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    assert defaults | dict(cbs=None) == dict(
-        arch="resnet50", pool="avg", label_smoothing=0.05, lr=1e-3, optimizer="adam", wd=0.0, epochs=None,
-        eta_min=0.0, warmup=0, seed=None, out=None, fold=None, monitor="valid_loss", progress=True,
-        precision="auto", channels_last=None, grad_accum=1, mixup=0.0, cutmix=0.0, ema=None, logit_adjust=0.0,
-        zero_init_residual=False, cbs=None, model=None, compile=False, drop_path=None)
+    assert defaults == dict(arch=None, pool=None, recipe=None, epochs=None, seed=None, out=None, fold=None,
+                            progress=True, channels_last=None, cbs=None, model=None)  # the rest: Recipe()'s
+    default = artist_learner(image_dls(), progress=False)
+    assert default.model.config["arch"] == "resnet50" and default.model.config["zero_init_residual"] is False
     learn = artist_learner(image_dls(), arch="resnet18", progress=False)
     assert isinstance(learn, Learner) and isinstance(learn, ArtistLearner)
     learn.create_opt()
