@@ -11,7 +11,7 @@ from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
 
-from .checks import check_choice
+from .checks import check_choice, check_fraction
 
 __all__ = ["GeM", "ArtistResNet", "ArtistConvNeXt", "ARCHITECTURES", "build_model", "POOLS", "RESNET_DEPTHS"]
 
@@ -137,8 +137,7 @@ class ArtistResNet(_SplitModel):
         check_choice("depth", depth, RESNET_DEPTHS)
         check_choice("pool", pool, POOLS)
         _check_n_classes(n_classes)
-        if not (isinstance(drop_path, numbers.Real) and 0 <= drop_path < 1):
-            raise ValueError(f"drop_path={drop_path!r}: need a probability in [0, 1)")
+        check_fraction("drop_path", drop_path)
         depth, n_classes = int(depth), int(n_classes)
         net = _torchvision_resnet(depth, n_classes, zero_init_residual, float(drop_path))
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool

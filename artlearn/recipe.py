@@ -150,8 +150,8 @@ class Recipe:
         for f in dataclasses.fields(self):
             if field_type(f.name)[0] is bool and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r}: need True or False")
-        if self.drop_path is not None and not (isinstance(self.drop_path, numbers.Real) and 0 <= self.drop_path < 1):
-            raise ValueError(f"drop_path={self.drop_path!r}: need a probability in [0, 1), or None")
+        if self.drop_path is not None:
+            check_fraction("drop_path", self.drop_path)
         if self.ema is not None:
             check_fraction("ema", self.ema, low_inclusive=False)
         if self.mixup and self.cutmix:

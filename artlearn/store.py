@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import MAX_SIZE  # the largest side anything here handles: 'full' stores up to it
-from .checks import check_side, listing
+from .checks import check_choice, check_side, listing
 from .tables import cached_digest, describe_error, load_rgb
 
 logger = logging.getLogger("artlearn")
@@ -33,8 +33,7 @@ def store_presize(store: str, size: int, min_scale: float, n_images: int, budget
     presize_for(size): past that the store spills to disk instead)."""
     from .augment import store_side
     from .recipe import STORES
-    if store not in STORES:
-        raise ValueError(f"store={store!r}: use one of {list(STORES)}")
+    check_choice("store", store, STORES)
     if not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise ValueError(f"n_images={n_images!r}: need the number of images the store will hold (at least 1)")
     floor = presize_for(size)
