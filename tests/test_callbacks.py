@@ -65,7 +65,9 @@ class TinyNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_tiny(n_classes, pool="avg", depth=None, **kw):
+def build_tiny(n_classes, pool="avg", depth=None, drop_path=0.0, zero_init_residual=False, grad_checkpoint=False,
+               **kw):
+    """TinyNet; the recipe's model settings that every builder takes mean nothing to it."""
     return TinyNet(n_classes, pool, **kw)
 
 
