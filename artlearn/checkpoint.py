@@ -42,15 +42,19 @@ class _JsonMapping(Mapping):
     equal to another mapping with the same JSON form."""
 
     def __getitem__(self, key):
+        """The JSON form's value of `key`."""
         return self.to_json()[key]
 
     def __iter__(self):
+        """The JSON form's keys."""
         return iter(self.to_json())
 
     def __len__(self) -> int:
+        """The number of JSON entries."""
         return len(self.to_json())
 
     def __eq__(self, other) -> bool:
+        """Same JSON form (a DataMeta never equals a FoldMeta)."""
         if isinstance(other, _JsonMapping) and type(other) is not type(self):
             return False
         return isinstance(other, Mapping) and self.to_json() == dict(other)
@@ -81,6 +85,7 @@ class DataMeta(_JsonMapping):
     store_side: int | None = _absent(None)  # folds written before `store` existed: 1.15 x size (fold_store_side)
 
     def __post_init__(self):
+        """vocab, mean, std and class_counts (lists in JSON or from a caller) kept as tuples."""
         for name in ("vocab", "mean", "std", "class_counts"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
 
@@ -134,6 +139,7 @@ class FoldMeta(DataMeta):
     extra: dict = field(default_factory=dict, metadata={"absent": {}})  # meta.json's other entries
 
     def __post_init__(self):
+        """Own copies of the model config and the extra entries (those named like a field are dropped)."""
         super().__post_init__()
         object.__setattr__(self, "model", dict(self.model))
         object.__setattr__(self, "extra", {k: v for k, v in self.extra.items() if k not in FoldMeta.names()})
