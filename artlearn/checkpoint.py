@@ -32,9 +32,12 @@ MAX_SIZE, MAX_CLASSES = 4096, 100_000  # bounds of a meta.json's image size and 
 FROM_MODEL = "the model config's"  # what an absent arch, depth, pool or n_classes means: the value in 'model'
 
 
-def _absent(default, absent=None, **kwargs):
+_SAME = object()
+
+
+def _absent(default, absent=_SAME):
     """A field whose absence from an older meta.json means `absent` (its default when not given)."""
-    return field(default=default, metadata={"absent": default if absent is None else absent}, **kwargs)
+    return field(default=default, metadata={"absent": default if absent is _SAME else absent})
 
 
 class _JsonMapping(Mapping):
