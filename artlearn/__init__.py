@@ -16,7 +16,7 @@ _EXPORTS = {
     "LabelSmoothing": "callbacks", "CosineAnnealing": "callbacks", "FoldCheckpoint": "callbacks",
     "Reproducible": "callbacks", "EMA": "callbacks", "History": "callbacks", "NonFiniteLossError": "callbacks",
     "LogitAdjustment": "callbacks", "ProgressiveResize": "callbacks",
-    "load_fold": "checkpoint", "save_weights": "checkpoint", "read_meta": "checkpoint",
+    "load_fold": "checkpoint", "save_weights": "checkpoint", "read_meta": "checkpoint", "FoldMeta": "checkpoint",
     "ArtistLearner": "learner", "artist_learner": "learner", "fold_learner": "learner",
     "load_run": "run", "KFoldRun": "run",
     "train_kfold": "kfold", "select_folds": "kfold", "FoldSelection": "kfold",

@@ -8,6 +8,7 @@ also around `Learner.validate`, `get_preds`, `tta` and inside `lr_find`. The sta
 only reset their state once a fit actually trains (`before_train`), so validating never rewrites a history or
 a checkpoint, restarts an EMA or reseeds the process.
 """
+import dataclasses
 import logging
 import math
 import numbers
@@ -25,10 +26,11 @@ from fastai.callback.tracker import TrackerCallback
 from fastai.learner import Recorder
 from fastai.losses import CrossEntropyLossFlat
 
-from .checkpoint import (HISTORY_NAME, META_NAME, WEIGHTS_NAME, fold_identity, fold_meta, load_weights,
+from .checkpoint import (HISTORY_NAME, META_NAME, WEIGHTS_NAME, DataMeta, FoldMeta, fold_identity, load_weights,
                          save_weights_digest)
 from .checks import check_fraction
 from .device import dls_on_cuda, reuse_heap
+from .dls import ArtistDataLoaders
 from .files import atomic_write_csv, atomic_write_json
 from .recipe import MONITORS as MONITOR_NAMES
 from .rng import fork_global_rng
@@ -359,7 +361,7 @@ class NonFiniteGuard(TrainingOnly):
 
     def _fold_label(self) -> str:
         """'fold k: ' when the fold is known."""
-        fold = self.fold_id if self.fold_id is not None else getattr(self.dls, "artlearn_meta", {}).get("fold")
+        fold = self.fold_id if self.fold_id is not None else data_meta(self.dls).fold
         return "" if fold is None else f"fold {fold}: "
 
     def after_loss(self):
@@ -407,22 +409,23 @@ def _find_size(dls):
     return None
 
 
-def data_meta(dls) -> dict:
-    """What a checkpoint needs to know about the data: vocab, size, mean, std (0-1 scale), fold, ...
+def data_meta(dls) -> DataMeta:
+    """What a checkpoint needs to know about the data (a `DataMeta`: vocab, size, mean, std (0-1 scale), fold, ...).
 
-    From `dls.artlearn_meta` (set by `artist_dls`); otherwise from `dls.vocab`, the `Normalize` batch transform
-    and the item transforms' size.
+    The `data_meta` of `ArtistDataLoaders` (made by `artist_dls`, `eval_dls`); for other loaders, vocab from
+    `dls.vocab`, mean/std from the `Normalize` batch transform and size from the item transforms (None if absent).
     """
-    meta = dict(getattr(dls, "artlearn_meta", None) or {})
-    if "vocab" not in meta:
-        meta["vocab"] = list(dls.vocab)
-    meta["vocab"] = [str(v) for v in meta["vocab"]]
-    if meta.get("mean") is None or meta.get("std") is None:
+    meta = dls.data_meta if isinstance(dls, ArtistDataLoaders) else None
+    if meta is not None and meta.vocab is not None and None not in (meta.mean, meta.std, meta.size):
+        return meta
+    meta = meta or DataMeta()
+    vocab = meta.vocab if meta.vocab is not None else [str(v) for v in dls.vocab]
+    mean, std = meta.mean, meta.std
+    if mean is None or std is None:
         norm = _find_normalize(dls)
-        meta["mean"], meta["std"] = (None, None) if norm is None else (_stat_list(norm.mean), _stat_list(norm.std))
-    if meta.get("size") is None:
-        meta["size"] = _find_size(dls)
-    return meta
+        mean, std = (None, None) if norm is None else (_stat_list(norm.mean), _stat_list(norm.std))
+    size = meta.size if meta.size is not None else _find_size(dls)
+    return dataclasses.replace(meta, vocab=vocab, mean=mean, std=std, size=size)
 
 
 def _all_finite(state: dict) -> bool:
@@ -435,7 +438,7 @@ class FoldCheckpoint(TrackerCallback):
 
     When the monitored value improves (`monitor` in 'valid_loss' (lower is better), 'valid_acc', 'f1_macro'
     (higher is better)), `best.safetensors` is written atomically, then `meta.json` with `complete: false`
-    (`artlearn.checkpoint.fold_meta`). At `after_fit` the best weights are loaded back into the model and
+    (`artlearn.checkpoint.FoldMeta`). At `after_fit` the best weights are loaded back into the model and
     meta.json is rewritten with `complete: true` and `epochs_run`. The learner's `History` writes `history.csv`
     beside them after every epoch (one is added when missing). An interrupted fit (Ctrl-C, an exception) leaves
     the best epoch's files valid and `complete: false`; a fit stopped by `NonFiniteGuard` also records `stopped`.
@@ -485,7 +488,7 @@ class FoldCheckpoint(TrackerCallback):
         config = getattr(self.model, "config", None)
         if config is None:
             raise ValueError("FoldCheckpoint needs a model with a `config` (build it with artlearn's build_model)")
-        n_vocab = len(data_meta(self.dls)["vocab"])
+        n_vocab = len(data_meta(self.dls).vocab)
         if config["n_classes"] != n_vocab:
             raise ValueError(f"the model has {config['n_classes']} outputs but the data has {n_vocab} artists")
         if not hasattr(self.learn, "history"):
@@ -520,15 +523,19 @@ class FoldCheckpoint(TrackerCallback):
             return
         self.identity = fold_identity(self.fold_dir, digest=save_weights_digest(self.weights_path, state))
         self.best_epoch = int(self.epoch)
-        atomic_write_json(self.meta_path, self._meta(complete=False))
+        self._write_meta(complete=False)
 
-    def _meta(self, complete: bool, **extra) -> dict:
-        """The meta.json content (see `artlearn.checkpoint.fold_meta`)."""
+    def _write_meta(self, complete: bool, epochs_run: int | None = None) -> None:
+        """Write meta.json (atomically): the checkpoint's `FoldMeta` as JSON."""
+        atomic_write_json(self.meta_path, self._meta(complete, epochs_run).to_json())
+
+    def _meta(self, complete: bool, epochs_run: int | None = None) -> FoldMeta:
+        """The checkpoint's meta."""
         ema = getattr(self.learn, "ema", None)
-        return fold_meta(self.model.config, data_meta(self.dls), fold=self.fold_index, epoch=self.best_epoch,
-                         monitor=self.monitor_name, score=None if self.best_epoch is None else float(self.best),
-                         complete=complete, ema=getattr(ema, "decay", None), stopped=self.stop_reason,
-                         extra={**self.extra_meta, **extra}, identity=self.identity)
+        return FoldMeta.build(self.model.config, data_meta(self.dls), fold=self.fold_index, epoch=self.best_epoch,
+                              monitor=self.monitor_name, score=None if self.best_epoch is None else float(self.best),
+                              complete=complete, ema=getattr(ema, "decay", None), stopped=self.stop_reason,
+                              epochs_run=epochs_run, identity=self.identity, extra=self.extra_meta)
 
     def after_fit(self):
         """Load the best weights back; mark the checkpoint complete (unless the fit was stopped)."""
@@ -537,10 +544,10 @@ class FoldCheckpoint(TrackerCallback):
         epochs_run = len(self.learn.history.rows)
         if self.best_epoch is None:
             self.stop_reason = self.stop_reason or f"no epoch with a finite {self.monitor_name}"
-            atomic_write_json(self.meta_path, self._meta(complete=False, epochs_run=epochs_run))
+            self._write_meta(complete=False, epochs_run=epochs_run)
             return
         self.model.load_state_dict(load_weights(self.weights_path))
-        atomic_write_json(self.meta_path, self._meta(complete=self.stop_reason is None, epochs_run=epochs_run))
+        self._write_meta(complete=self.stop_reason is None, epochs_run=epochs_run)
 
 
 class Reproducible(TrainingOnly):

@@ -1,7 +1,7 @@
 """Fold checkpoints on disk: atomic writes, safetensors weights, and loading a fold from its folder alone.
 
-A fold folder holds `best.safetensors` (the weights), `meta.json` (how to rebuild the model: `meta['model']`
-is the model's `config`, plus vocab, image size and normalisation stats) and `history.csv`. Weights are
+A fold folder holds `best.safetensors` (the weights), `meta.json` (a `FoldMeta`: how to rebuild the model,
+`meta.model` being the model's `config`, plus vocab, image size and normalisation stats) and `history.csv`. Weights are
 only ever read with safetensors, which parses tensors and runs no code: pickled formats are refused.
 """
 import hashlib
@@ -10,6 +10,8 @@ import logging
 import math
 import numbers
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .files import atomic_write_bytes, atomic_write_csv  # noqa: F401 (atomic_write_csv: old import path)
@@ -17,41 +19,181 @@ from .checks import MIN_SIDE
 from .rng import fork_global_rng
 from .runconfig import CONFIG_NAME as RUN_CONFIG_NAME, FOLDS_NAME as RUN_FOLDS_NAME, read_config, run_identity
 
-__all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "save_weights", "load_weights", "weight_shapes", "read_meta",
-           "check_meta", "load_fold", "fold_identity", "identity_problem", "file_sha256"]
+__all__ = ["WEIGHTS_NAME", "META_NAME", "HISTORY_NAME", "DataMeta", "FoldMeta", "save_weights", "load_weights",
+           "weight_shapes", "read_meta", "check_meta", "load_fold", "fold_identity", "identity_problem", "file_sha256"]
 
 WEIGHTS_NAME, META_NAME, HISTORY_NAME = "best.safetensors", "meta.json", "history.csv"
 META_FORMAT, META_FORMAT_VERSION = "artlearn-fold", 3  # version 3 adds run_id and weights_sha256
-# meta.json keys added after folds were first written, and what their absence means: not recorded, so not checked
-META_ABSENT_MEANS = {"run_id": None, "weights_sha256": None, "format": META_FORMAT, "format_version": 1}
 logger = logging.getLogger("artlearn")
 _PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
 MAX_SIZE, MAX_CLASSES = 4096, 100_000  # bounds of a meta.json's image size and class count (checked before building)
 
 
-def fold_meta(model_config: dict, data: dict, fold: int, epoch, monitor: str, score, complete: bool, ema=None,
-              stopped=None, extra: dict | None = None, identity: dict | None = None) -> dict:
-    """The content of a fold's meta.json: how to rebuild the model, the data it expects, where training stands.
+FROM_MODEL = "the model config's"  # what an absent arch, depth, pool or n_classes means: the value in 'model'
 
-    `model` (the config for `build_model(**meta['model'])`), arch, depth, pool, n_classes, vocab, size, mean, std
-    (0-1 scale), fold, epoch, monitor, score, complete, the data's n_folds, split_seed and class_counts, ema,
-    pipeline and store_side (the image store's shorter side, which evaluation reuses), the format version;
-    `stopped` when a fit was stopped; `identity` (`fold_identity`: run_id, weights_sha256); then the entries of
-    `extra` (which cannot override these).
-    """
-    from . import __version__
-    meta = dict(extra or {})
-    meta.update(format=META_FORMAT, format_version=META_FORMAT_VERSION, model=model_config,
-                arch=model_config["arch"], depth=model_config.get("depth"), pool=model_config.get("pool"),
-                n_classes=model_config["n_classes"], vocab=data["vocab"], size=data.get("size"),
-                mean=data.get("mean"), std=data.get("std"), fold=int(fold), epoch=epoch, monitor=monitor, score=score,
-                complete=bool(complete), artlearn_version=__version__, n_folds=data.get("n_folds"),
-                split_seed=data.get("seed"), class_counts=data.get("class_counts"), ema=ema,
-                pipeline=data.get("pipeline", "items"), store_side=data.get("store_side"))
-    if stopped:
-        meta["stopped"] = stopped
-    meta.update({k: v for k, v in (identity or {}).items() if k in ("run_id", "weights_sha256")})
-    return meta
+
+_SAME = object()
+
+
+def _absent(default, absent=_SAME):
+    """A field whose absence from an older meta.json means `absent` (its default when not given)."""
+    return field(default=default, metadata={"absent": default if absent is _SAME else absent})
+
+
+class _JsonMapping(Mapping):
+    """Read-only Mapping protocol over `to_json()` (so `meta["size"]`, `meta.get(...)`, `dict(meta)` keep working);
+    equal to another mapping with the same JSON form."""
+
+    def __getitem__(self, key):
+        """The JSON form's value of `key`."""
+        return self.to_json()[key]
+
+    def __iter__(self):
+        """The JSON form's keys."""
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        """The number of JSON entries."""
+        return len(self.to_json())
+
+    def __eq__(self, other) -> bool:
+        """Same JSON form (a DataMeta never equals a FoldMeta)."""
+        if isinstance(other, _JsonMapping) and type(other) is not type(self):
+            return False
+        return isinstance(other, Mapping) and self.to_json() == dict(other)
+
+    __hash__ = None  # like a dict: the model config and extras are mutable
+
+
+def _tuple(values) -> tuple | None:
+    """A list (of a JSON file or of a caller) as a tuple; None stays None."""
+    return None if values is None else tuple(values)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class DataMeta(_JsonMapping):
+    """What a fold's checkpoint records about its data (made by `artist_dls`/`eval_dls`, carried by their
+    `ArtistDataLoaders.data_meta`): vocab, image size, mean/std (0-1 scale), fold, training class counts, n_folds,
+    split_seed, pipeline and store_side (the image store's shorter side, which evaluation reuses). Read-only
+    Mapping protocol over `to_json()` (meta.json's names), for code that reads it as a dict."""
+    vocab: tuple[str, ...] | None = _absent(None)
+    size: int | None = _absent(None)
+    mean: tuple[float, ...] | None = _absent(None)
+    std: tuple[float, ...] | None = _absent(None)
+    fold: int | None = _absent(None)
+    class_counts: tuple[int, ...] | None = _absent(None)
+    n_folds: int | None = _absent(None)
+    split_seed: int | None = _absent(None)
+    pipeline: str = _absent("items")  # folds trained before the device pipeline existed
+    store_side: int | None = _absent(None)  # folds written before `store` existed: 1.15 x size (fold_store_side)
+
+    def __post_init__(self):
+        """vocab, mean, std and class_counts (lists in JSON or from a caller) kept as tuples."""
+        for name in ("vocab", "mean", "std", "class_counts"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+
+    def data_json(self) -> dict:
+        """The data entries of meta.json (lists for tuples)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(DataMeta)}
+
+    def to_json(self) -> dict:
+        """The JSON form (meta.json's names and values)."""
+        return self.data_json()
+
+    def data(self) -> "DataMeta":
+        """The data part alone."""
+        return DataMeta(**{f.name: getattr(self, f.name) for f in fields(DataMeta)})
+
+
+# meta.json's keys in the order the file has them (after the extra entries and epochs_run); the last three only
+# when set
+_WRITTEN = ("format", "format_version", "model", "arch", "depth", "pool", "n_classes", "vocab", "size", "mean", "std",
+            "fold", "epoch", "monitor", "score", "complete", "artlearn_version", "n_folds", "split_seed",
+            "class_counts", "ema", "pipeline", "store_side")
+_WRITTEN_WHEN_SET = ("stopped", "weights_sha256", "run_id")
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class FoldMeta(DataMeta):
+    """A fold's meta.json, typed: how to rebuild the model (`model`, the config for `build_model(**meta.model)`;
+    arch, depth, pool, n_classes), the data it expects (`DataMeta`), where training stands (fold, epoch, monitor,
+    score, complete, epochs_run, stopped, ema), its identity (run_id, weights_sha256), the format and the entries
+    of `extra`. `from_json` validates, `to_json` is the file's content; what a key absent from an older file means
+    is each field's metadata `absent`. Read-only Mapping protocol over `to_json()`, so `load_fold(...)[1]["size"]`
+    keeps working."""
+    model: dict
+    format: str = _absent(META_FORMAT)
+    format_version: int = _absent(META_FORMAT_VERSION, absent=1)
+    arch: str | None = _absent(None, absent=FROM_MODEL)
+    depth: int | None = _absent(None, absent=FROM_MODEL)
+    pool: str | None = _absent(None, absent=FROM_MODEL)
+    n_classes: int | None = _absent(None, absent=FROM_MODEL)
+    epoch: int | None = _absent(None)
+    monitor: str | None = _absent(None)
+    score: float | None = _absent(None)
+    complete: bool = _absent(False)
+    artlearn_version: str | None = _absent(None)
+    ema: float | None = _absent(None)
+    epochs_run: int | None = _absent(None)  # written when a fit ends
+    stopped: str | None = _absent(None)
+    run_id: str | None = _absent(None)  # not recorded (folds written before format 3): not checked
+    weights_sha256: str | None = _absent(None)
+    extra: dict = field(default_factory=dict, metadata={"absent": {}})  # meta.json's other entries
+
+    def __post_init__(self):
+        """Own copies of the model config and the extra entries (those named like a field are dropped)."""
+        super().__post_init__()
+        object.__setattr__(self, "model", dict(self.model))
+        object.__setattr__(self, "extra", {k: v for k, v in self.extra.items() if k not in FoldMeta.names()})
+
+    @staticmethod
+    def names() -> tuple:
+        """meta.json's keys that are fields (every other entry is kept in `extra`)."""
+        return tuple(f.name for f in fields(FoldMeta) if f.name != "extra")
+
+    @staticmethod
+    def absent_means() -> dict:
+        """Every key -> what its absence from an older meta.json means (field metadata `absent`)."""
+        return {f.name: f.metadata["absent"] for f in fields(FoldMeta) if "absent" in f.metadata}
+
+    @classmethod
+    def build(cls, model_config: dict, data: DataMeta, fold: int, epoch, monitor: str, score, complete: bool,
+              ema=None, stopped=None, epochs_run=None, identity: dict | None = None, extra: dict | None = None):
+        """A checkpoint's meta: the model's config, `data` (its fold replaced by `fold`), where training stands,
+        `identity` (`fold_identity`: run_id, weights_sha256) and `extra` (which cannot override these)."""
+        from . import __version__
+        identity = {k: v for k, v in (identity or {}).items() if k in ("run_id", "weights_sha256")}
+        return cls(**{**data.data_json(), "fold": int(fold)}, model=model_config, arch=model_config["arch"],
+                   depth=model_config.get("depth"), pool=model_config.get("pool"),
+                   n_classes=model_config["n_classes"], epoch=epoch, monitor=monitor, score=score,
+                   complete=bool(complete), artlearn_version=__version__, ema=ema, epochs_run=epochs_run,
+                   stopped=stopped or None, **identity, extra=dict(extra or {}))
+
+    @classmethod
+    def from_json(cls, meta, meta_path) -> "FoldMeta":
+        """The FoldMeta of a parsed meta.json; ValueError naming `meta_path` when it is not a fold's (no model
+        entry), inconsistent or out of bounds. Keys it lacks get what their absence means (`absent_means`)."""
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+            raise ValueError(f"{meta_path} has no 'model' entry (the model config for build_model)")
+        problem = _meta_problem(meta)
+        if problem:
+            raise ValueError(f"{meta_path}: {problem}; the file was edited or damaged: retrain this fold or delete "
+                             "its folder")
+        names, absent = cls.names(), cls.absent_means()
+        absent.update({k: meta["model"].get(k) for k, v in absent.items() if v == FROM_MODEL})
+        return cls(**{k: meta[k] if k in meta else absent[k] for k in names},
+                   extra={k: v for k, v in meta.items() if k not in names})
+
+    def to_json(self) -> dict:
+        """meta.json's content: the extra entries, epochs_run (once a fit ended), the fields, then stopped, the
+        weights' sha256 and the run_id when set."""
+        data = self.data_json()
+        own = {k: data[k] if k in data else getattr(self, k) for k in _WRITTEN}
+        own["model"] = dict(self.model)
+        set_ = {k: v for k in _WRITTEN_WHEN_SET if (v := getattr(self, k)) is not None and (v or k != "stopped")}
+        runs = {} if self.epochs_run is None else {"epochs_run": self.epochs_run}
+        return {**self.extra, **runs, **own, **set_}
 
 
 def file_sha256(path) -> str:
@@ -98,10 +240,15 @@ def _run_vocab(run_dir: Path) -> list | None:
     return sorted(set(artists))
 
 
-def weights_problem(folder, meta: dict) -> str | None:
+def _as_meta(meta, meta_path) -> FoldMeta:
+    """`meta` itself, or the FoldMeta of a parsed meta.json (validated)."""
+    return meta if isinstance(meta, FoldMeta) else FoldMeta.from_json(meta, meta_path)
+
+
+def weights_problem(folder, meta: FoldMeta) -> str | None:
     """Why a fold's weights file is not the one its meta.json recorded (sha256), or None (also when not recorded)."""
     weights = Path(folder) / WEIGHTS_NAME
-    want = meta.get("weights_sha256", META_ABSENT_MEANS["weights_sha256"])
+    want = _as_meta(meta, Path(folder) / META_NAME).weights_sha256
     if want is not None and weights.is_file():
         have = file_sha256(weights)
         if have != want:
@@ -110,26 +257,26 @@ def weights_problem(folder, meta: dict) -> str | None:
     return None
 
 
-def identity_problem(folder, meta: dict, weights: bool = True) -> str | None:
+def identity_problem(folder, meta: FoldMeta, weights: bool = True) -> str | None:
     """Why a fold folder is not its run's (a link to another folder, another fold's or run's files, another
     vocabulary, with `weights` replaced weights), or None. Keys a meta.json written before they existed lacks are
     not checked."""
     folder = Path(folder)
+    meta = _as_meta(meta, folder / META_NAME)
     run_dir = folder.parent
     in_run = (run_dir / RUN_CONFIG_NAME).is_file()
     if in_run and folder.is_symlink():
         return (f"{folder} is a symbolic link (to {folder.resolve()}); a run's folds are folders inside it, never "
                 "links to another run's")
     k = _folder_fold(folder.name)
-    if in_run and k is not None and meta.get("fold", k) != k:
-        return f"{folder / META_NAME} says fold={meta['fold']!r} but its folder is fold{k} (copied from another fold?)"
-    run_id = meta.get("run_id", META_ABSENT_MEANS["run_id"])
-    if in_run and run_id is not None and run_id != run_id_of(run_dir):
-        return (f"{folder / META_NAME}: run_id {run_id} is not this run's ({run_id_of(run_dir)}, the fingerprint of "
-                f"{run_dir / RUN_CONFIG_NAME}): the fold was copied from another run, or config.json was edited")
-    vocab = _run_vocab(run_dir) if in_run and isinstance(meta.get("vocab"), list) else None
-    if vocab is not None and meta["vocab"] != vocab:
-        other = sorted(set(meta["vocab"]) ^ set(vocab))
+    if in_run and k is not None and meta.fold is not None and meta.fold != k:
+        return f"{folder / META_NAME} says fold={meta.fold!r} but its folder is fold{k} (copied from another fold?)"
+    if in_run and meta.run_id is not None and meta.run_id != run_id_of(run_dir):
+        return (f"{folder / META_NAME}: run_id {meta.run_id} is not this run's ({run_id_of(run_dir)}, the fingerprint "
+                f"of {run_dir / RUN_CONFIG_NAME}): the fold was copied from another run, or config.json was edited")
+    vocab = _run_vocab(run_dir) if in_run and meta.vocab is not None else None
+    if vocab is not None and list(meta.vocab) != vocab:
+        other = sorted(set(meta.vocab) ^ set(vocab))
         how = f"artists not in both: {other[:5]}" if other else "the same artists in another order"
         return f"{folder / META_NAME}: 'vocab' is not the run's artists from {run_dir / RUN_FOLDS_NAME} ({how})"
     return weights_problem(folder, meta) if weights else None
@@ -252,7 +399,7 @@ def _counts_ok(values, n: int) -> bool:
 
 
 def _field_rules(n: int) -> dict:
-    """key -> (test of a present value, what is allowed) for meta.json's fields (None allowed where fold_meta
+    """key -> (test of a present value, what is allowed) for meta.json's fields (None allowed where FoldMeta.build
     writes None for something unknown)."""
     from .recipe import MONITORS, PIPELINES
     real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
@@ -286,8 +433,8 @@ def _field_problem(meta: dict, n: int) -> str | None:
     return None
 
 
-def read_meta(path) -> dict:
-    """The parsed `meta.json` of a fold folder (or the file itself), checked for consistency and bounds."""
+def read_meta(path) -> FoldMeta:
+    """The `FoldMeta` of a fold folder's `meta.json` (or of the file itself), checked for consistency and bounds."""
     path = Path(path)
     meta_path = path / META_NAME if path.is_dir() else path
     if not meta_path.is_file():
@@ -297,21 +444,16 @@ def read_meta(path) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}): retrain this fold or delete its folder") from None
-    check_meta(meta, meta_path)
-    return meta
+    return FoldMeta.from_json(meta, meta_path)
 
 
-def check_meta(meta, meta_path) -> None:
-    """ValueError naming the file when a meta.json is not a fold's (no model entry), inconsistent or out of bounds."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise ValueError(f"{meta_path} has no 'model' entry (the model config for build_model)")
-    problem = _meta_problem(meta)
-    if problem:
-        raise ValueError(f"{meta_path}: {problem}; the file was edited or damaged: retrain this fold or delete its "
-                         "folder")
+def check_meta(meta, meta_path) -> FoldMeta:
+    """ValueError naming the file when a meta.json is not a fold's (no model entry), inconsistent or out of bounds;
+    else its FoldMeta (`FoldMeta.from_json`)."""
+    return FoldMeta.from_json(meta, meta_path)
 
 
-def check_identity(folder, meta: dict, weights: bool = True) -> None:
+def check_identity(folder, meta: FoldMeta, weights: bool = True) -> None:
     """ValueError when a fold folder is not its run's (`identity_problem`), with what to do."""
     _refuse_fold(identity_problem(folder, meta, weights))
 
@@ -339,21 +481,21 @@ def _fold_files(path: Path) -> tuple[Path, Path]:
     return path.parent, path
 
 
-def _rebuild(meta: dict, meta_path: Path):
-    """The model described by `meta['model']`, or a ValueError naming the meta file."""
+def _rebuild(meta: FoldMeta, meta_path: Path):
+    """The model described by `meta.model`, or a ValueError naming the meta file."""
     from .models import ARCHITECTURES, build_model
-    arch = meta["model"].get("arch")
+    arch = meta.model.get("arch")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{meta_path}: unknown architecture {arch!r} in 'model'; this artlearn knows "
                          f"{list(ARCHITECTURES)} (was the fold trained with a newer version?)")
     try:
         with fork_global_rng():  # the random init is overwritten anyway
-            return build_model(**meta["model"])
+            return build_model(**meta.model)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{meta_path}: cannot rebuild the model from its 'model' entry: {e}") from None
 
 
-def _expected_shapes(meta: dict, meta_path: Path) -> dict:
+def _expected_shapes(meta: FoldMeta, meta_path: Path) -> dict:
     """name -> shape of the model meta.json describes, built on the 'meta' device (no memory allocated)."""
     import torch
     with torch.device("meta"):
@@ -392,13 +534,14 @@ def _check_state(state: dict, model, weights_path: Path) -> None:
 
 
 def load_fold(path, device="cpu"):
-    """(model in eval mode, meta) of a fold folder: meta.json checked, shapes compared before any allocation."""
+    """(model in eval mode, its `FoldMeta`) of a fold folder: meta.json checked, shapes compared before any
+    allocation."""
     path = Path(path)
     folder, weights_path = _fold_files(path)
     meta = read_meta(folder)
     check_identity(folder, meta, weights=False)
     shapes = weight_shapes(weights_path)
-    _check_shapes(shapes, _expected_shapes(meta, folder / META_NAME), meta["model"].get("arch"), weights_path)
+    _check_shapes(shapes, _expected_shapes(meta, folder / META_NAME), meta.model.get("arch"), weights_path)
     model = _rebuild(meta, folder / META_NAME)
     state = load_weights(weights_path)
     _check_state(state, model, weights_path)

@@ -1,14 +1,17 @@
-"""`artist_dls`: fastai DataLoaders for one fold, built from a DataBlock with the stratified fold splitter."""
+"""`artist_dls`: fastai DataLoaders for one fold, built from a DataBlock with the stratified fold splitter; `eval_dls`
+for a trained fold; both return `ArtistDataLoaders`, which carry the data's `DataMeta` and image store."""
 import queue
+import dataclasses
 import random
 import threading
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.data import WeightedDL
-from fastai.data.core import TfmdDL
+from fastai.data.core import DataLoaders, TfmdDL
 from fastai.torch_core import TensorCategory, TensorImage
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize, Transform
@@ -16,12 +19,34 @@ from fastai.vision.augment import aug_transforms
 from fastai.vision.core import PILImage
 
 from .augment import ArtistCrop, center_views, recipe_views
+from .checkpoint import DataMeta, FoldMeta
 from .device import default_workers, resolve_device
 from .folds import StratifiedFoldSplitter, assign_folds, check_fold, fold_column
 from .recipe import REFERENCE, Recipe
 from .rng import keep_global_rng
 from .store import PresizeCache, fold_store_side, store_presize
 from .tables import ON_BAD_CHOICES, bad_images_message, check_images, normalise_labels
+
+
+class ArtistDataLoaders(DataLoaders):
+    """fastai DataLoaders (as `ImageDataLoaders` subclasses them) that also carry what a checkpoint records about the
+    data (`data_meta`, a `DataMeta`) and the image store the loaders read (`cache`, a `PresizeCache`)."""
+
+    def __init__(self, *loaders, path=".", device=None, data_meta: DataMeta | None = None,
+                 cache: PresizeCache | None = None):
+        super().__init__(*loaders, path=path, device=device)
+        self.data_meta, self.cache = data_meta, cache
+
+    @classmethod
+    def wrap(cls, dls: DataLoaders, data_meta: DataMeta, cache: PresizeCache | None = None) -> "ArtistDataLoaders":
+        """`dls`'s loaders (the same objects), path and device, with `data_meta` and `cache`."""
+        return cls(*dls.loaders, path=dls.path, device=getattr(dls, "device", None), data_meta=data_meta, cache=cache)
+
+    def new_empty(self) -> "ArtistDataLoaders":
+        """fastai's empty copy (for export), keeping data_meta and cache."""
+        empty = super().new_empty()
+        empty.data_meta, empty.cache = self.data_meta, self.cache
+        return empty
 
 
 class CachedImage(Transform):
@@ -271,14 +296,23 @@ def _all_valid(items):
     return every, every
 
 
-def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache | None = None, device=None):
-    """Evaluation DataLoaders of a trained fold from its meta.json: its vocab, size and normalisation.
+def eval_dls(meta: DataMeta, items: pd.DataFrame, bs: int = 64, cache: PresizeCache | None = None,
+             device=None) -> ArtistDataLoaders:
+    """Evaluation DataLoaders of a trained fold from its meta (`load_fold`'s FoldMeta, a DataMeta, or a parsed
+    meta.json, validated): its vocab, size and normalisation.
 
     `items` (img_path[, artist]; at least one row, fastai infers its pipelines' types from a first item) become
     the validation set (for `validate`, `get_preds`, interpretation, and `predict`/`test_dl` of new paintings).
     Images are cropped to the fold's centre view, exactly as in training's validation.
     """
-    vocab, size = [str(v) for v in meta["vocab"]], int(meta["size"])
+    if isinstance(meta, Mapping) and not isinstance(meta, DataMeta):
+        meta = FoldMeta.from_json(dict(meta), "eval_dls: meta")  # a meta.json parsed by hand
+    if not isinstance(meta, DataMeta):
+        raise ValueError(f"eval_dls: meta must be a fold's FoldMeta (load_fold, read_meta) or a DataMeta, not "
+                         f"{type(meta).__name__}")
+    if meta.vocab is None or meta.size is None or meta.mean is None or meta.std is None:
+        raise ValueError("eval_dls: the fold's meta does not record its vocab, size, mean and std")
+    vocab, size = [str(v) for v in meta.vocab], int(meta.size)
     if not isinstance(items, pd.DataFrame) or "img_path" not in items.columns or items.empty:
         raise ValueError("eval_dls: items must be a non-empty DataFrame with an 'img_path' column")
     table = items.reset_index(drop=True)
@@ -290,9 +324,9 @@ def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache 
     cache = cache if cache is not None else PresizeCache(fold_store_side(meta))
     cache.fill(table["img_path"], source="items")
     device = resolve_device(device)
-    normalize = Normalize.from_stats(meta["mean"], meta["std"], cuda=device.type == "cuda")
+    normalize = Normalize.from_stats(list(meta.mean), list(meta.std), cuda=device.type == "cuda")
     kwargs = dict(bs=bs, device=device)
-    if meta.get("pipeline", "items") == "device":
+    if meta.pipeline == "device":
         block = _store_block(vocab, _all_valid, normalize)
         kwargs.update(dl_type=StoreBatchDL, cache=cache, recipe=REFERENCE.override(size=size))
     else:
@@ -300,10 +334,7 @@ def eval_dls(meta: dict, items: pd.DataFrame, bs: int = 64, cache: PresizeCache 
         kwargs.update(num_workers=0)
     with keep_global_rng():
         dls = block.dataloaders(table, **kwargs)
-    dls.artlearn_meta = {k: meta.get(k) for k in ("size", "mean", "std", "vocab", "fold", "class_counts", "n_folds",
-                                                   "pipeline")}
-    dls.artlearn_meta["store_side"] = cache.presize
-    return dls
+    return ArtistDataLoaders.wrap(dls, dataclasses.replace(meta.data(), store_side=cache.presize), cache)
 
 
 def data_recipe(recipe: Recipe | None = None, **settings) -> Recipe:
@@ -371,8 +402,7 @@ def artist_dls(df: pd.DataFrame, fold: int = 0, size: int | None = None, bs: int
         dls = block.dataloaders(df, dl_kwargs=[train_kw, {}], **kwargs)
     dls.train.rng = random.Random(seed)
     counts = df["artist"].iloc[train_idx].value_counts().reindex(vocab, fill_value=0)
-    dls.artlearn_meta = dict(size=int(size), mean=mean, std=std, vocab=list(vocab), fold=int(fold),
-                             class_counts=[int(c) for c in counts],
-                             n_folds=int(n_folds), seed=int(seed), pipeline=recipe.pipeline, store_side=cache.presize)
-    dls.cache = cache
-    return dls
+    meta = DataMeta(vocab=[str(v) for v in vocab], size=int(size), mean=mean, std=std, fold=int(fold),
+                    class_counts=[int(c) for c in counts], n_folds=int(n_folds), split_seed=int(seed),
+                    pipeline=recipe.pipeline, store_side=cache.presize)
+    return ArtistDataLoaders.wrap(dls, meta, cache)

@@ -57,14 +57,13 @@ def _fold_dirs(source, folds) -> list:
 
 def _check_compatible(metas: list, dirs: list) -> None:
     """Folds must share vocabulary, input size and evaluation pipeline."""
-    defaults = {"pipeline": "items"}  # folds trained before the device pipeline existed
-    for key in ("vocab", "size", "pipeline", "store_side"):
-        values = {str(m.get(key, defaults.get(key))) for m in metas}
+    for key in ("vocab", "size", "pipeline", "store_side"):  # an absent pipeline is 'items' (FoldMeta's metadata)
+        values = {str(getattr(m, key)) for m in metas}
         if len(values) > 1:
-            detail = "; ".join(f"{d}: {len(m.get(key) or []) if key == 'vocab' else m.get(key, defaults.get(key))}"
+            detail = "; ".join(f"{d}: {len(m.vocab or []) if key == 'vocab' else getattr(m, key)}"
                                for d, m in zip(dirs, metas))
             if key == "vocab":
-                sets = [set(m.get(key) or []) for m in metas]
+                sets = [set(m.vocab or []) for m in metas]
                 detail += f"; artists not in every fold: {sorted(set.union(*sets) - set.intersection(*sets))}"
             raise ValueError(f"the folds were trained with different {key}s ({detail}); ensemble only folds of one "
                              "run")
@@ -190,10 +189,10 @@ def _views(x, tta):
     return [x, x.flip(3)] if tta_spec(tta).mirror else [x]
 
 
-def _log_prior(meta: dict, device):
+def _log_prior(meta, device):
     """log of the fold's training class frequencies (add-one smoothed), for post-hoc logit adjustment."""
     import torch
-    counts = meta.get("class_counts")
+    counts = meta.class_counts
     if counts is None:
         raise ValueError("prior_adjust needs the class counts in meta.json (folds trained by artlearn >= 0.1 with "
                          "artist_dls record them); retrain the fold or pass prior_adjust=0")
@@ -226,11 +225,11 @@ def load_folds(run_or_fold_dirs, folds, device) -> tuple[list, list, object]:
     return [m for m, _ in loaded], metas, device
 
 
-def fold_stats(meta: dict, device="cpu") -> tuple:
-    """(mean, std) tensors of shape (1, 3, 1, 1): a fold's normalisation statistics from meta.json."""
+def fold_stats(meta, device="cpu") -> tuple:
+    """(mean, std) tensors of shape (1, 3, 1, 1): a fold's normalisation statistics (its FoldMeta or DataMeta)."""
     import torch
-    return (torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1),
-            torch.tensor(meta["std"], device=device).view(1, 3, 1, 1))
+    return (torch.tensor(meta.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(meta.std, device=device).view(1, 3, 1, 1))
 
 
 def normalise(crops, mean, std):
@@ -251,7 +250,7 @@ def _probs(models, metas, table, cache, device, tta=None, average="prob", bs=64,
     """Ensembled probabilities (n, n_artists) of the table's images, read through `cache`."""
     import torch
     from concurrent.futures import ThreadPoolExecutor
-    size, n_classes = int(metas[0]["size"]), len(metas[0]["vocab"])
+    size, n_classes = int(metas[0].size), len(metas[0].vocab)
     cache.fill(table["img_path"], source="items")
     stats = [fold_stats(m, device) for m in metas]
     shifts = [prior_adjust * _log_prior(m, device) if prior_adjust else 0.0 for m in metas]
@@ -260,7 +259,7 @@ def _probs(models, metas, table, cache, device, tta=None, average="prob", bs=64,
     with pool, torch.inference_mode(), autocast(device, precision):
         for start in _progress(range(0, len(table), bs), progress):
             paths = table["img_path"].iloc[start:start + bs]
-            crops = _crops(cache, paths, size, tta, pool, device, metas[0].get("pipeline", "items"))
+            crops = _crops(cache, paths, size, tta, pool, device, metas[0].pipeline)
             acc, n_views = 0, 0
             for model, (mean, std), shift in zip(models, stats, shifts):
                 for x in crops:
@@ -291,7 +290,7 @@ def ensemble(run_or_fold_dirs, items, folds=None, tta: str | None = "flip", aver
     models, metas, device = load_folds(run_or_fold_dirs, folds, device)
     with _inputs(items, fold_store_side(metas[0]), cache, workers, keep_new=True) as (_, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
-    return probs, list(metas[0]["vocab"])
+    return probs, list(metas[0].vocab)
 
 
 def _check_k(k) -> None:
@@ -330,14 +329,14 @@ def predict(run_or_fold_dirs, images, k: int = 5, tta: str | None = "flip", fold
     with _inputs(images, fold_store_side(metas[0]), cache, workers, keep_new=False) as (labels, table, source):
         probs = _probs(models, metas, table, source, device, tta, average, bs, precision, prior_adjust, progress)
     logger.debug("predict: %d image(s), %d fold(s), tta=%s", len(labels), len(models), tta)
-    return top_k(labels, probs, list(metas[0]["vocab"]), k)
+    return top_k(labels, probs, list(metas[0].vocab), k)
 
 
-def eval_crops(images, meta: dict) -> tuple[list, object]:
+def eval_crops(images, meta) -> tuple[list, object]:
     """(labels, uint8 tensor (n, 3, s, s)): a fold's plain evaluation view (its store side and pipeline), no cache
     kept."""
     import torch
-    size, pipeline = int(meta["size"]), meta.get("pipeline", "items")
+    size, pipeline = int(meta.size), meta.pipeline
     with _inputs(images, fold_store_side(meta)) as (labels, table, source):
         source.fill(table["img_path"], source="images")
         crops = _crops(source, table["img_path"], size, None, None, torch.device("cpu"), pipeline)[0] \

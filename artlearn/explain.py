@@ -100,7 +100,7 @@ def _predicted(models, xs) -> int:
 def explain_map(run, image, artist=None, folds=None, device=None) -> tuple[np.ndarray, np.ndarray, str]:
     """(Grad-CAM heatmap (s, s) in [0, 1] averaged over the folds, the evaluation crop uint8 (s, s, 3), artist)."""
     models, metas, device = load_folds(run, folds, device)
-    vocab = list(metas[0]["vocab"])
+    vocab = list(metas[0].vocab)
     idx = _artist_index(artist, vocab) if artist is not None else None
     labels, crops = eval_crops(image, metas[0])
     if len(labels) != 1:

@@ -42,6 +42,7 @@ from .callbacks import (
 )
 from .checks import check_choice, check_number
 from .device import dls_on_cuda, resolve_precision
+from .dls import ArtistDataLoaders
 from .models import build_model
 from .recipe import OPTIMIZERS as OPTIMIZER_NAMES, REFERENCE, Recipe
 from .rng import fork_global_rng
@@ -188,7 +189,8 @@ def _gpu_callbacks(dls, precision, channels_last) -> list:
 
 def _fold_of(dls, fold):
     """The fold number: as given, else the one `artist_dls` recorded."""
-    fold = fold if fold is not None else (getattr(dls, "artlearn_meta", None) or {}).get("fold")
+    meta = dls.data_meta if isinstance(dls, ArtistDataLoaders) else None
+    fold = fold if fold is not None else getattr(meta, "fold", None)
     if fold is None:
         raise ValueError("out= was given without fold=, and the DataLoaders do not say which fold they hold")
     return fold
@@ -256,14 +258,14 @@ def show_bars() -> bool:
     return fastprogress.IN_NOTEBOOK or bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
-def _fold_validation_rows(fold_dir, meta: dict):
+def _fold_validation_rows(fold_dir, meta):
     """The fold's own validation rows from the run's folds.csv (None when the fold is not inside a run)."""
     from .run import FOLDS_NAME, read_folds
     folds_csv = Path(fold_dir).parent / FOLDS_NAME
     if not folds_csv.is_file():
         return None
     table = read_folds(folds_csv)
-    return table[table["fold"] == int(meta["fold"])]
+    return table[table["fold"] == int(meta.fold)]
 
 
 def fold_learner(fold_dir, items=None, bs: int = 64, device=None, progress: bool = False) -> ArtistLearner:
@@ -289,6 +291,6 @@ def fold_learner(fold_dir, items=None, bs: int = 64, device=None, progress: bool
     smoothing = read_json(config_path).get("label_smoothing", REFERENCE.label_smoothing) if config_path.is_file() \
         else REFERENCE.label_smoothing
     dls = eval_dls(meta, items, bs=bs, device=device)
-    return artist_learner(dls, model=model, arch=meta["arch"], pool=meta.get("pool") or "avg",
-                          label_smoothing=smoothing, monitor=meta.get("monitor") or REFERENCE.monitor,
+    return artist_learner(dls, model=model, arch=meta.arch, pool=meta.pool or "avg",
+                          label_smoothing=smoothing, monitor=meta.monitor or REFERENCE.monitor,
                           progress=progress)

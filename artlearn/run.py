@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, check_meta, identity_problem
+from .checkpoint import HISTORY_NAME, META_NAME, WEIGHTS_NAME, FoldMeta, identity_problem
 from .checks import ArtlearnError, listing
 from .files import atomic_write_csv, atomic_write_json, read_json
 from .runconfig import (  # noqa: F401  (the config's terms, re-exported: run.py is where users look for them)
@@ -62,7 +62,7 @@ class KFoldRun:
     path: Path
     config: dict
     histories: dict = field(default_factory=dict)
-    metas: dict = field(default_factory=dict)
+    metas: dict = field(default_factory=dict)  # fold -> its FoldMeta
     oof: pd.DataFrame | None = None
     summary: dict = field(default_factory=dict)
     ignored: dict = field(default_factory=dict)  # folder name -> why load_run left it out
@@ -75,12 +75,12 @@ class KFoldRun:
     @property
     def folds(self) -> list:
         """Folds whose checkpoint is complete."""
-        return sorted(k for k, m in self.metas.items() if m.get("complete"))
+        return sorted(k for k, m in self.metas.items() if m.complete)
 
     @property
     def vocab(self) -> list:
         """The artist vocabulary shared by the folds."""
-        return next(iter(self.metas.values()))["vocab"] if self.metas else []
+        return list(next(iter(self.metas.values())).vocab or []) if self.metas else []
 
     @property
     def best(self) -> pd.DataFrame:
@@ -97,22 +97,21 @@ class KFoldRun:
         return f"KFoldRun({str(self.path)!r}, folds={self.folds}, oof={self.oof_scores})"
 
 
-def best_row(fold: int, history: pd.DataFrame | None, meta: dict) -> dict:
+def best_row(fold: int, history: pd.DataFrame | None, meta: FoldMeta) -> dict:
     """Scores of a fold's best (checkpointed) epoch."""
-    row = dict(fold=fold, epoch=meta.get("epoch"), monitor=meta.get("monitor"), score=meta.get("score"),
-               status=fold_status(meta))
-    if history is not None and len(history) and meta.get("epoch") is not None and "epoch" in history.columns:
-        at = history[history["epoch"] == meta["epoch"]]
+    row = dict(fold=fold, epoch=meta.epoch, monitor=meta.monitor, score=meta.score, status=fold_status(meta))
+    if history is not None and len(history) and meta.epoch is not None and "epoch" in history.columns:
+        at = history[history["epoch"] == meta.epoch]
         if len(at):
             row.update({c: float(at.iloc[0][c]) for c in ("valid_loss", "valid_acc", "f1_macro") if c in at.columns})
     return row
 
 
-def fold_status(meta: dict) -> str:
+def fold_status(meta: FoldMeta) -> str:
     """'complete', 'stopped: ...' or 'incomplete'."""
-    if meta.get("stopped"):
-        return f"stopped: {meta['stopped']}"
-    return "complete" if meta.get("complete") else "incomplete"
+    if meta.stopped:
+        return f"stopped: {meta.stopped}"
+    return "complete" if meta.complete else "incomplete"
 
 
 # ---------------------------------------------------------------- config.json
@@ -236,11 +235,11 @@ def _fold_folders(run: KFoldRun) -> dict:
     return found
 
 
-def fold_problem(meta: dict, k: int, config: dict) -> str | None:
+def fold_problem(meta: FoldMeta, k: int, config: dict) -> str | None:
     """Why a fold's meta.json does not belong to this run (another fold, fold count or split seed), or None."""
     expected = dict(fold=k, n_folds=config.get("n_folds"), split_seed=config.get("seed"))
     for key, want in expected.items():
-        have = meta.get(key)
+        have = getattr(meta, key)
         if want is not None and have is not None and have != want:
             return f"its meta.json says {key}={have!r}, this run has {key}={want!r} (copied from another run?)"
     return None
@@ -250,8 +249,7 @@ def _read_fold(run: KFoldRun, k: int, folder: Path) -> None:
     """Fold k's meta.json (checked) and history.csv into run; a fold of another run is noted in ignored."""
     if not (folder / META_NAME).is_file():
         return
-    meta = read_json(folder / META_NAME)
-    check_meta(meta, folder / META_NAME)
+    meta = FoldMeta.from_json(read_json(folder / META_NAME), folder / META_NAME)
     problem = fold_problem(meta, k, run.config) or identity_problem(folder, meta, weights=False)
     if problem:
         run.ignored[folder.name] = problem
@@ -330,19 +328,20 @@ def fold_is_complete(folder: Path, config: dict | None = None) -> bool:
         return False
     problem = None
     if config is not None:
-        problem = (fold_problem(meta, k, config) if k is not None else None) or _verify_problem(folder, meta)
+        problem = _verify_problem(folder, meta, k, config)
     if problem:
         logger.warning(f"fold {k}: its checkpoint is not this run's, so it is trained again: {problem}")
     return problem is None
 
 
-def _verify_problem(folder: Path, meta: dict) -> str | None:
-    """Why a fold's meta.json is invalid or its files not its run's (`check_meta`, `identity_problem`), or None."""
+def _verify_problem(folder: Path, meta: dict, k: int | None, config: dict) -> str | None:
+    """Why a fold's meta.json is invalid (`FoldMeta.from_json`), not this run's fold (`fold_problem`) or its files
+    not its run's (`identity_problem`), or None."""
     try:
-        check_meta(meta, folder / META_NAME)
+        meta = FoldMeta.from_json(meta, folder / META_NAME)
     except ValueError as e:
         return str(e)
-    return identity_problem(folder, meta)
+    return (fold_problem(meta, k, config) if k is not None else None) or identity_problem(folder, meta)
 
 
 def _is_temp(name: str) -> bool:

@@ -46,8 +46,9 @@ def store_presize(store: str, size: int, min_scale: float, n_images: int, budget
     return max(floor, store_side(size, min_scale, MAX_SIZE, cap))
 
 
-def fold_store_side(meta: dict) -> int:
-    """The store's shorter side a fold was trained from (folds written before `store` existed: 1.15 x size)."""
+def fold_store_side(meta) -> int:
+    """The store's shorter side a fold was trained from (its FoldMeta/DataMeta, or a parsed meta.json; folds written
+    before `store` existed: 1.15 x size)."""
     return int(meta.get("store_side") or presize_for(int(meta["size"])))
 
 

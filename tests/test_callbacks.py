@@ -36,7 +36,8 @@ from artlearn.callbacks import (
     cosine_lr,
     data_meta,
 )
-from artlearn.checkpoint import load_fold, save_weights
+from artlearn.checkpoint import DataMeta, load_fold, save_weights
+from artlearn.dls import ArtistDataLoaders
 from artlearn.learner import artist_learner
 
 VOCAB = ["Ana", "Bo", "Cy"]
@@ -65,7 +66,9 @@ class TinyNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def build_tiny(n_classes, pool="avg", depth=None, **kw):
+def build_tiny(n_classes, pool="avg", depth=None, drop_path=0.0, zero_init_residual=False, grad_checkpoint=False,
+               **kw):
+    """TinyNet; the recipe's model settings that every builder takes mean nothing to it."""
     return TinyNet(n_classes, pool, **kw)
 
 
@@ -85,10 +88,10 @@ def make_items(n, seed):
 def tiny_dls(n_train=32, n_valid=12, bs=8, meta=True, **kw):
     dls = DataLoaders.from_dsets(make_items(n_train, 0), make_items(n_valid, 1), bs=bs, device="cpu",
                                  num_workers=0, **kw)
-    dls.vocab = list(VOCAB)
     if meta:
-        dls.artlearn_meta = dict(size=8, mean=[0.1, 0.2, 0.3], std=[1.0, 1.1, 1.2], vocab=list(VOCAB), fold=0,
-                                 n_folds=4, seed=42)
+        dls = ArtistDataLoaders.wrap(dls, DataMeta(size=8, mean=[0.1, 0.2, 0.3], std=[1.0, 1.1, 1.2], vocab=list(VOCAB),
+                                                   fold=0, n_folds=4, split_seed=42))
+    dls.vocab = list(VOCAB)
     return dls
 
 
@@ -544,9 +547,9 @@ def test_logit_adjustment_shifts_the_training_loss_only():
 def test_data_meta_falls_back_to_vocab_and_normalize():
     dls = tiny_dls(meta=False, after_batch=[Normalize.from_stats([0.4, 0.5, 0.6], [0.2, 0.25, 0.3], cuda=False)])
     meta = data_meta(dls)
-    assert meta["vocab"] == VOCAB and meta["size"] is None
-    np.testing.assert_allclose(meta["mean"], [0.4, 0.5, 0.6], rtol=1e-6)
-    np.testing.assert_allclose(meta["std"], [0.2, 0.25, 0.3], rtol=1e-6)
+    assert isinstance(meta, DataMeta) and meta.vocab == tuple(VOCAB) and meta.size is None and meta.fold is None
+    np.testing.assert_allclose(meta.mean, [0.4, 0.5, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(meta.std, [0.2, 0.25, 0.3], rtol=1e-6)
     assert History.order > 50  # after fastai's Recorder, which it reads
 
 

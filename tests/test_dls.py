@@ -8,7 +8,8 @@ import pytest
 from conftest import MODES, broken_dataset, mode_suffix, raises_with, write_mode_image
 from PIL import Image
 
-from artlearn.dls import artist_dls
+from artlearn.checkpoint import DataMeta
+from artlearn.dls import ArtistDataLoaders, artist_dls
 from artlearn.store import PresizeCache
 from artlearn.tables import load_rgb, read_artworks
 
@@ -26,13 +27,13 @@ def test_dls_batches_vocab_meta(dataset):
         x, y = dls.one_batch()
         assert tuple(x.shape) == (4, 3, 16, 16) and x.dtype.is_floating_point
         assert int(y.min()) >= 0 and int(y.max()) < len(dls.vocab)
-        meta = dls.artlearn_meta
-        assert {"size", "mean", "std", "vocab", "fold", "n_folds", "seed"} <= set(meta)
-        assert meta["size"] == 16 and meta["fold"] == fold and meta["n_folds"] == 4 and meta["seed"] == 42
-        assert len(meta["mean"]) == len(meta["std"]) == 3
+        meta = dls.data_meta
+        assert isinstance(dls, ArtistDataLoaders) and isinstance(meta, DataMeta) and dls.cache is cache
+        assert meta.size == 16 and meta.fold == fold and meta.n_folds == 4 and meta.split_seed == 42
+        assert len(meta.mean) == len(meta.std) == 3 and meta.store_side == cache.presize
         assert len(dls.train_ds) + len(dls.valid_ds) == len(df)
         vocabs.append(list(dls.vocab))
-        assert meta["vocab"] == list(dls.vocab)
+        assert list(meta.vocab) == list(dls.vocab)
     assert vocabs[0] == vocabs[1] == sorted(df["artist"].unique())
     assert cache.n_decodes == len(df)  # two folds, one decode per image
 
@@ -57,8 +58,8 @@ def test_dls_normalisation(tmp_path):
     df = pd.DataFrame(rows, columns=["img_path", "artist"])
     dls = artist_dls(df, fold=0, size=24, bs=4, n_folds=3)  # 24 px images: the validation crop is the image
     train = np.concatenate([np.asarray(load_rgb(p)).reshape(-1, 3) for p in dls.train_ds.items["img_path"]]) / 255
-    assert np.allclose(dls.artlearn_meta["mean"], train.mean(0), atol=1e-6)
-    assert np.allclose(dls.artlearn_meta["std"], train.std(0), atol=1e-5)
+    assert np.allclose(dls.data_meta.mean, train.mean(0), atol=1e-6)
+    assert np.allclose(dls.data_meta.std, train.std(0), atol=1e-5)
     import torch
     xs = torch.cat([x for x, _ in dls.valid])
     assert xs.shape[0] == len(dls.valid_ds)

@@ -115,8 +115,8 @@ def test_ensemble_view_equals_the_validation_loader(tiny_run):
     dls = al.artist_dls(folds.assign(img_path=df["img_path"]), fold=0, size=32, bs=64, n_folds=2, pipeline="items")
     x_fastai = torch.cat([xb for xb, _ in dls.valid]).cpu()
     valid_paths = dls.valid.items["img_path"]
-    mean = torch.tensor(dls.artlearn_meta["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(dls.artlearn_meta["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(dls.data_meta.mean).view(1, 3, 1, 1)
+    std = torch.tensor(dls.data_meta.std).view(1, 3, 1, 1)
     ours = (crop_batch(dls.cache, valid_paths, 32)[0].float() / 255 - mean) / std
     np.testing.assert_allclose(np.asarray(x_fastai), ours.numpy(), atol=1e-5)
 

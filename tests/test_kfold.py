@@ -9,6 +9,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 import artlearn as al
 import artlearn.kfold as kfold_module
+from artlearn.checkpoint import FoldMeta
 from artlearn.kfold import KFoldRun, select_folds
 
 TINY = dict(n_folds=2, arch="resnet18", size=32, epochs=1, bs=8, progress=False)
@@ -192,7 +193,7 @@ def _fake_run(tmp_path, histories, statuses=None):
     for k, h in histories.items():
         meta = dict(complete=True, epoch=int(h["valid_loss"].idxmin()), monitor="valid_loss", vocab=["a", "b"])
         meta.update((statuses or {}).get(k, {}))
-        metas[k] = meta
+        metas[k] = FoldMeta(model=dict(arch="tiny", n_classes=2), **meta)
     return KFoldRun(path=tmp_path, config={}, histories=histories, metas=metas)
 
 

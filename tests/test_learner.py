@@ -33,7 +33,8 @@ from artlearn.callbacks import (
     Reproducible,
     cosine_lr,
 )
-from artlearn.checkpoint import load_fold
+from artlearn.checkpoint import DataMeta, load_fold
+from artlearn.dls import ArtistDataLoaders
 from artlearn.learner import ArtistLearner, artist_learner
 
 VOCAB = ["Ana", "Bo", "Cy"]
@@ -47,8 +48,8 @@ def image_dls(n_train=24, n_valid=12, bs=8, size=32):
         x = torch.randn(n, 3, size, size, generator=g) + 0.5 * y[:, None, None, None].float()
         return [(TensorImage(x[i]), TensorCategory(y[i])) for i in range(n)]
     dls = DataLoaders.from_dsets(items(n_train, 0), items(n_valid, 1), bs=bs, device="cpu", num_workers=0)
+    dls = ArtistDataLoaders.wrap(dls, DataMeta(size=size, mean=[0.5] * 3, std=[0.25] * 3, vocab=list(VOCAB), fold=0))
     dls.vocab = list(VOCAB)
-    dls.artlearn_meta = dict(size=size, mean=[0.5] * 3, std=[0.25] * 3, vocab=list(VOCAB), fold=0)
     return dls
 
 
@@ -292,7 +293,7 @@ def test_fold_training_end_to_end_on_synthetic_data(synthetic, tmp_path):
     assert hist["lr"].tolist() == torch_lrs
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["complete"] is True and meta["vocab"] == list(dls.vocab) and meta["size"] == 32
-    assert meta["mean"] == dls.artlearn_meta["mean"] and meta["model"]["pool"] == "gem"
+    assert meta["mean"] == list(dls.data_meta.mean) and meta["model"]["pool"] == "gem"
     assert meta["score"] == pytest.approx(hist["valid_loss"].min(), rel=1e-12)
     model, _ = load_fold(folder)
     fresh = artist_learner(dls, arch="resnet18", pool="gem", progress=False)
