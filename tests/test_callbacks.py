@@ -173,8 +173,10 @@ def test_cosine_rejects_bad_settings():
         CosineAnnealing(t_max=0)
     with pytest.raises(ValueError, match="warmup=-1"):
         CosineAnnealing(warmup=-1)
-    with pytest.raises(ValueError, match="must exceed warmup"):
-        tiny_learner(epochs=2, warmup=2).fit(2)
+    with pytest.raises(ValueError, match="warmup=2 must be shorter than epochs=2"):  # the recipe's rule, at once
+        tiny_learner(epochs=2, warmup=2)
+    with pytest.raises(ValueError, match="must exceed warmup"):  # t_max = the fit's length, known at the fit
+        tiny_learner(warmup=2).fit(2)
 
 
 # ---------------------------------------------------------------- label smoothing / history
