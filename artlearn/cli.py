@@ -101,7 +101,7 @@ def parse_setting(name: str, text: str):
     try:
         value = kind(text)
     except ValueError:
-        raise ValueError(f"{name}={text}: need a {kind.__name__}") from None
+        raise ValueError(f"{name}={text}: need {'an' if kind is int else 'a'} {kind.__name__}") from None
     choices = setting_choices(name)
     if choices is not None:
         check_choice(name, value, choices)

@@ -99,11 +99,6 @@ def parse_grids(text: str) -> list:
     return list(dict.fromkeys(names))
 
 
-def parse_folds(text, n_folds: int) -> list:
-    """'0,2' -> [0, 2]; None -> every fold; out-of-range folds are a ValueError."""
-    return fold_list(text, "--folds", n_folds) or list(range(n_folds))
-
-
 def check_budget(minutes) -> None:
     """A negative budget is a ValueError."""
     if minutes is not None and (not math.isfinite(minutes) or minutes < 0):
@@ -404,7 +399,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_minutes)
     grids = parse_grids(args.grids)
-    folds = parse_folds(args.folds, args.n_folds)
+    folds = fold_list(args.folds, "--folds", args.n_folds) or list(range(args.n_folds))
     check_budget(args.budget_minutes)
     base = base_recipe(args)
     cells = study_cells(grids, base)
