@@ -42,7 +42,6 @@ from artlearn.files import atomic_write_text
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parents[1] / "docs" / "results" / "compare"
 PLAIN_SCRIPT = HERE / "plain_torchvision.py"
-PLAIN_ARCHS = ("resnet18", "resnet34", "resnet50")
 PRESETS = ("reference", "best")
 # Options switched on alone on top of reference ('store' is the decode-once store's resolution rule, 'prior_adjust'
 # and 'tta' are ensemble-time); a spec the library cannot run (no such setting or value) is skipped and listed.
@@ -181,8 +180,8 @@ def check_row(row: Row, budget: dict) -> None:
     """ValueError when the library cannot train or score the row at this budget."""
     from artlearn.recipe import Recipe
     if row.kind == "plain":
-        if budget["arch"] not in PLAIN_ARCHS:
-            raise ValueError(f"plain_torchvision.py trains {list(PLAIN_ARCHS)}, not {budget['arch']}")
+        if budget["arch"] not in _plain_module().ARCHS:
+            raise ValueError(f"plain_torchvision.py trains {list(_plain_module().ARCHS)}, not {budget['arch']}")
         return
     recipe = Recipe.preset(row.preset).replace(**_settings(row, budget)).validate()
     if (row.name != row.preset and not row.evaluate
@@ -502,7 +501,7 @@ def score_posthoc(ctx: Context, row: Row, seed: int) -> dict:
 
 
 def _plain_module():
-    """examples/plain_torchvision.py as a module (for --plain-in-process)."""
+    """plain_torchvision.py (beside this file) as a module: its ARCHS, and its main for --plain-in-process."""
     import importlib.util
     if "plain_torchvision" not in sys.modules:
         spec = importlib.util.spec_from_file_location("plain_torchvision", PLAIN_SCRIPT)
@@ -682,11 +681,16 @@ def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
 # ---------------------------------------------------------------- plan and main
 
 
+def fold_minutes(settings: dict, n_images: int) -> float:
+    """Rough CPU minutes here for one fold training of `n_images` at these settings (issue 16's 5 min per 64 px
+    ResNet-18 12-epoch fold of the real paintings)."""
+    return (MINUTES_PER_FOLD * (settings["size"] / 64) ** 2 * settings["epochs"] / 12 * n_images / REAL_IMAGES
+            * ARCH_COST.get(settings["arch"], 3.0))
+
+
 def estimate_minutes(ctx: Context, row: Row, n_folds: int) -> float:
-    """Rough CPU minutes here for n_folds fold trainings of a row (issue 16's 5 min per 64 px R18 fold)."""
-    s = _settings(row, ctx.budget) if row.kind != "plain" else ctx.budget
-    return (n_folds * MINUTES_PER_FOLD * (s["size"] / 64) ** 2 * s["epochs"] / 12 * len(ctx.df) / REAL_IMAGES
-            * ARCH_COST.get(s["arch"], 3.0))
+    """Rough CPU minutes here for n_folds fold trainings of a row."""
+    return n_folds * fold_minutes(_settings(row, ctx.budget) if row.kind != "plain" else ctx.budget, len(ctx.df))
 
 
 def plan(ctx: Context, rows: list, done: set) -> list:

@@ -213,8 +213,7 @@ def _main(argv=None) -> list:
           f"results {jsonl}")
     todo = [s for s in args.seeds if s not in done]
     settings = cr._settings(args.row, cr.budget_of(args))
-    minutes = (len(todo) * args.n_folds * cr.MINUTES_PER_FOLD * (settings["size"] / 64) ** 2 * settings["epochs"] / 12
-               * len(rest) / cr.REAL_IMAGES * cr.ARCH_COST.get(settings["arch"], 3.0))
+    minutes = len(todo) * args.n_folds * cr.fold_minutes(settings, len(rest))
     print(f"{len(todo)} K-fold runs to do ({len(todo) * args.n_folds} fold trainings): about {minutes:.1f} CPU "
           "minutes on this 2-core machine")
     if args.dry_run:

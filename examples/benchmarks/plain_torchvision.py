@@ -29,6 +29,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+ARCHS = ("resnet18", "resnet34", "resnet50")  # the torchvision ResNets this script trains (--arch)
+
 
 class CsvImages(Dataset):
     """(image tensor, label index) for the rows of a table with img_path and artist."""
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-csv", required=True)
     p.add_argument("--folds-csv")
     p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--arch", default="resnet18", choices=ARCHS)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--bs", type=int, default=32)
