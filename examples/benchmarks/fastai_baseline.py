@@ -4,7 +4,8 @@ The baseline a fastai user would write for one fold of the same split: `ImageDat
 `Resize` + `aug_transforms(size, min_scale=0.35)` + ImageNet normalisation, fastai's default loss, the last epoch's
 weights, flip-TTA on the validation fold (as the plain script and artlearn's `flip`). With --minutes, the epochs are
 those that fit at the pace of a throwaway learner's first batches (fit_one_cycle needs its length up front), the
-final TTA pass included. Writes result.json (accuracy, macro-F1, epochs, seconds) and oof.csv into --out.
+final TTA pass included. Writes result.json (accuracy, macro-F1, epochs, seconds) and oof.csv into --out. The
+training uses no artlearn; artlearn's command-line error exit and atomic file writes carry the script's own part.
 
     python examples/benchmarks/fastai_baseline.py --train-csv ../shared/data/artworks/train.csv \
         --folds-csv runs/budget/folds.csv --fold 0 --minutes 7 --out runs/fastai/fold0
