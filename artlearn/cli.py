@@ -16,7 +16,7 @@ from .recipe import Recipe, field_type
 
 __all__ = ["RULE_ALIASES", "SYNTHETIC_DIR", "Competition", "add_recipe_flag", "add_recipe_flags", "fold_list",
            "fold_rules", "fold_selection", "given_settings", "int_list", "optional", "parse_setting",
-           "read_competition", "run_cli", "setting_choices", "shown", "tta_choices"]
+           "read_competition", "run_cli", "setting_choices", "shown", "submission_scores", "tta_choices"]
 
 logger = logging.getLogger("artlearn")
 SYNTHETIC_DIR = Path("data") / "synthetic"  # where the scripts build the built-in dataset when --data is not given
@@ -215,3 +215,14 @@ def _read_test(root: Path, decode: bool):
             raise ValueError(bad_images_message(bad, root / "test.csv") + "; fix or remove them before training "
                              "(the submission needs every test image)")
     return test
+
+
+def submission_scores(submission, solution) -> dict:
+    """accuracy, f1_macro and n (ids matched) of a submission.csv against a test_solution.csv (id, artist)."""
+    import pandas as pd
+    from sklearn.metrics import accuracy_score, f1_score
+    sub, sol = (pd.read_csv(p, dtype=str, keep_default_na=False) for p in (submission, solution))
+    merged = sol.merge(sub, on="id", suffixes=("_true", "_pred"))
+    true, pred = merged["artist_true"], merged["artist_pred"]
+    return dict(accuracy=float(accuracy_score(true, pred)),
+                f1_macro=float(f1_score(true, pred, average="macro", zero_division=0)), n=len(merged))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import artlearn  # light: its modules (torch, fastai) load on first use, after the flags parse
 from artlearn.cli import (add_recipe_flags, fold_list, fold_selection, given_settings, read_competition, run_cli,
-                          shown)
+                          shown, submission_scores)
 from artlearn.recipe import PRESET_NAMES, Recipe
 
 STARTED = time.time()  # --budget counts the script's wall time from here (artlearn loads torch lazily, later)
@@ -159,17 +159,6 @@ def _budget_left(budget):
     return None if seconds is None else max(1.0, seconds - (time.time() - STARTED))
 
 
-def score_submission(sub_path, solution_path) -> None:
-    """Accuracy/macro-F1 of a submission against known labels (synthetic data only)."""
-    import pandas as pd
-    from sklearn.metrics import accuracy_score, f1_score
-    sub, sol = (pd.read_csv(p, dtype=str, keep_default_na=False) for p in (sub_path, solution_path))
-    merged = sol.merge(sub, on="id", suffixes=("_true", "_pred"))
-    acc = accuracy_score(merged["artist_true"], merged["artist_pred"])
-    f1 = f1_score(merged["artist_true"], merged["artist_pred"], average="macro", zero_division=0)
-    print(f"synthetic test set ({len(merged)} images, labels known): accuracy {acc:.4f}, macro-F1 {f1:.4f}")
-
-
 def default_out(args, data_name: str) -> Path:
     """runs/<data>-<preset>, plus every setting given on the command line: other settings, another folder."""
     given = list(given_settings(args).items())
@@ -296,8 +285,10 @@ def _main(args, dist) -> int:
                                          workers=args.workers, prior_adjust=args.prior_adjust)
         sub = artlearn.write_submission(test["id"], probs, vocab, out / "submission.csv")
         print(f"submission: {sub} ({len(test)} ids, folds {selection.folds}, tta={recipe.tta})")
-        if solution is not None:
-            score_submission(sub, solution)
+        if solution is not None:  # the synthetic set's labels are known
+            s = submission_scores(sub, solution)
+            print(f"synthetic test set ({s['n']} images, labels known): accuracy {s['accuracy']:.4f}, "
+                  f"macro-F1 {s['f1_macro']:.4f}")
     for fig in artlearn.plots.save_run_figures(out):
         print(f"figure: {fig}")
     artlearn.kfold.record_wall_time(out, time.time() - started)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import artlearn as al
-from artlearn.cli import add_recipe_flag, fold_list, read_competition, run_cli, tta_choices
+from artlearn.cli import add_recipe_flag, fold_list, read_competition, run_cli, submission_scores, tta_choices
 from artlearn.files import atomic_write_csv, atomic_write_text
 from artlearn.recipe import PRESET_NAMES
 
@@ -327,15 +327,13 @@ def grid_figure(grid: str, cells: list, runs: dict, folds: list, base: dict, out
 
 def predict_test(run, test, folds: list, tta, solution=None) -> float:
     """Ensemble the cell's folds on the test set into <run>/submission.csv; accuracy when labels are known."""
-    import pandas as pd
     complete = done_folds(run, folds)
     selection = al.select_folds(run) if complete == run.folds else al.select_folds(run, folds=complete)
     probs, vocab = al.ensemble(run, test, folds=selection.folds, tta=tta)
     sub = al.write_submission(test["id"], probs, vocab, run.path / "submission.csv")
     if solution is None:
         return math.nan
-    merged = pd.read_csv(solution).merge(pd.read_csv(sub), on="id", suffixes=("_true", "_pred"))
-    return float((merged["artist_true"].astype(str) == merged["artist_pred"].astype(str)).mean())
+    return submission_scores(sub, solution)["accuracy"]
 
 
 # ---------------------------------------------------------------- the study

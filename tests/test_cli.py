@@ -231,6 +231,13 @@ def test_reader_builds_the_synthetic_set_when_no_data_is_given(folder, tmp_path,
     assert found.name == "synthetic" and len(found.train) == 4 and found.solution is not None
 
 
+def test_submission_scores_match_ids_not_rows(folder, tmp_path):
+    sub = tmp_path / "submission.csv"
+    pd.DataFrame({"id": ["b", "a", "z"], "artist": ["Klimt", "Klimt", "Monet"]}).to_csv(sub, index=False)
+    scores = cli.submission_scores(sub, folder / "test_solution.csv")  # truth: a Monet, b Klimt; z is not scored
+    assert scores == dict(accuracy=0.5, f1_macro=pytest.approx(1 / 3), n=2)
+
+
 # ---------------------------------------------------------------- a light import
 
 
