@@ -76,8 +76,9 @@ def add_recipe_flags(parser, defaults: Recipe, short_help: dict | None = None) -
     groups = {}
     for f in dataclasses.fields(Recipe):
         stage = f.metadata["stage"]
-        group = groups.get(stage) or groups.setdefault(stage, parser.add_argument_group(f"{stage} settings"))
-        add_recipe_flag(group, f.name, help=(short_help or {}).get(f.name), shows=getattr(defaults, f.name))
+        if stage not in groups:
+            groups[stage] = parser.add_argument_group(f"{stage} settings")
+        add_recipe_flag(groups[stage], f.name, help=(short_help or {}).get(f.name), shows=getattr(defaults, f.name))
 
 
 def given_settings(args, names=None) -> dict:
