@@ -142,9 +142,10 @@ def fold_list(text, flag: str = "--folds", n_folds: int | None = None, hint: str
 
 
 def fold_rules() -> tuple:
-    """The fold-selection rule names of `artlearn.kfold.FOLD_RULES` (imports artlearn.kfold: torch and fastai)."""
-    from .kfold import FOLD_RULES
-    return tuple(FOLD_RULES)
+    """The fold-selection rule names of `artlearn.kfold.FOLD_RULES` (loads artlearn.kfold, torch and fastai, as
+    artlearn's lazy import does: quietly)."""
+    import artlearn
+    return tuple(artlearn.kfold.FOLD_RULES)
 
 
 def fold_selection(text: str, n_folds: int | None = None) -> tuple:
@@ -209,12 +210,11 @@ def _read_test(root: Path, decode: bool):
         raise ValueError(f"{root / 'test.csv'}: no 'id' column (columns are {list(test.columns)}); the submission "
                          "needs id,img_path")
     if decode:
-        from .tables import bad_images_message
         report = artlearn.check_images(test)
         bad = report[~report["ok"]]
         if len(bad):
-            raise ValueError(bad_images_message(bad, root / "test.csv") + "; fix or remove them before training "
-                             "(the submission needs every test image)")
+            raise ValueError(artlearn.tables.bad_images_message(bad, root / "test.csv") + "; fix or remove them "
+                             "before training (the submission needs every test image)")
     return test
 
 
