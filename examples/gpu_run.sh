@@ -18,8 +18,8 @@
 #
 # Priorities, each writing its results as it finishes (a step past the deadline is stopped; complete folds stay):
 #   0. issue 13's pipeline benchmark: whole epochs of the device pipeline against the model-only time and the plain
-#      torchvision loop, ResNet-50 at 288 px, bf16, channels-last, batch 64 then 128 (bench.py --epochs; the first
-#      also times the model-only ceiling with and without compile=True); raw output in $OUT/bench-bs{64,128}.txt
+#      torchvision loop, ResNet-50 at 288 px, bf16, channels-last, batch 64 then 128 (benchmarks/bench.py --epochs;
+#      the first also times the model-only ceiling with and without compile=True); raw output in $OUT/bench-bs{64,128}.txt
 #   1. the reference recipe on the full training set: ResNet-50, 288 px, bs 32, 30 epochs, 4 folds (run_kfold.py)
 #   2. the same with --preset best
 #   3. fold 0 of the study's other cells (resnet34, resnet101, 224, 320, gem; study.py reuses 1 and 2 as cells)
@@ -130,7 +130,7 @@ if (( BENCH_EPOCHS > 0 )); then
     extra=()
     (( bs == 64 )) && extra=(--compile)
     run_step "0 bench bs $bs" env OUT_FILE="$OUT/bench-bs$bs.txt" \
-      bash -c 'python3 examples/bench.py "$@" 2>&1 | tee "$OUT_FILE"' bench \
+      bash -c 'python3 examples/benchmarks/bench.py "$@" 2>&1 | tee "$OUT_FILE"' bench \
       --data "$DATA" --images "${BENCH_IMAGES:-0}" --arch "$ARCH" --size "$SIZE" --bs "$bs" \
       --precision "${BENCH_PRECISION:-bf16}" --epochs "$BENCH_EPOCHS" --pipelines device "${extra[@]}"
   done

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from artlearn.checks import run_cli
+from artlearn.cli import fold_list, run_cli, tta_choices
 from artlearn.ensemble import predict
 from artlearn.files import atomic_write_csv
 from artlearn.explain import explain
@@ -28,9 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("run", type=Path, help="run folder (train_kfold's --out) or one fold folder")
     p.add_argument("images", nargs="+", type=Path, help="painting image files")
     p.add_argument("--k", type=int, default=5, help="artists listed per painting (default: 5)")
-    p.add_argument("--tta", choices=["flip", "none", "multicrop"],
-                   help="test-time views: image + flip, none, or + five native-resolution crops (default: the "
-                   "run's own, as its submission used: config.json's tta; flip for a fold folder)")
+    p.add_argument("--tta", choices=tta_choices(),
+                   help="test-time views, as Recipe.tta (default: the run's own, as its submission used: "
+                   "config.json's tta; flip for a fold folder)")
     p.add_argument("--folds", help="comma-separated folds to ensemble (default: the run's selection)")
     p.add_argument("--csv", type=Path, help="also write the table (image,rank,artist,probability) here")
     p.add_argument("--explain", type=Path, help="save the Grad-CAM figure here (PNG)")
@@ -51,16 +51,6 @@ def recorded_tta(run: Path) -> str:
     if not (run / CONFIG_NAME).is_file():
         return "flip"
     return config_as_now(read_config(run)).get("tta", "flip")
-
-
-def parse_folds(text: str | None) -> list | None:
-    """'0,2' -> [0, 2]; None -> the run's selection; anything else is a ValueError naming the flag."""
-    if not text:
-        return None
-    try:
-        return [int(f) for f in text.split(",") if f.strip()]
-    except ValueError:
-        raise ValueError(f"--folds {text!r}: give comma-separated fold numbers, e.g. 0 or 0,2") from None
 
 
 def check_output(flag: str, path: Path | None) -> None:
@@ -88,7 +78,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     chosen = args.tta or recorded_tta(args.run)
     tta = None if chosen == "none" else chosen
-    folds = parse_folds(args.folds)
+    folds = fold_list(args.folds)
     check_output("--csv", args.csv)
     check_output("--explain", args.explain)
     images = [str(p) for p in args.images]

@@ -10,7 +10,6 @@ Defaults shown are those of the chosen --preset (without --data: of the demo).
 Several GPUs: torchrun --nproc_per_node N examples/run_kfold.py ... (docs/distributed.md)
 """
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -20,14 +19,13 @@ import warnings
 from pathlib import Path
 
 import artlearn  # light: its modules (torch, fastai) load on first use, after the flags parse
-from artlearn.recipe import PRESET_NAMES, Recipe, field_type
+from artlearn.cli import (add_recipe_flags, fold_list, fold_selection, given_settings, read_competition, run_cli,
+                          shown, submission_scores)
+from artlearn.recipe import PRESET_NAMES, Recipe
 
 STARTED = time.time()  # --budget counts the script's wall time from here (artlearn loads torch lazily, later)
 
-SELECT_RULES = {"complete": "complete", "stable": "stable", "auto": "stable"}  # --select names -> select_folds rule
 DEMO = dict(arch="resnet18", size=64, epochs=8, bs=32)  # CPU-sized demo on the synthetic data (the preset's lr)
-SYNTHETIC_DIR = Path("data") / "synthetic"
-STAGES = ("data", "model", "optimisation", "extras", "evaluation")
 PRESET_HELP = {"reference": "the course project's recipe (ResNet-50, 288 px, 30 epochs: a GPU recipe)",
                "best": "reference with the measured improvements (crop scale, half the lr, multicrop views)",
                "fast": "a CPU recipe (ResNet-18, 64 px); with --budget its epochs fit the time"}
@@ -41,41 +39,10 @@ SHORT_HELP = {  # the CLI's shorter text for settings whose Recipe help is long
 }
 
 
-def _optional(kind):
-    """An argparse type accepting 'none' for a setting that may be None."""
-    def parse(text):
-        return None if text.lower() == "none" else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _shown(value) -> str:
-    """A default as --help shows it: none, on/off, or the value."""
-    return "none" if value is None else ("on" if value else "off") if isinstance(value, bool) else str(value)
-
-
 def effective_defaults(preset: str, demo: bool) -> Recipe:
     """The settings a run gets without flags: the preset's, with the demo's sizes when there is no --data."""
     recipe = Recipe.preset(preset if preset in PRESET_NAMES else "reference")
     return recipe.replace(**DEMO) if demo else recipe
-
-
-def add_recipe_flags(p: argparse.ArgumentParser, defaults: Recipe) -> None:
-    """One flag per Recipe field (`--min-scale` for `min_scale`), in one group per stage, showing `defaults`."""
-    groups = {stage: p.add_argument_group(f"{stage} settings") for stage in STAGES}
-    for f in dataclasses.fields(Recipe):
-        kind, optional = field_type(f.name)
-        flag = "--" + f.name.replace("_", "-")
-        group = groups.get(f.metadata["stage"]) or groups.setdefault(
-            f.metadata["stage"], p.add_argument_group(f"{f.metadata['stage']} settings"))
-        text = f"{SHORT_HELP.get(f.name, f.metadata['help'])} [default: {_shown(getattr(defaults, f.name))}]"
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-            continue
-        choices = f.metadata["choices"]
-        group.add_argument(flag, dest=f.name, type=_optional(kind) if optional else kind, default=None,
-                           help=text, choices=choices, metavar="|".join(_shown(c) for c in choices) if choices
-                           else kind.__name__.upper())
 
 
 def _formatter(prog):
@@ -131,7 +98,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                        "finished fold), stable (leave out unstable folds) or a list [default: complete]")
     folds.add_argument("--prior-adjust", type=float, default=0.0, metavar="TAU",
                        help="logit adjustment at prediction, towards rare artists [default: 0, off]")
-    add_recipe_flags(p, effective_defaults(first.preset, first.data is None))
+    add_recipe_flags(p, effective_defaults(first.preset, first.data is None), SHORT_HELP)
     gpus = p.add_argument_group("several GPUs (under torchrun)")
     gpus.add_argument("--ddp", action="store_true", help="train each fold on every GPU (--bs is the global batch) "
                       "[default: each GPU trains its own folds]")
@@ -140,25 +107,10 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return p
 
 
-def _csv_list(text, flag: str = "--folds"):
-    """'0,1,2' -> [0, 1, 2]; None or 'auto' -> None; anything else is a ValueError naming the flag."""
-    if text in (None, "auto"):
-        return None
-    parts = [t.strip() for t in text.split(",")]
-    if not [t for t in parts if t] or not all(t.isdigit() for t in parts if t):
-        rules = " (or 'complete' / 'stable')" if flag == "--select" else ""
-        raise ValueError(f"{flag} {text!r}: need comma-separated fold numbers such as 0,2{rules}")
-    return sorted({int(t) for t in parts if t})
-
-
 def check_args(args) -> None:
     """ValueError naming the first flag that cannot work, before any data is read or built."""
-    if args.n_folds < 2:
-        raise ValueError(f"--n-folds {args.n_folds}: need at least 2 folds")
-    for flag, text in (("--folds", args.folds), ("--select", args.select)):
-        chosen = [] if flag == "--select" and text in SELECT_RULES else _csv_list(text, flag) or []
-        if any(k >= args.n_folds for k in chosen):
-            raise ValueError(f"{flag} {text!r}: with --n-folds {args.n_folds} use folds 0..{args.n_folds - 1}")
+    fold_list(args.folds, "--folds", args.n_folds)
+    fold_selection(args.select, args.n_folds)
     if not 0 <= args.seed < 2 ** 32:
         raise ValueError(f"--seed {args.seed}: need an integer in 0..{2 ** 32 - 1}")
     if args.limit is not None and args.limit < args.n_folds:
@@ -176,47 +128,10 @@ def check_args(args) -> None:
         raise ValueError(f"--data {args.data}: no such folder or file")
 
 
-def load_test(base: Path, decode: bool = True):
-    """The test table next to train.csv (None when there is none): ids required, every image decoded once."""
-    if not (base / "test.csv").is_file():
-        return None
-    test = artlearn.read_artworks(base / "test.csv", kind="test")
-    if "id" not in test.columns:
-        raise ValueError(f"{base / 'test.csv'}: no 'id' column (columns are {list(test.columns)}); the submission "
-                         "needs id,img_path")
-    if not decode:
-        return test
-    from artlearn.tables import bad_images_message
-    report = artlearn.check_images(test)
-    bad = report[~report["ok"]]
-    if len(bad):
-        raise ValueError(bad_images_message(bad, base / "test.csv") + "; fix or remove them before "
-                         "training (the submission needs every test image)")
-    return test
-
-
-def load_data(args, say=print, decode: bool = True):
-    """(train table, test table or None, test solution or None, data name); `decode`: check the test images."""
-    if args.data is None:
-        root = artlearn.make_synthetic_artworks(SYNTHETIC_DIR)
-        say(f"data: built-in synthetic artworks in {root}")
-    else:
-        root = args.data
-    if root.is_dir() and not (root / "train.csv").is_file():
-        return artlearn.read_artworks(root), None, None, root.name
-    train = artlearn.read_artworks(root / "train.csv" if root.is_dir() else root, kind="train")
-    base = root if root.is_dir() else root.parent
-    solution = base / "test_solution.csv"
-    return train, load_test(base, decode), (solution if solution.is_file() else None), base.name
-
-
 def settings_from(args) -> dict:
     """Recipe overrides from the flags given (an absent flag keeps the preset's value, e.g. best's multicrop tta;
     the synthetic demo has its own sizes)."""
-    chosen = {name: getattr(args, name) for name in Recipe.names()}
-    if args.data is None:
-        chosen = {k: (v if v is not None else DEMO.get(k)) for k, v in chosen.items()}
-    return {k: v for k, v in chosen.items() if v is not None}  # train_kfold reads tta=None as "no TTA"
+    return {**(DEMO if args.data is None else {}), **given_settings(args)}  # train_kfold reads tta=None as "no TTA"
 
 
 def print_table(run, selection, baseline) -> None:
@@ -244,24 +159,13 @@ def _budget_left(budget):
     return None if seconds is None else max(1.0, seconds - (time.time() - STARTED))
 
 
-def score_submission(sub_path, solution_path) -> None:
-    """Accuracy/macro-F1 of a submission against known labels (synthetic data only)."""
-    import pandas as pd
-    from sklearn.metrics import accuracy_score, f1_score
-    sub, sol = (pd.read_csv(p, dtype=str, keep_default_na=False) for p in (sub_path, solution_path))
-    merged = sol.merge(sub, on="id", suffixes=("_true", "_pred"))
-    acc = accuracy_score(merged["artist_true"], merged["artist_pred"])
-    f1 = f1_score(merged["artist_true"], merged["artist_pred"], average="macro", zero_division=0)
-    print(f"synthetic test set ({len(merged)} images, labels known): accuracy {acc:.4f}, macro-F1 {f1:.4f}")
-
-
 def default_out(args, data_name: str) -> Path:
     """runs/<data>-<preset>, plus every setting given on the command line: other settings, another folder."""
-    given = [(name, getattr(args, name)) for name in Recipe.names() if getattr(args, name) is not None]
+    given = list(given_settings(args).items())
     given += [(flag, getattr(args, flag)) for flag, default in (("n_folds", 4), ("seed", 42), ("limit", None))
               if getattr(args, flag) != default]
     parts = [data_name if args.data is not None else "demo", args.preset]
-    parts += [f"{name.replace('_', '-')}{_shown(value)}" for name, value in given]
+    parts += [f"{name.replace('_', '-')}{shown(value)}" for name, value in given]
     return Path("runs") / "-".join(str(part).replace("/", "_") for part in parts)
 
 
@@ -313,21 +217,24 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    """The checks and the workflow; a refusal is one `error:` line (2), Ctrl-C one `interrupted` line (130)."""
+    """The checks and the workflow; a refusal is one `error:` line (2, `run_cli`), Ctrl-C one `interrupted` line
+    (130)."""
     try:
-        check_args(args)
-        dist = artlearn.distributed.init_distributed()  # torchrun: joins the other processes; one process: nothing
-        try:
-            return _main(args, dist)
-        finally:
-            artlearn.distributed.shutdown()
-    except (ValueError, FileNotFoundError) as e:  # every refusal names the problem and the fix: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_cli(_checked_run, args)  # every refusal names the problem and the fix: no traceback
     except KeyboardInterrupt:
         where = interrupted_at(RUN_DIR[0]) if RUN_DIR else "before training"
         print(f"interrupted {where}; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _checked_run(args) -> int:
+    """check_args, then the workflow in the distributed context (torchrun: joins the others; one process: nothing)."""
+    check_args(args)
+    dist = artlearn.distributed.init_distributed()
+    try:
+        return _main(args, dist)
+    finally:
+        artlearn.distributed.shutdown()
 
 
 RUN_DIR = []  # the run folder once known, for the Ctrl-C message
@@ -339,15 +246,15 @@ def _main(args, dist) -> int:
     say = print if dist.is_main else (lambda *a, **k: None)
     chosen = settings_from(args)
     recipe = Recipe.preset(args.preset).replace(**chosen).validate()
-    train, test, solution, data_name = dist.main_first(lambda: load_data(args, say, decode=dist.is_main))
+    train, test, solution, data_name, _ = dist.main_first(
+        lambda: read_competition(args.data, decode=dist.is_main, say=say))
     if args.limit:
         train = artlearn.stratified_subset(train, args.limit, seed=args.seed)
         say(f"--limit {args.limit}: stratified subset of {len(train)} images, {train['artist'].nunique()} artists")
     out = args.out or default_out(args, data_name)
     RUN_DIR[:] = [out]
     if args.resume and not (out / "config.json").is_file():
-        print(f"--resume: {out} has no run to resume", file=sys.stderr)
-        return 2
+        raise ValueError(f"--resume: {out} has no run to resume")
     settings = " ".join(f"{k}={v}" for k, v in recipe.as_dict().items())
     say(f"run directory: {out}\nrecipe: preset={args.preset} {settings}")
     if dist.enabled:
@@ -357,7 +264,7 @@ def _main(args, dist) -> int:
         say("--ddp: not launched by torchrun (WORLD_SIZE unset), so one process trains every fold")
     protect = [p for p in (args.data, solution) if p is not None] + (list(test["img_path"]) if test is not None else [])
     try:
-        run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=_csv_list(args.folds),
+        run = artlearn.train_kfold(train, out, n_folds=args.n_folds, folds=fold_list(args.folds),
                                    preset=args.preset, seed=args.seed, workers=args.workers, ddp=args.ddp,
                                    sync_bn=args.sync_bn, overwrite=args.overwrite, protect=protect,
                                    budget=_budget_left(args.budget), procs=args.procs,
@@ -368,8 +275,7 @@ def _main(args, dist) -> int:
         raise
     if not dist.is_main:
         return 0  # rank 0 selects the folds, ensembles, writes the submission and the figures
-    rule = SELECT_RULES.get(args.select, "complete")
-    hand_picked = None if args.select in SELECT_RULES else _csv_list(args.select, "--select")
+    rule, hand_picked = fold_selection(args.select)
     if hand_picked is not None or rule != "complete":  # summary.json holds the default rule; record this choice
         run = artlearn.kfold.finish_run(out, select=hand_picked if hand_picked is not None else rule)
     selection = artlearn.select_folds(run, folds=hand_picked, rule=rule)
@@ -379,8 +285,10 @@ def _main(args, dist) -> int:
                                          workers=args.workers, prior_adjust=args.prior_adjust)
         sub = artlearn.write_submission(test["id"], probs, vocab, out / "submission.csv")
         print(f"submission: {sub} ({len(test)} ids, folds {selection.folds}, tta={recipe.tta})")
-        if solution is not None:
-            score_submission(sub, solution)
+        if solution is not None:  # the synthetic set's labels are known
+            s = submission_scores(sub, solution)
+            print(f"synthetic test set ({s['n']} images, labels known): accuracy {s['accuracy']:.4f}, "
+                  f"macro-F1 {s['f1_macro']:.4f}")
     for fig in artlearn.plots.save_run_figures(out):
         print(f"figure: {fig}")
     artlearn.kfold.record_wall_time(out, time.time() - started)

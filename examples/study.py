@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import artlearn as al
-from artlearn.checks import run_cli
+from artlearn.cli import add_recipe_flag, fold_list, read_competition, run_cli, submission_scores, tta_choices
+from artlearn.files import atomic_write_csv, atomic_write_text
+from artlearn.recipe import PRESET_NAMES
 
 GRIDS = {"arch": ("resnet34", "resnet50", "resnet101"), "size": (224, 288, 320), "pool": ("avg", "gem"),
          "preset": ("reference", "best")}
@@ -32,7 +34,6 @@ _REF = al.Recipe.preset("reference")
 REPORT_BASE = dict(preset="reference", arch=_REF.arch, size=_REF.size, pool=_REF.pool)  # epochs, bs, lr: the preset's
 DEMO_BASE = dict(preset="reference", arch="resnet18", size=64, pool="avg", epochs=8, bs=32, lr=2e-3)  # as run_kfold
 PANELS = ("train_acc", "train_loss", "valid_loss", "valid_acc")
-SYNTHETIC_DIR = Path("data") / "synthetic"
 COLUMNS = ["cell", "grid", "setting", "status", "folds", "oof_accuracy", "oof_f1_macro", "best_valid_acc",
            "mean_best_valid_acc", "best_epoch", "epochs", "wall_min", "images_per_s", "test_accuracy"]
 
@@ -66,18 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the built-in synthetic dataset (built once into data/synthetic, CPU-sized base recipe)")
     p.add_argument("--out", type=Path, default=Path("runs") / "study", help="study folder (default: runs/study)")
     p.add_argument("--grids", default=",".join(GRIDS), help=f"comma-separated grids (default: {','.join(GRIDS)})")
-    p.add_argument("--preset", choices=["reference", "best"], help="base preset (default: reference)")
-    p.add_argument("--arch", help="base architecture (default: resnet50; synthetic data: resnet18)")
-    p.add_argument("--size", type=int, help="base resolution (default: 288; synthetic data: 64)")
-    p.add_argument("--pool", choices=["avg", "gem"], help="base pooling (default: avg)")
-    p.add_argument("--epochs", type=int, help="epochs per fold (default: the preset's 30; synthetic data: 8)")
-    p.add_argument("--bs", type=int, help="batch size (default: the preset's 32)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the preset's 1e-3; synthetic data: 2e-3)")
+    p.add_argument("--preset", choices=PRESET_NAMES, help="base preset (default: reference)")
+    add_recipe_flag(p, "arch", help="base architecture (default: resnet50; synthetic data: resnet18)")
+    add_recipe_flag(p, "size", help="base resolution (default: 288; synthetic data: 64)")
+    add_recipe_flag(p, "pool", help="base pooling (default: avg)")
+    add_recipe_flag(p, "epochs", help="epochs per fold (default: the preset's 30; synthetic data: 8)")
+    add_recipe_flag(p, "bs", help="batch size (default: the preset's 32)")
+    add_recipe_flag(p, "lr", help="learning rate (default: the preset's 1e-3; synthetic data: 2e-3)")
     p.add_argument("--n-folds", type=int, default=4)
     p.add_argument("--folds", help="comma-separated folds to train and score in every cell (default: all)")
     p.add_argument("--seed", type=int, default=42, help="fold assignment and training seed, shared by every cell")
     p.add_argument("--limit", type=int, help="train on a stratified subset of N images")
-    p.add_argument("--tta", default="flip", choices=["flip", "none"], help="test-time views for OOF and --test")
+    p.add_argument("--tta", default="flip", choices=tta_choices(), help="test-time views for OOF and --test")
     p.add_argument("--workers", type=int, help="data-loader workers (default: 0 on CPU, up to 8 on GPU)")
     p.add_argument("--budget-minutes", type=float, help="start no new cell once this many minutes have passed "
                    "(the table and figures are still written for the cells that finished)")
@@ -96,22 +97,6 @@ def parse_grids(text: str) -> list:
     if unknown:
         raise ValueError(f"--grids {text!r}: unknown grid(s) {unknown}; valid grids: {', '.join(GRIDS)}")
     return list(dict.fromkeys(names))
-
-
-def parse_folds(text, n_folds: int) -> list:
-    """'0,2' -> [0, 2]; None -> every fold; out-of-range folds are a ValueError."""
-    if n_folds < 2:
-        raise ValueError(f"--n-folds {n_folds}: need at least 2 folds")
-    if text is None:
-        return list(range(n_folds))
-    try:
-        folds = sorted({int(t) for t in str(text).split(",") if t.strip()})
-    except ValueError:
-        raise ValueError(f"--folds {text!r}: give comma-separated fold numbers, e.g. 0 or 0,1") from None
-    bad = [f for f in folds if not 0 <= f < n_folds]
-    if bad or not folds:
-        raise ValueError(f"--folds {text!r}: with --n-folds {n_folds} use folds 0..{n_folds - 1}")
-    return folds
 
 
 def check_budget(minutes) -> None:
@@ -150,27 +135,12 @@ def study_cells(grids: list, base: dict) -> list:
             for grid in grids for value in grid_values(grid, base[grid])]
 
 
-# ---------------------------------------------------------------- data
-
-
-def load_data(data, want_test: bool, say=print):
-    """(training table, test table or None, test_solution.csv path or None)."""
-    if data is None:
-        root = al.make_synthetic_artworks(SYNTHETIC_DIR)
-        say(f"data: built-in synthetic artworks in {root}")
-    else:
-        root = Path(data)
-    if root.is_dir() and not (root / "train.csv").is_file():
-        train, base = al.read_artworks(root), root
-    else:
-        train = al.read_artworks(root / "train.csv" if root.is_dir() else root, kind="train")
-        base = root if root.is_dir() else root.parent
-    if not want_test:
-        return train, None, None
-    if not (base / "test.csv").is_file():
-        raise ValueError(f"--test: no test.csv in {base}; drop --test or point --data at a competition folder")
-    solution = base / "test_solution.csv"
-    return train, al.read_artworks(base / "test.csv", kind="test"), solution if solution.is_file() else None
+def check_cells(cells: list) -> None:
+    """ValueError naming the first setting a cell's recipe cannot train with (e.g. an unknown --pool), before any
+    data is read."""
+    for cell in cells:
+        settings = dict(cell.settings)
+        al.Recipe.preset(settings.pop("preset")).replace(**settings).validate()
 
 
 # ---------------------------------------------------------------- training
@@ -332,8 +302,8 @@ def write_table(rows: list, out: Path):
     """Write results.csv and results.md into `out`; returns the table."""
     table = results_table(rows)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "results.csv", index=False)
-    (out / "results.md").write_text(markdown_table(table))
+    atomic_write_csv(out / "results.csv", table)
+    atomic_write_text(out / "results.md", markdown_table(table))
     return table
 
 
@@ -357,15 +327,13 @@ def grid_figure(grid: str, cells: list, runs: dict, folds: list, base: dict, out
 
 def predict_test(run, test, folds: list, tta, solution=None) -> float:
     """Ensemble the cell's folds on the test set into <run>/submission.csv; accuracy when labels are known."""
-    import pandas as pd
     complete = done_folds(run, folds)
     selection = al.select_folds(run) if complete == run.folds else al.select_folds(run, folds=complete)
     probs, vocab = al.ensemble(run, test, folds=selection.folds, tta=tta)
     sub = al.write_submission(test["id"], probs, vocab, run.path / "submission.csv")
     if solution is None:
         return math.nan
-    merged = pd.read_csv(solution).merge(pd.read_csv(sub), on="id", suffixes=("_true", "_pred"))
-    return float((merged["artist_true"].astype(str) == merged["artist_pred"].astype(str)).mean())
+    return submission_scores(sub, solution)["accuracy"]
 
 
 # ---------------------------------------------------------------- the study
@@ -429,11 +397,12 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_minutes)
     grids = parse_grids(args.grids)
-    folds = parse_folds(args.folds, args.n_folds)
+    folds = fold_list(args.folds, "--folds", args.n_folds) or list(range(args.n_folds))
     check_budget(args.budget_minutes)
     base = base_recipe(args)
     cells = study_cells(grids, base)
-    train, test, solution = load_data(args.data, args.test)
+    check_cells(cells)
+    train, test, solution, _, _ = read_competition(args.data, test=args.test, say=print)
     if args.limit:
         train = al.stratified_subset(train, args.limit, seed=args.seed)
         print(f"--limit {args.limit}: stratified subset of {len(train)} images, {train['artist'].nunique()} artists")

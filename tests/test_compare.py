@@ -1,4 +1,5 @@
-"""examples/compare_recipes.py, plain_torchvision.py and fold_selection_study.py at tiny settings on tiny data."""
+"""examples/benchmarks/: compare_recipes.py, plain_torchvision.py, fold_selection_study.py and budget_table.py at
+tiny settings on tiny data."""
 import ast
 import importlib.util
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
 TINY = ["--size", "32", "--epochs", "1", "--bs", "16", "--threads", "1"]
 ROWS = ["reference", "prior_adjust=1.0", "plain"]
 COMBO = "min_scale=0.35+label_smoothing=0.1"
@@ -90,10 +91,20 @@ def test_every_run_and_the_plain_script_use_the_same_folds(compared):
         assert written.reindex(folds["img_path"]).tolist() == folds["fold"].tolist()  # the given folds, honoured
 
 
+def _imports(nodes) -> set:
+    """The top-level packages every import statement under `nodes` names."""
+    found = {a.name.split(".")[0] for node in nodes for n in ast.walk(node) if isinstance(n, ast.Import)
+             for a in n.names}
+    return found | {n.module.split(".")[0] for node in nodes for n in ast.walk(node) if isinstance(n, ast.ImportFrom)}
+
+
 def test_plain_script_imports_no_artlearn_and_is_deterministic(compared, data, tmp_path):
     tree = ast.parse((EXAMPLES / "plain_torchvision.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    guard = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+    assert len(guard) == 1  # the command line: the one-line error exit, artlearn.cli.run_cli, and nothing else
+    assert [(n.module, [a.name for a in n.names]) for n in ast.walk(guard[0]) if isinstance(n, ast.ImportFrom)] == [
+        ("artlearn.cli", ["run_cli"])] and _imports(guard) == {"artlearn"}
+    imported = _imports([n for n in tree.body if n is not guard[0]])  # the training: no artlearn at all
     assert "artlearn" not in imported and {"torch", "torchvision"} <= imported
     plain = load("plain_torchvision")
     argv = ["--train-csv", str(data / "train.csv"), "--folds-csv", str(compared["root"] / "folds.csv"),
@@ -142,14 +153,14 @@ def test_dry_run_plans_every_row_and_trains_nothing(data, tmp_path, capsys):
     (["--combos", "optimizer=rmsprop"], "optimizer='rmsprop'"),
     (["--seeds", "42,x"], "--seeds '42,x'"),
     (["--seeds", "42"], "at least 2 seeds"),
-    (["--folds", "5"], "--folds [5]"),
+    (["--folds", "5"], "--folds '5': with --n-folds 4 use folds 0..3"),
 ])
-def test_bad_arguments_fail_before_training(data, tmp_path, extra, message):
+def test_bad_arguments_fail_before_training(data, tmp_path, capsys, extra, message):
     out = tmp_path / "runs"
-    with pytest.raises(SystemExit) as info:
-        load("compare_recipes").main(["--data", str(data), "--out", str(out), "--results-dir", str(tmp_path),
-                                      *TINY, *extra])
-    assert message in str(info.value) and "error" in str(info.value)
+    assert load("compare_recipes").main(["--data", str(data), "--out", str(out), "--results-dir", str(tmp_path),
+                                         *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
 
 
@@ -171,8 +182,9 @@ def test_fold_selection_study(data, tmp_path, capsys):
     md = (tmp_path / "res" / "fold_selection-resnet18-32px-1ep-bs16.md").read_text()
     assert md.count("\n| 42 |") == 1 and md.count("\n| 7 |") == 1 and "| selected |" in md
     assert study.main(argv) == []  # resumed: both seeds are in the jsonl
-    with pytest.raises(SystemExit, match="at least 2"):
-        study.main([*argv, "--seeds", "3"])
+    assert study.main([*argv, "--seeds", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --seeds '3'") and "at least 2" in err and err.count("\n") == 1, err
 
 
 def test_best_row_is_its_settings_and_shares_their_runs():

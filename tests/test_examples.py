@@ -1,4 +1,5 @@
-"""examples/run_kfold.py end to end on tiny settings, as a user runs it."""
+"""examples/run_kfold.py end to end on tiny settings, as a user runs it; two measuring harnesses of
+examples/benchmarks/ (bench.py, bench_procs.py) at tiny settings."""
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import artlearn as al
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_kfold.py"
+BENCHMARKS = ROOT / "examples" / "benchmarks"
 
 
 def _run(args, cwd, timeout=300):
@@ -241,11 +243,11 @@ def test_test_table_and_images_are_checked_before_training(cli, tiny_data, tmp_p
 
 
 def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
-    """examples/bench.py --epochs: every contender timed in one run, the ratios printed from those timings."""
+    """benchmarks/bench.py --epochs: every contender timed in one run, the ratios printed from those timings."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
     args = ["--data", str(tiny_data), "--images", "40", "--size", "16", "--bs", "8", "--epochs", "1", "--unfused",
             "--prefetch", "--phases"]
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "bench.py"), *args], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
@@ -263,9 +265,9 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
 
 
 def test_bench_procs_times_both_layouts_side_by_side(tiny_data, tmp_path):
-    """examples/bench_procs.py: one process of N threads and N single-thread processes, timed in one run."""
+    """examples/benchmarks/bench_procs.py: one process of N threads and N single-thread processes, timed in one run."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
-    script = str(ROOT / "examples" / "bench_procs.py")
+    script = str(BENCHMARKS / "bench_procs.py")
     args = ["--data", str(tiny_data), "--size", "16", "--bs", "4", "--batches", "2", "--reps", "1", "--procs", "2"]
     done = subprocess.run([sys.executable, script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -1786,7 +1786,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def script(name: str):
     """An example script loaded in-process (no second interpreter start-up)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(f"{name}_script_29", EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{Path(name).name}_script_29", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -1920,7 +1920,7 @@ def test_predict_script_errors_are_one_line_and_nothing_is_written(base_run, dat
 
 
 def test_compare_report_only_on_a_hand_edited_jsonl_names_the_lines(tmp_path, capsys):
-    compare = script("compare_recipes")
+    compare = script("benchmarks/compare_recipes")
     jsonl = tmp_path / "edited.jsonl"
     jsonl.write_text('{"row": "best"}\n[1, 2]\nnot json\n{"row": "reference", "seed": "0"}\n')
     assert compare.read_records(jsonl) == []

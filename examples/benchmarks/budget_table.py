@@ -1,11 +1,12 @@
 """Recipes at equal wall time: every row gets the same minutes for fold 0 of the same folds, one thread each.
 
-    python examples/budget_table.py --data ../shared/data/artworks --minutes 7 --seeds 7,42 --out runs/budget7
+    python examples/benchmarks/budget_table.py --data ../shared/data/artworks --minutes 7 --seeds 7,42 \
+        --out runs/budget7
 
 Each row is trained by `train_kfold(..., folds=[0], budget=...)` (the epochs planned to fit the minutes on this
 machine) in its own process with one torch thread, `--parallel` rows at a time (as a 2-core machine runs two
-folds side by side). `plain` is examples/plain_torchvision.py given the same minutes (`--minutes`), `fastai` is
-fastai's own `vision_learner(xresnet18)` + `fit_one_cycle` (examples/fastai_baseline.py). One JSON line per run in
+folds side by side). `plain` is plain_torchvision.py (here) given the same minutes (`--minutes`), `fastai` is
+fastai's own `vision_learner(xresnet18)` + `fit_one_cycle` (fastai_baseline.py, here). One JSON line per run in
 <out>/results.jsonl (reruns skip the runs already there); the table (mean, min..max over seeds) in results.md.
 """
 import argparse
@@ -17,6 +18,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from artlearn.cli import int_list, read_competition, run_cli
+from artlearn.files import atomic_write_csv, atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 ROWS = {  # row name -> train_kfold preset and overrides (each a Recipe setting alone, or the chosen combination)
@@ -34,6 +38,7 @@ SCRIPTS = {"plain": "plain_torchvision.py", "fastai": "fastai_baseline.py"}
 
 
 def parse_args(argv=None):
+    """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="competition folder with train.csv")
     p.add_argument("--minutes", type=float, required=True, help="wall minutes each row gets for fold 0")
@@ -49,9 +54,8 @@ def fold_table(data: Path, out: Path) -> Path:
     path = out / "folds.csv"
     if not path.is_file():
         import artlearn as al
-        df = al.assign_folds(al.read_artworks(data / "train.csv"), 4, 42)
-        out.mkdir(parents=True, exist_ok=True)
-        df[["img_path", "artist", "fold"]].to_csv(path, index=False)
+        df = al.assign_folds(read_competition(data, test=False, folders=False).train, 4, 42)
+        atomic_write_csv(path, df[["img_path", "artist", "fold"]])
     return path
 
 
@@ -85,7 +89,7 @@ def train_one(row: str, seed: int, minutes: float, folds_csv: str, run_dir: str)
     result = dict(row=row, seed=seed, minutes=minutes, accuracy=oof["accuracy"], f1_macro=oof["f1_macro"],
                   epochs=timing["folds"]["0"]["epochs"], planned_s=timing["folds"]["0"]["planned_s"],
                   wall_s=round(time.time() - started, 1), settings=ROWS[row])
-    Path(run_dir, "result.json").write_text(json.dumps(result))
+    atomic_write_json(Path(run_dir, "result.json"), result)
 
 
 def run_one(row: str, seed: int, args, folds_csv: Path) -> dict:
@@ -114,10 +118,17 @@ def write_table(out: Path, results: list) -> None:
                      f"({min(acc):.4f}..{max(acc):.4f}) | {statistics.mean(f1):.4f} ({min(f1):.4f}..{max(f1):.4f}) | "
                      f"{', '.join(str(r.get('epochs')) for r in rs)} | "
                      f"{', '.join(str(r.get('process_wall_s')) for r in rs)} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
+    """The table (or, with --one, one row's run in this process); a bad argument or input ends with one `error:`
+    line and exit status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    """main's work (errors reported by run_cli)."""
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--one":
         row, seed, minutes, folds_csv, run_dir = sys.argv[2:7]
         train_one(row, int(seed), float(minutes), folds_csv, run_dir)
@@ -126,14 +137,14 @@ def main(argv=None) -> int:
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS and r not in SCRIPTS]
     if unknown:
-        print(f"error: unknown rows {unknown}; choose from {[*ROWS, *SCRIPTS]}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--rows {args.rows!r}: unknown rows {unknown}; choose from {[*ROWS, *SCRIPTS]}")
+    seeds = int_list(args.seeds, "--seeds")
     args.out.mkdir(parents=True, exist_ok=True)
     folds_csv = fold_table(args.data, args.out)
     jsonl = args.out / "results.jsonl"
     done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
     seen = {(r["row"], r["seed"]) for r in done}
-    todo = [(row, int(s)) for s in args.seeds.split(",") for row in rows if (row, int(s)) not in seen]
+    todo = [(row, s) for s in seeds for row in rows if (row, s) not in seen]
     with ThreadPoolExecutor(args.parallel) as pool:
         for result in pool.map(lambda job: run_one(*job, args, folds_csv), todo):
             done.append(result)

@@ -1,8 +1,8 @@
 """Throughput benchmark: is the model, not the input pipeline, the limit?
 
-    python examples/bench.py                                            # synthetic data, ResNet-18, 128 px, CPU
-    python examples/bench.py --data ../shared/data/artworks --arch resnet18 --size 128 --bs 32
-    python examples/bench.py --data DIR --arch resnet50 --size 288 --bs 64 --precision bf16    # on a GPU
+    python examples/benchmarks/bench.py                                 # synthetic data, ResNet-18, 128 px, CPU
+    python examples/benchmarks/bench.py --data ../shared/data/artworks --arch resnet18 --size 128 --bs 32
+    python examples/benchmarks/bench.py --data DIR --arch resnet50 --size 288 --bs 64 --precision bf16  # on a GPU
 
 With --epochs N (the headline): N whole training epochs exactly as train_kfold runs them (fold 0 of a 4-fold split:
 training + validation, per-epoch start-up included), for each --pipelines entry, against the model-only time for
@@ -10,7 +10,7 @@ the same images (forward+backward+step on tensors already on the device for the 
 for the validation batches), printed as `epoch ratio: X`; the plain torchvision loop (train + validation epochs,
 decoding from disk in a DataLoader) is timed side by side in the same run.
 
-    python examples/bench.py --data ../shared/data/artworks --images 0 --size 64 --epochs 2
+    python examples/benchmarks/bench.py --data ../shared/data/artworks --images 0 --size 64 --epochs 2
 
 Without --epochs it prints, in one process, warm-up excluded, medians over --reps repetitions of --batches batches:
   ceiling     model-only training step on tensors already in memory (images/s)
@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +35,11 @@ from PIL import Image
 import artlearn
 from artlearn.checkpoint import save_weights
 from artlearn.callbacks import ReuseHeap
+from artlearn.cli import add_recipe_flag, read_competition, run_cli
 from artlearn.device import default_workers, reused_heap
 from artlearn.files import atomic_write_json
 from artlearn.learner import fused
-from artlearn.recipe import REFERENCE, STORES
+from artlearn.recipe import REFERENCE
 from artlearn.store import PresizeCache, presize_for, store_presize
 from artlearn.models import build_model
 
@@ -46,20 +48,20 @@ def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="competition folder with train.csv (default: built-in synthetic)")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--bs", type=int, default=32)
+    add_recipe_flag(p, "arch", default="resnet18")
+    add_recipe_flag(p, "size", default=128)
+    add_recipe_flag(p, "bs", default=32)
     p.add_argument("--images", type=int, default=640, help="training images used (stratified subset)")
     p.add_argument("--batches", type=int, default=6, help="batches per repetition")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
     p.add_argument("--folds", type=int, default=2, help="folds in the ensemble benchmark")
     p.add_argument("--infer-images", type=int, default=128)
     p.add_argument("--workers", type=int, help="loader workers for both pipelines (default: artlearn's)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    add_recipe_flag(p, "precision", default=REFERENCE.precision)
     p.add_argument("--skip", default="", help="comma-separated sections to skip: torchvision,ensemble,cache")
     p.add_argument("--epochs", type=int, default=0, help="time N whole epochs (train + valid) per pipeline instead")
     p.add_argument("--pipelines", default="device,items", help="artist_dls pipelines timed by --epochs")
-    p.add_argument("--store", default=REFERENCE.store, choices=STORES, help="image store rule (Recipe.store)")
+    add_recipe_flag(p, "store", default=REFERENCE.store, help="image store rule (Recipe.store)")
     p.add_argument("--compile", action="store_true", help="also time the model-only ceiling with torch.compile")
     p.add_argument("--unfused", action="store_true", help="with --epochs: also time artlearn epochs with torch's "
                    "default (unfused) Adam, to measure what the fused step gives")
@@ -578,13 +580,19 @@ def bench_ensemble(args, items, n_classes, vocab, mean, std, device, dtype, chan
 
 
 def load_table(args):
-    """(training table subset, full training table, test items)."""
-    root = args.data if args.data is not None else artlearn.make_synthetic_artworks(Path("data") / "synthetic")
-    full = artlearn.read_artworks(root / "train.csv", kind="train")
+    """(training table subset, full training table, test items: test.csv's, else the training subset)."""
+    full, test, _, _, _ = read_competition(args.data, folders=False)
     df = artlearn.stratified_subset(full, args.images, seed=0) if args.images else full
-    test_csv = root / "test.csv"
-    items = (artlearn.read_artworks(test_csv, kind="test") if test_csv.is_file() else df)
+    items = test if test is not None else df
     return df, full, items.iloc[:args.infer_images].reset_index(drop=True)
+
+
+def filled_store(args, table) -> tuple:
+    """(the --store image store of `table`'s images, filled: each decoded once, seconds that took)."""
+    cache = PresizeCache(store_presize(args.store, args.size, REFERENCE.min_scale, len(table)))
+    start = time.perf_counter()
+    cache.fill(table["img_path"])
+    return cache, time.perf_counter() - start
 
 
 def peak_rss_gb() -> float:
@@ -597,8 +605,13 @@ def gpu_memory(device) -> str:
     return f", GPU max allocated {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""
 
 
-def main(argv=None):
-    """Run every section and print the figures."""
+def main(argv=None) -> int:
+    """Run every section and print the figures; a bad input ends with one `error:` line and exit status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     device, dtype, channels_last = device_setup(args.precision)
@@ -610,10 +623,8 @@ def main(argv=None):
     print(f"device {device} ({where}), precision {dtype or 'fp32'}, channels_last {channels_last}; "
           f"{args.arch} at {args.size} px, batch {args.bs}, "
           f"{len(df)} training images, {n_classes} artists; medians of {args.reps} reps x {args.batches} batches")
-    cache = PresizeCache(store_presize(args.store, args.size, REFERENCE.min_scale, len(df)))
-    start = time.perf_counter()
-    cache.fill(df["img_path"])
-    print(f"decode once  : {len(df)} images in {time.perf_counter() - start:.1f} s "
+    cache, seconds = filled_store(args, df)
+    print(f"decode once  : {len(df)} images in {seconds:.1f} s "
           f"({cache.n_decodes} decodes, {cache.nbytes / 2 ** 20:.0f} MiB cached; store '{args.store}', shorter "
           f"side {cache.presize} px)")
     if args.compile:
@@ -622,7 +633,7 @@ def main(argv=None):
     if args.epochs:
         bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean, std)
         print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB{gpu_memory(device)}")
-        return
+        return 0
     ceiling = bench_ceiling(args, n_classes, device, dtype, channels_last)
     print(f"ceiling      : {ceiling:8.1f} images/s  (model-only training step)")
     ours = bench_artlearn(args, df, device, cache)
@@ -636,14 +647,13 @@ def main(argv=None):
         print(f"ensemble     : {cold:8.1f} images/s cold (decode included), {warm:.1f} warm cache; bare "
               f"{args.folds} folds x 2 flips {bare:.1f} images/s; ratio cold {cold / bare:.2f}, warm {warm / bare:.2f}")
     if "cache" not in skip:
-        whole = PresizeCache(store_presize(args.store, args.size, REFERENCE.min_scale, len(full)))
-        start = time.perf_counter()
-        whole.fill(full["img_path"])
+        whole, seconds = filled_store(args, full)
         print(f"cache        : whole table {len(full)} images at presize {whole.presize} px -> "
               f"{whole.nbytes / 2 ** 30:.2f} GiB in {whole.mode if whole.mode != 'auto' else 'memory/auto'} "
-              f"({time.perf_counter() - start:.1f} s)")
+              f"({seconds:.1f} s)")
     print(f"peak memory  : RSS {peak_rss_gb():.2f} GiB{gpu_memory(device)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,16 +5,18 @@ flip, normalisation with statistics of the training split, a torchvision ResNet 
 with label smoothing 0.05, per-epoch cosine annealing, best epoch by valid loss, flip-TTA on the validation fold.
 Writes result.json (accuracy, macro-F1, best epoch, per-epoch history) and oof.csv into --out.
 
-    python examples/plain_torchvision.py --train-csv ../shared/data/artworks/train.csv \
+    python examples/benchmarks/plain_torchvision.py --train-csv ../shared/data/artworks/train.csv \
         --folds-csv runs/compare/<budget>/folds.csv --fold 0 --size 64 --epochs 12 --out runs/plain/fold0
 
 --folds-csv (img_path, artist, fold; written by compare_recipes.py) gives the SAME folds as artlearn; without it
 the folds come from sklearn's StratifiedKFold(4, shuffle=True, random_state=42). Deterministic for a seed (and a
---workers count) on CPU; on a GPU when there is one (fp32).
+--workers count) on CPU; on a GPU when there is one (fp32). The training uses no artlearn: only the command line's
+one-line error exit (artlearn.cli.run_cli, when run as a script) does.
 """
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+
+ARCHS = ("resnet18", "resnet34", "resnet50")  # the torchvision ResNets this script trains (--arch)
 
 
 class CsvImages(Dataset):
@@ -52,7 +56,7 @@ def read_table(args):
         folds["img_path"] = [str((Path(args.folds_csv).resolve().parent / p).resolve()) for p in folds["img_path"]]
         table = table.merge(folds[["img_path", "fold"]], on="img_path", how="inner")
         if len(table) != len(folds):
-            raise SystemExit(f"{args.folds_csv}: {len(folds)} rows but {len(table)} match {args.train_csv}")
+            raise ValueError(f"{args.folds_csv}: {len(folds)} rows but {len(table)} match {args.train_csv}")
     else:
         from sklearn.model_selection import StratifiedKFold
         table["fold"] = -1
@@ -91,12 +95,13 @@ def epochs_that_fit(seconds_left: float, epoch_s: float) -> int:
     return 1 + max(0, int((seconds_left - 0.5 * epoch_s) // epoch_s))
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Train and score one fold into --out (result.json, oof.csv); a bad argument is a ValueError naming it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-csv", required=True)
     p.add_argument("--folds-csv")
     p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--arch", default="resnet18", choices=ARCHS)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--bs", type=int, default=32)
@@ -108,7 +113,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.minutes is not None and not args.minutes > 0:
-        p.error("--minutes must be positive")
+        raise ValueError(f"--minutes {args.minutes}: need a positive number of minutes")
     start, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -116,7 +121,7 @@ def main(argv=None):
     classes = sorted(table["artist"].unique())
     train, valid = table[table["fold"] != args.fold], table[table["fold"] == args.fold]
     if train.empty or valid.empty:
-        raise SystemExit(f"fold {args.fold}: empty training or validation split")
+        raise ValueError(f"fold {args.fold}: empty training or validation split")
     mean, std = channel_stats(train, args.size)
     train_tfm = T.Compose([T.RandomResizedCrop(args.size, scale=(0.35, 1)), T.RandomRotation(15),
                            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
@@ -175,7 +180,9 @@ def main(argv=None):
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(f"fold {args.fold}: accuracy {result['accuracy']:.4f}  macro-F1 {result['f1_macro']:.4f}  "
           f"(best epoch {best[1]}, {result['seconds']:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from artlearn.cli import run_cli  # the one-line error exit only: the training above uses no artlearn
+    sys.exit(run_cli(main))

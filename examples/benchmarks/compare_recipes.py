@@ -6,7 +6,7 @@ on the same validation rows, and the seed (--seeds, at least 2) changes model in
 Each (row, seed) is one train_kfold run directory under --out/<budget>/ (resumable: complete folds are never
 retrained), scored on the out-of-fold predictions of --folds (flip-TTA). The test set is never read.
 
-Rows: 'reference' (the report's recipe), 'best', 'plain' (examples/plain_torchvision.py: no artlearn, same folds),
+Rows: 'reference' (the report's recipe), 'best', 'plain' (plain_torchvision.py here: no artlearn, same folds),
 every option switched on alone on top of reference (OPTIONS below; options the library lacks are skipped and
 listed), the ensemble-time options (prior_adjust=tau, tta=multicrop) scored on the reference runs' folds with no
 extra training, and --combos: 'min_scale=0.35+warmup=1', 'best+warmup=1', ... (commas between combos). A row is
@@ -17,9 +17,9 @@ line per (row, seed) appended as it finishes (a (row, seed, folds, data) already
 can be split across sessions and machines), and <budget>.md, the table (mean and min..max over seeds, paired deltas
 vs reference) rebuilt after every run; --report-only rebuilds it alone.
 
-    python examples/compare_recipes.py --dry-run                                 # plan of the 64 px budget
-    python examples/compare_recipes.py                                           # every row, 64 px, fold 0
-    python examples/compare_recipes.py --size 128 --rows reference,best,plain    # the 128 px budget
+    python examples/benchmarks/compare_recipes.py --dry-run                               # plan of the 64 px budget
+    python examples/benchmarks/compare_recipes.py                                         # every row, 64 px, fold 0
+    python examples/benchmarks/compare_recipes.py --size 128 --rows reference,best,plain  # the 128 px budget
 """
 import argparse
 import json
@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from artlearn.cli import fold_list, int_list, parse_setting, read_competition, run_cli, tta_choices
+from artlearn.files import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE.parent / "docs" / "results" / "compare"
+RESULTS = HERE.parents[1] / "docs" / "results" / "compare"
 PLAIN_SCRIPT = HERE / "plain_torchvision.py"
-PLAIN_ARCHS = ("resnet18", "resnet34", "resnet50")
 PRESETS = ("reference", "best")
-TTA_VALUES = ("flip", "multicrop", "none")
 # Options switched on alone on top of reference ('store' is the decode-once store's resolution rule, 'prior_adjust'
 # and 'tta' are ensemble-time); a spec the library cannot run (no such setting or value) is skipped and listed.
 OPTIONS = (
@@ -61,11 +62,6 @@ TERM = re.compile(r"\+(?=[A-Za-z_])")  # '+' between terms, not the one of '1e+3
 
 class UnknownOption(ValueError):
     """A row term naming no setting the library has."""
-
-
-def fail(msg: str):
-    """Exit with a clear error before anything is trained."""
-    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {msg}")
 
 
 # ---------------------------------------------------------------- rows
@@ -99,7 +95,7 @@ class Row:
 
     def describe(self) -> str:
         if self.kind == "plain":
-            return "examples/plain_torchvision.py (no artlearn; RandomResizedCrop scale 0.35-1)"
+            return "examples/benchmarks/plain_torchvision.py (no artlearn; RandomResizedCrop scale 0.35-1)"
         text = self.train_name
         if self.evaluate:
             text = f"ensemble({', '.join(f'{k}={v}' for k, v in self.evaluate.items())}) on {text} runs"
@@ -112,10 +108,10 @@ def _fmt(v) -> str:
 
 def _parse_value(key: str, raw: str):
     """A term's value, typed as the setting it sets."""
-    from artlearn.recipe import Recipe, field_type
+    from artlearn.recipe import Recipe
     if key == "tta":
-        if raw not in TTA_VALUES:
-            raise ValueError(f"tta={raw}: use one of {list(TTA_VALUES)}")
+        if raw not in tta_choices():
+            raise ValueError(f"tta={raw}: use one of {list(tta_choices())}")
         return raw
     if key == "prior_adjust":
         try:
@@ -128,17 +124,7 @@ def _parse_value(key: str, raw: str):
     if key not in Recipe.names():
         raise UnknownOption(f"unknown option '{key}'; Recipe settings: {', '.join(Recipe.names())}; "
                          "ensemble-time: prior_adjust, tta")
-    kind, optional = field_type(key)
-    if optional and raw.lower() in ("none", "null"):
-        return None
-    try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return raw.lower() in ("true", "1", "yes")
-        return kind(raw)
-    except ValueError:
-        raise ValueError(f"{key}={raw}: need a {kind.__name__}") from None
+    return parse_setting(key, raw)
 
 
 def preset_terms(preset: str) -> tuple[dict, dict]:
@@ -194,8 +180,8 @@ def check_row(row: Row, budget: dict) -> None:
     """ValueError when the library cannot train or score the row at this budget."""
     from artlearn.recipe import Recipe
     if row.kind == "plain":
-        if budget["arch"] not in PLAIN_ARCHS:
-            raise ValueError(f"plain_torchvision.py trains {list(PLAIN_ARCHS)}, not {budget['arch']}")
+        if budget["arch"] not in _plain_module().ARCHS:
+            raise ValueError(f"plain_torchvision.py trains {list(_plain_module().ARCHS)}, not {budget['arch']}")
         return
     recipe = Recipe.preset(row.preset).replace(**_settings(row, budget)).validate()
     if (row.name != row.preset and not row.evaluate
@@ -215,7 +201,7 @@ def plan_rows(args, budget: dict) -> tuple[list, dict]:
             check_row(row, budget)
         except ValueError as e:
             if named:
-                fail(f"--{'combos' if spec in combos else 'rows'}: {e}")
+                raise ValueError(f"--{'combos' if spec in combos else 'rows'}: {e}") from None
             skipped[spec] = (f"the library has no such setting (no Recipe field '{str(e).split(chr(39))[1]}')"
                              if isinstance(e, UnknownOption) else str(e))
             continue
@@ -253,29 +239,22 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the planned rows and runs, train nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild <budget>.md from the jsonl, train nothing")
     args = p.parse_args(argv)
-    args.seeds = _int_list("--seeds", args.seeds)
-    if len(args.seeds) < 2:
-        fail(f"--seeds {','.join(map(str, args.seeds))}: need at least 2 seeds per row (the spread is measured)")
-    if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
-        fail(f"--seeds {args.seeds}: need distinct integers >= 0")
-    args.folds = _int_list("--folds", args.folds)
-    folds_ok = all(0 <= f < args.n_folds for f in args.folds) and len(set(args.folds)) == len(args.folds)
-    if args.n_folds < 2 or not folds_ok:
-        fail(f"--folds {args.folds}: need distinct folds in 0..{args.n_folds - 1} (--n-folds {args.n_folds})")
+    args.seeds = seed_list(args.seeds)
+    args.folds = fold_list(args.folds, "--folds", args.n_folds) or list(range(args.n_folds))
     for name in ("size", "epochs", "bs"):
         if getattr(args, name) < 1:
-            fail(f"--{name} {getattr(args, name)}: need a positive number")
+            raise ValueError(f"--{name} {getattr(args, name)}: need a positive number")
     if args.limit < 0:
-        fail(f"--limit {args.limit}: need 0 (all) or a positive number of images")
+        raise ValueError(f"--limit {args.limit}: need 0 (all) or a positive number of images")
     return args
 
 
-def _int_list(flag: str, text: str) -> list:
-    try:
-        values = [int(s) for s in text.split(",")]
-    except ValueError:
-        fail(f"{flag} {text!r}: need comma-separated integers such as 42,7")
-    return values
+def seed_list(text: str) -> list:
+    """--seeds: at least 2 distinct integers >= 0 (the spread over seeds is measured); ValueError otherwise."""
+    seeds = int_list(text, "--seeds")
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: need at least 2 seeds per row, each once (the spread is measured)")
+    return seeds
 
 
 def budget_of(args) -> dict:
@@ -285,7 +264,7 @@ def budget_of(args) -> dict:
 def budget_name(args) -> str:
     if args.budget:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", args.budget):
-            fail(f"--budget {args.budget!r}: use letters, digits, '.', '_' and '-'")
+            raise ValueError(f"--budget {args.budget!r}: use letters, digits, '.', '_' and '-'")
         return args.budget
     name = f"{args.arch}-{args.size}px-{args.epochs}ep-bs{args.bs}"
     name += f"-n{args.limit}" if args.limit else ""
@@ -298,9 +277,7 @@ def budget_name(args) -> str:
 def load_table(args) -> pd.DataFrame:
     """The training table (optionally a stratified subset) with the one fold assignment every run shares."""
     import artlearn
-    if not (args.data / "train.csv").is_file():
-        fail(f"{args.data / 'train.csv'} not found; pass --data with the folder holding train.csv")
-    df = artlearn.read_artworks(args.data / "train.csv", kind="train")
+    df = read_competition(args.data, test=False, folders=False).train
     if args.limit:
         df = artlearn.stratified_subset(df, args.limit, seed=0)
     return artlearn.assign_folds(df, args.n_folds, seed=args.fold_seed).reset_index(drop=True)
@@ -524,7 +501,7 @@ def score_posthoc(ctx: Context, row: Row, seed: int) -> dict:
 
 
 def _plain_module():
-    """examples/plain_torchvision.py as a module (for --plain-in-process)."""
+    """plain_torchvision.py (beside this file) as a module: its ARCHS, and its main for --plain-in-process."""
     import importlib.util
     if "plain_torchvision" not in sys.modules:
         spec = importlib.util.spec_from_file_location("plain_torchvision", PLAIN_SCRIPT)
@@ -676,9 +653,9 @@ def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
         if rec["row"] not in order:
             order.append(rec["row"])
     lines = [f"# Recipe comparison: {ctx.name}", "",
-             f"Written by `examples/compare_recipes.py` from `{ctx.jsonl.name}` (one line per run). Out-of-fold "
-             "scores only (flip-TTA unless the row names other test-time views; the test set is never used), one "
-             "fold assignment shared by every row and seed "
+             f"Written by `examples/benchmarks/compare_recipes.py` from `{ctx.jsonl.name}` (one line per run). "
+             "Out-of-fold scores only (flip-TTA unless the row names other test-time views; the test set is never "
+             "used), one fold assignment shared by every row and seed "
              "(stratified, `assign_folds`), the seed changing model init and augmentation only. Spread: half the "
              "min..max range over seeds. Deltas: paired by seed, in points, mean (min..max).", ""]
     for fp in sorted({k[2] for k in groups}):
@@ -698,21 +675,22 @@ def write_report(ctx: Context, rows: list, skipped: dict) -> Path:
             lines += ["Issue 16's criterion (mean over seeds):", *check, ""] if check else []
     if skipped:
         lines += ["## Options not run, and why", ""] + [f"- `{s}`: {why}" for s, why in skipped.items()] + [""]
-    path = ctx.jsonl.with_suffix(".md")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(ctx.jsonl.with_suffix(".md"), "\n".join(lines))
 
 
 # ---------------------------------------------------------------- plan and main
 
 
+def fold_minutes(settings: dict, n_images: int) -> float:
+    """Rough CPU minutes here for one fold training of `n_images` at these settings (issue 16's 5 min per 64 px
+    ResNet-18 12-epoch fold of the real paintings)."""
+    return (MINUTES_PER_FOLD * (settings["size"] / 64) ** 2 * settings["epochs"] / 12 * n_images / REAL_IMAGES
+            * ARCH_COST.get(settings["arch"], 3.0))
+
+
 def estimate_minutes(ctx: Context, row: Row, n_folds: int) -> float:
-    """Rough CPU minutes here for n_folds fold trainings of a row (issue 16's 5 min per 64 px R18 fold)."""
-    s = _settings(row, ctx.budget) if row.kind != "plain" else ctx.budget
-    return (n_folds * MINUTES_PER_FOLD * (s["size"] / 64) ** 2 * s["epochs"] / 12 * len(ctx.df) / REAL_IMAGES
-            * ARCH_COST.get(s["arch"], 3.0))
+    """Rough CPU minutes here for n_folds fold trainings of a row."""
+    return n_folds * fold_minutes(_settings(row, ctx.budget) if row.kind != "plain" else ctx.budget, len(ctx.df))
 
 
 def plan(ctx: Context, rows: list, done: set) -> list:
@@ -755,8 +733,14 @@ def print_plan(ctx: Context, tasks: list, skipped: dict) -> None:
         print(f"  skipped {spec}: {why}")
 
 
-def main(argv=None) -> list:
-    """Plan, then train and score every (row, seed) not in the jsonl yet; returns the records written now."""
+def main(argv=None) -> list | int:
+    """Plan, then train and score every (row, seed) not in the jsonl yet; returns the records written now, or 2 after
+    a bad argument or input (one `error:` line on stderr, `run_cli`)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> list:
+    """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
     budget = budget_of(args)
     rows, skipped = plan_rows(args, budget)
@@ -800,4 +784,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(2 if main() == 2 else 0)

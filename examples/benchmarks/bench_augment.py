@@ -1,8 +1,8 @@
 """Micro-benchmark of artlearn.augment's batch pipeline: cost beside a ResNet-18 step, error, store memory.
 
-    python examples/bench_augment.py                                 # bs 32 at 64 and 128 px (real data if present)
-    python examples/bench_augment.py --data ../shared/data/artworks  # + the memory of each store rule for that table
-    python examples/bench_augment.py --sizes 224 288 --bs 64         # on a GPU the same runs on cuda
+    python examples/benchmarks/bench_augment.py                       # bs 32 at 64 and 128 px (real data if present)
+    python examples/benchmarks/bench_augment.py --data ../shared/data/artworks  # + each store rule's memory there
+    python examples/benchmarks/bench_augment.py --sizes 224 288 --bs 64         # on a GPU the same runs on cuda
 
 Prints, for each size: ms per batch of train_views (RandomResizedCrop + rotation + flip, antialiased), center_views
 and plain bilinear (no antialias), beside a ResNet-18 forward+backward of that batch, and their ratio; medians (and
@@ -13,6 +13,7 @@ Last, with --data (or ../shared/data/artworks present): the uint8 memory each Re
 """
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,16 +23,17 @@ import torchvision.transforms.v2.functional as TF
 
 from artlearn.synthetic import texture_probe
 from artlearn.augment import tent_reference, center_views, crop_affine, resample, store_side, train_views
+from artlearn.cli import add_recipe_flag, read_competition, run_cli
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "artworks"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "artworks"
 
 
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--bs", type=int, default=32)
-    p.add_argument("--min-scale", type=float, default=0.08)
+    add_recipe_flag(p, "bs", default=32)
+    add_recipe_flag(p, "min_scale", default=0.08)
     p.add_argument("--image-side", type=int, default=256, help="stored images' own shorter side (the real data: 256)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -145,12 +147,11 @@ def quality(args):
 def memory(data: Path):
     """Bytes each `Recipe.store` rule keeps for every training image (store_presize with this machine's memory
     budget; images smaller than the side stay as they are), per training size, at min_scale 0.08 and 0.35."""
-    import pandas as pd
     from PIL import Image
     from artlearn.recipe import STORES
     from artlearn.store import default_memory_budget, store_presize
-    table = pd.read_csv(data / "train.csv")
-    sizes = [Image.open(data / p).size for p in table["img_path"]]  # (w, h), header only, no decode
+    table = read_competition(data, test=False, folders=False).train
+    sizes = [Image.open(p).size for p in table["img_path"]]  # (w, h), header only, no decode
     shorts = sorted({min(s) for s in sizes})
     budget = default_memory_budget()
     print(f"store memory for {len(sizes)} images of {data} (shorter sides {shorts[0]}..{shorts[-1]} px), uint8 RGB, "
@@ -168,7 +169,13 @@ def memory(data: Path):
             print(f"  min_scale {min_scale}, store '{rule}': " + "; ".join(cells))
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Run the sections not skipped; a bad input ends with one `error:` line and exit status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,7 +188,8 @@ def main(argv=None):
         quality(args)
     if "memory" not in skip and args.data:
         memory(args.data)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

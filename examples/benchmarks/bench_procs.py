@@ -1,7 +1,7 @@
 """Fold-parallel on a CPU: do P processes of T threads train faster than one process of P x T threads?
 
-    python examples/bench_procs.py                                   # synthetic data, the `fast` recipe
-    python examples/bench_procs.py --data ../shared/data/artworks --reps 3
+    python examples/benchmarks/bench_procs.py                        # synthetic data, the `fast` recipe
+    python examples/benchmarks/bench_procs.py --data ../shared/data/artworks --reps 3
 
 Each repetition times, one after the other on the same machine, (a) one process using every core's thread and
 (b) one single-thread process per core training at the same time (what `train_kfold(budget=...)` spawns on a
@@ -10,7 +10,6 @@ one warm-up batch, then --batches timed batches. Printed: training images per se
 layout (median over --reps, min..max) and their ratio. Nothing is written except the store cache.
 """
 import argparse
-import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch.multiprocessing as mp
 
 import artlearn
 from artlearn.budget import BatchTimer, cpu_count
-from artlearn.checks import run_cli
-from artlearn.recipe import PRESETS
+from artlearn.cli import add_recipe_flag, given_settings, read_competition, run_cli
+from artlearn.recipe import PRESET_NAMES, Recipe
 
 WARMUP = 2
 
@@ -30,24 +29,17 @@ def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="competition folder with train.csv (default: built-in synthetic)")
-    p.add_argument("--preset", default="fast", choices=list(PRESETS))
+    p.add_argument("--preset", default="fast", choices=PRESET_NAMES)
     p.add_argument("--batches", type=int, default=20, help="timed training batches per process and repetition")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the (a), (b) pair")
     p.add_argument("--procs", type=int, default=cpu_count(), help="processes in layout (b) (default: the cores)")
-    p.add_argument("--size", type=int, help="training size (default: the preset's)")
-    p.add_argument("--bs", type=int, help="batch size (default: the preset's)")
+    add_recipe_flag(p, "size", help="training size (default: the preset's)")
+    add_recipe_flag(p, "bs", help="batch size (default: the preset's)")
     args = p.parse_args(argv)
     for name in ("batches", "reps", "procs"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            raise ValueError(f"--{name} {getattr(args, name)}: need at least 1")
     return args
-
-
-def load_table(data: Path | None):
-    """The training table: --data's train.csv, or the built-in synthetic set."""
-    if data is None:
-        data = artlearn.make_synthetic_artworks(Path("data") / "synthetic")
-    return artlearn.read_artworks(Path(data) / "train.csv", kind="train")
 
 
 def batch_seconds(df, recipe, threads: int, batches: int, barrier=None) -> float:
@@ -92,9 +84,8 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
-    df = load_table(args.data)
-    recipe = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in (("size", args.size), ("bs", args.bs))
-                                                          if v is not None})
+    df = read_competition(args.data, test=False, folders=False).train
+    recipe = Recipe.preset(args.preset).replace(**given_settings(args, ("size", "bs"))).validate()
     bs = recipe.bs
     one, many = [], []
     for rep in range(args.reps):

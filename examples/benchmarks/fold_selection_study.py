@@ -13,18 +13,20 @@ The real test set is never read. One JSON line per seed goes to --results-dir/fo
 finishes (a seed already there is not run again; run directories under --out resume), and the Markdown table
 fold_selection-<budget>.md is rebuilt after each seed.
 
-    python examples/fold_selection_study.py --dry-run
-    python examples/fold_selection_study.py                          # ResNet-18, 64 px, 12 epochs, seeds 42,7,1
-    python examples/fold_selection_study.py --recipe best --seeds 42,7
+    python examples/benchmarks/fold_selection_study.py --dry-run
+    python examples/benchmarks/fold_selection_study.py               # ResNet-18, 64 px, 12 epochs, seeds 42,7,1
+    python examples/benchmarks/fold_selection_study.py --recipe best --seeds 42,7
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from artlearn.cli import fold_list, read_competition, run_cli
+from artlearn.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -56,32 +58,27 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the jsonl")
     args = p.parse_args(argv)
-    args.seeds = cr._int_list("--seeds", args.seeds)
-    if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        cr.fail(f"--seeds {args.seeds}: need at least 2 distinct integers >= 0")
+    args.seeds = cr.seed_list(args.seeds)
     if not 0 < args.holdout < 0.5:
-        cr.fail(f"--holdout {args.holdout}: need a fraction in (0, 0.5)")
-    if args.n_folds < 2:
-        cr.fail(f"--n-folds {args.n_folds}: need at least 2 folds")
+        raise ValueError(f"--holdout {args.holdout}: need a fraction in (0, 0.5)")
+    fold_list(None, "--folds", args.n_folds)  # --n-folds 1 is refused
     for name in ("size", "epochs", "bs"):
         if getattr(args, name) < 1:
-            cr.fail(f"--{name} {getattr(args, name)}: need a positive number")
+            raise ValueError(f"--{name} {getattr(args, name)}: need a positive number")
     try:
         args.row = cr.parse_row(args.recipe)
         if args.row.kind == "plain":
             raise ValueError("the study trains artlearn runs: use a preset and/or Recipe settings (not plain)")
         cr.check_row(args.row, cr.budget_of(args))
     except ValueError as e:
-        cr.fail(f"--recipe {args.recipe}: {e}")
+        raise ValueError(f"--recipe {args.recipe}: {e}") from None
     return args
 
 
 def split(args):
     """(rest, holdout): the pseudo-test slice (stratified, fixed by --holdout-seed) and what K-fold trains on."""
     import artlearn
-    if not (args.data / "train.csv").is_file():
-        cr.fail(f"{args.data / 'train.csv'} not found; pass --data with the folder holding train.csv")
-    df = artlearn.read_artworks(args.data / "train.csv", kind="train")
+    df = read_competition(args.data, test=False, folders=False).train
     if args.limit:
         df = artlearn.stratified_subset(df, args.limit, seed=0)
     holdout = artlearn.stratified_subset(df, max(1, round(args.holdout * len(df))), seed=args.holdout_seed,
@@ -164,15 +161,14 @@ def write_report(path: Path, fp: str) -> Path:
             recs[int(r["seed"])] = r
     recs = [recs[s] for s in sorted(recs)]
     lines = [f"# Is leaving folds out worth it? {path.stem}", "",
-             "Written by `examples/fold_selection_study.py`. A stratified slice of the training set is held out as a "
-             "pseudo-test (the real test set is never used); K-fold runs on the rest, one per seed (the seed draws "
-             "the fold split and the training). Scores on the pseudo-test, with the recipe's test-time views. "
-             "`selected`: the folds "
+             "Written by `examples/benchmarks/fold_selection_study.py`. A stratified slice of the training set is held "
+             "out as a pseudo-test (the real test set is never used); K-fold runs on the rest, one per seed (the "
+             "seed draws the fold split and the training). Scores on the pseudo-test, with the recipe's test-time "
+             "views. `selected`: the folds "
              "`select_folds` keeps (the report's rule); `best fold`: best validation accuracy; `oracle`: best on "
              "the pseudo-test itself (a bound, not a choice).", ""]
     if not recs:
-        path.with_suffix(".md").write_text("\n".join(lines + ["No seed finished yet.", ""]))
-        return path.with_suffix(".md")
+        return atomic_write_text(path.with_suffix(".md"), "\n".join(lines + ["No seed finished yet.", ""]))
     r0 = recs[0]
     lines += [f"Data `{r0['data']}`: {r0['n_train']} training + {r0['n_holdout']} held-out images "
               f"({r0['holdout']:g}, seed {r0['holdout_seed']}), {r0['n_artists']} artists; recipe `{r0['recipe']}` "
@@ -192,14 +188,17 @@ def write_report(path: Path, fp: str) -> Path:
     left_out = sum(len(r["folds"]) - len(r["selected"]) for r in recs)
     lines += ["", f"Folds left out by the rule: {left_out} of {sum(len(r['folds']) for r in recs)}; ran on "
               f"{', '.join(sorted({cr._machine(r) for r in recs}))}.", ""]
-    out = path.with_suffix(".md")
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(path.with_suffix(".md"), "\n".join(lines))
 
 
-def main(argv=None) -> list:
+def main(argv=None) -> list | int:
+    """Train and score every seed not in the jsonl yet; returns the records written now, or 2 after a bad argument
+    or input (one `error:` line on stderr, `run_cli`)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> list:
+    """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
     if args.threads:
         import torch
@@ -214,8 +213,7 @@ def main(argv=None) -> list:
           f"results {jsonl}")
     todo = [s for s in args.seeds if s not in done]
     settings = cr._settings(args.row, cr.budget_of(args))
-    minutes = (len(todo) * args.n_folds * cr.MINUTES_PER_FOLD * (settings["size"] / 64) ** 2 * settings["epochs"] / 12
-               * len(rest) / cr.REAL_IMAGES * cr.ARCH_COST.get(settings["arch"], 3.0))
+    minutes = len(todo) * args.n_folds * cr.fold_minutes(settings, len(rest))
     print(f"{len(todo)} K-fold runs to do ({len(todo) * args.n_folds} fold trainings): about {minutes:.1f} CPU "
           "minutes on this 2-core machine")
     if args.dry_run:
@@ -245,4 +243,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(2 if main() == 2 else 0)

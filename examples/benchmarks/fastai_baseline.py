@@ -4,14 +4,15 @@ The baseline a fastai user would write for one fold of the same split: `ImageDat
 `Resize` + `aug_transforms(size, min_scale=0.35)` + ImageNet normalisation, fastai's default loss, the last epoch's
 weights, flip-TTA on the validation fold (as the plain script and artlearn's `flip`). With --minutes, the epochs are
 those that fit at the pace of a throwaway learner's first batches (fit_one_cycle needs its length up front), the
-final TTA pass included. Writes result.json (accuracy, macro-F1, epochs, seconds) and oof.csv into --out.
+final TTA pass included. Writes result.json (accuracy, macro-F1, epochs, seconds) and oof.csv into --out. The
+training uses no artlearn; artlearn's command-line error exit and atomic file writes carry the script's own part.
 
-    python examples/fastai_baseline.py --train-csv ../shared/data/artworks/train.csv \
+    python examples/benchmarks/fastai_baseline.py --train-csv ../shared/data/artworks/train.csv \
         --folds-csv runs/budget/folds.csv --fold 0 --minutes 7 --out runs/fastai/fold0
 """
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,11 @@ import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from plain_torchvision import read_table  # the same table and folds as the plain script (examples/ is on sys.path)
+from artlearn.cli import run_cli
+from artlearn.files import atomic_write_csv, atomic_write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_torchvision import read_table  # noqa: E402  (the same table and folds as the plain script, beside it)
 
 PROBE_BATCHES, PROBE_WARMUP = 8, 2
 
@@ -39,9 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.minutes is not None and not args.minutes > 0:
-        p.error("--minutes must be positive")
+        raise ValueError(f"--minutes {args.minutes}: need a positive number of minutes")
     if args.epochs < 1:
-        p.error("--epochs must be at least 1")
+        raise ValueError(f"--epochs {args.epochs}: need at least 1")
     return args
 
 
@@ -99,7 +104,13 @@ def flip_tta(learn):
     return torch.cat(probs).numpy(), torch.cat(targets).numpy()
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Train and score one fold; a bad argument or input ends with one `error:` line and exit status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    """main's work (errors reported by run_cli)."""
     args = parse_args(argv)
     from fastai.vision.all import set_seed
     start, out = time.time(), Path(args.out)
@@ -108,7 +119,7 @@ def main(argv=None):
     set_seed(args.seed)
     dls = make_dls(table, args.fold, args.size, args.bs, args.seed)
     if len(dls.train) == 0:
-        raise SystemExit(f"fold {args.fold}: {len(dls.train_ds)} training images, fewer than one batch of --bs "
+        raise ValueError(f"fold {args.fold}: {len(dls.train_ds)} training images, fewer than one batch of --bs "
                          f"{args.bs} (fastai drops the last partial batch): give a smaller --bs")
     epochs = args.epochs
     if args.minutes is not None:
@@ -126,16 +137,17 @@ def main(argv=None):
     truth = [vocab[i] for i in targets]
     oof = pd.DataFrame({"img_path": valid["img_path"].values, "fold": args.fold, "artist": truth, "pred": pred})
     oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in vocab])], axis=1)
-    oof.to_csv(out / "oof.csv", index=False)
+    atomic_write_csv(out / "oof.csv", oof)
     result = dict(script="fastai_baseline", fold=args.fold, arch="xresnet18", size=args.size, epochs=epochs,
                   minutes=args.minutes, bs=args.bs, lr=args.lr, seed=args.seed, n_valid=len(valid),
                   accuracy=float(accuracy_score(truth, pred)),
                   f1_macro=float(f1_score(truth, pred, average="macro", zero_division=0)),
                   seconds=time.time() - start, history=[list(map(float, r)) for r in learn.recorder.values])
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(out / "result.json", result)
     print(f"fold {args.fold}: accuracy {result['accuracy']:.4f}  macro-F1 {result['f1_macro']:.4f}  "
           f"({epochs} epochs, {result['seconds']:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
