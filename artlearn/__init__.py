@@ -27,9 +27,9 @@ _EXPORTS = {
     "save_run_figures": "plots", "save_figure": "plots",
 }
 
-_SUBMODULES = ("checks", "files", "rng", "device", "tables", "folds", "store", "augment", "dls", "recipe",
-               "synthetic", "models", "checkpoint", "callbacks", "learner", "run", "distributed", "kfold",
-               "ensemble", "explain", "plots", "budget")
+_SUBMODULES = ("checks", "files", "rng", "device", "tables", "folds", "store", "augment", "dls", "tta", "recipe",
+               "synthetic", "models", "runconfig", "checkpoint", "callbacks", "learner", "run", "distributed",
+               "kfold", "ensemble", "explain", "plots", "budget", "cli")
 
 __all__ = ["__version__", *_EXPORTS]
 

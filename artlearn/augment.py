@@ -69,7 +69,7 @@ class ArtistCrop(RandTransform):
 # resampling of the stored pixels: crop box, rotation about the box centre and flip compose into one affine map per
 # image (a "map": (N, 2, 3) float, output pixel (u, v, 1) -> source pixel (x, y), pixel centres at integers).
 #
-# Antialias rule (measured in examples/bench_augment.py, tested in tests/test_augment.py):
+# Antialias rule (measured in examples/benchmarks/bench_augment.py, tested in tests/test_augment.py):
 # - unturned whole-pixel boxes (every centre view; the unrotated quarter of training views) are torchvision's
 #   resized_crop itself: torch's antialiased bilinear resize of the box (bit-identical to torchvision on uint8 CPU),
 #   mirrored if flipped;

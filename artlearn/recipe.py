@@ -5,8 +5,8 @@ consumer: 'dls' = `artist_dls`, 'learner' = `artist_learner`, 'kfold' = `train_k
 text), `choices` (a tuple, or a registry read when checked) and `absent` (what a run's config.json without this key
 means: the default unless said otherwise).
 The whole `Recipe` travels: `train_kfold` hands it to `artist_dls` (which hands it to the batch augmentation) and to
-`artist_learner`; the CLI builds one flag per field and `train_kfold(..., **overrides)` takes the same names, so a new
-setting is one field here plus the code that uses it.
+`artist_learner`; the CLI (`cli.add_recipe_flags`) builds one flag per field and `train_kfold(..., **overrides)`
+takes the same names, so a new setting is one field here plus the code that uses it.
 """
 import dataclasses
 import numbers
@@ -197,8 +197,8 @@ def field_type(name: str):
 
 
 REFERENCE = Recipe()
-# Each change from REFERENCE won on its own and in combination in examples/compare_recipes.py (issue 16; tables in
-# docs/results/compare/): a gentler crop scale, five extra test-time crops and half the learning rate.
+# Each change from REFERENCE won on its own and in combination in examples/benchmarks/compare_recipes.py (issue 16;
+# tables in docs/results/compare/): a gentler crop scale, five extra test-time crops and half the learning rate.
 # Budget-free: no epoch-scaled setting.
 BEST = dataclasses.replace(REFERENCE, min_scale=0.35, tta="multicrop", lr=5e-4)
 # For a CPU and a time budget (issue 30): best's crop scale and learning rate on a ResNet-18 at 64 px, where a CPU
