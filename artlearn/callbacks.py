@@ -28,7 +28,7 @@ from fastai.losses import CrossEntropyLossFlat
 
 from .checkpoint import (HISTORY_NAME, META_NAME, WEIGHTS_NAME, DataMeta, FoldMeta, fold_identity, load_weights,
                          save_weights_digest)
-from .checks import check_fraction
+from .checks import check_choice, check_fraction, check_number
 from .device import dls_on_cuda, reuse_heap
 from .dls import ArtistDataLoaders
 from .files import atomic_write_csv, atomic_write_json
@@ -180,12 +180,10 @@ class CosineAnnealing(TrainingOnly):
     """
 
     def __init__(self, t_max: int | None = None, eta_min: float = 0.0, warmup: int = 0):
-        if t_max is not None and (not isinstance(t_max, numbers.Integral) or t_max < 1):
-            raise ValueError(f"t_max={t_max!r}: need a positive number of epochs (or None for the fit's length)")
-        if not isinstance(warmup, numbers.Integral) or warmup < 0:
-            raise ValueError(f"warmup={warmup!r}: need a number of epochs >= 0")
-        if not isinstance(eta_min, numbers.Real) or eta_min < 0:
-            raise ValueError(f"eta_min={eta_min!r}: need a learning rate >= 0")
+        if t_max is not None:
+            check_number("t_max", t_max, low=1, integer=True)
+        check_number("warmup", warmup, integer=True)
+        check_number("eta_min", eta_min)
         self.t_max, self.eta_min, self.warmup = t_max, float(eta_min), int(warmup)
         self.base_lrs, self.t_total = None, None
 
@@ -448,8 +446,7 @@ class FoldCheckpoint(TrackerCallback):
     order = TrackerCallback.order + 1
 
     def __init__(self, out, fold: int, monitor: str = "valid_loss", meta: dict | None = None, min_delta: float = 0.0):
-        if monitor not in MONITORS:
-            raise ValueError(f"monitor={monitor!r} is not supported; choose one of {list(MONITORS)}")
+        check_choice("monitor", monitor, MONITOR_NAMES)
         if isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or fold < 0:
             raise ValueError(f"fold={fold!r}: need a fold number >= 0")
         super().__init__(monitor=monitor, comp=np.less if "loss" in monitor else np.greater, min_delta=min_delta)
@@ -705,8 +702,7 @@ class LogitAdjustment(Callback):
     order, run_valid = History.order + 1, False
 
     def __init__(self, tau: float = 1.0, priors=None):
-        if not isinstance(tau, numbers.Real) or tau < 0:
-            raise ValueError(f"logit_adjust={tau!r}: need tau >= 0")
+        check_number("logit_adjust", tau)
         self.tau, self.priors, self._adjust = float(tau), priors, None
 
     def before_fit(self):

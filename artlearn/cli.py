@@ -40,13 +40,16 @@ def shown(value) -> str:
 
 
 def tta_choices() -> tuple:
-    """The test-time view names, read from `artlearn.recipe.TTA_VIEWS` at each call (not frozen at import)."""
+    """The test-time view names, read from the registry (`tta.TTA_VIEWS`, as the recipe's `tta` choices) at each
+    call (not frozen at import)."""
     return tuple(_recipe.TTA_VIEWS)
 
 
 def setting_choices(name: str):
-    """The values Recipe setting `name` allows (None when any value of its type may do); tta's read now."""
-    return tta_choices() if name == "tta" else Recipe.__dataclass_fields__[name].metadata["choices"]
+    """The values Recipe setting `name` allows (None when any value of its type may do), read now: a registry's
+    (e.g. tta's, `tta.TTA_VIEWS`) current names."""
+    choices = Recipe.__dataclass_fields__[name].metadata["choices"]
+    return None if choices is None else tuple(choices)
 
 
 _UNSET = object()

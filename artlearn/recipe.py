@@ -119,10 +119,6 @@ class Recipe:
         to = {f.name: f.metadata["to"] for f in dataclasses.fields(cls)}[name]
         return CONSUMERS[to]
 
-    def kwargs_for(self, consumer: str) -> dict:
-        """The settings that go to one consumer ('dls', 'learner' or 'kfold')."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["to"] == consumer}
-
     def as_dict(self) -> dict:
         """Every setting, for config.json."""
         return dataclasses.asdict(self)

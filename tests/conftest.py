@@ -187,3 +187,15 @@ def make_tiny_run(base, n_test: int = 8, seed: int = 1, folds=None, **overrides)
         run = al.train_kfold(df, Path(base) / "run", n_folds=2, folds=folds, arch="resnet18", size=32, epochs=1,
                              bs=8, progress=False, **overrides)
     return run, df, root
+
+
+def quiet_train_kfold(df, out, defaults: dict, **kw):
+    """train_kfold with `defaults` (overridden by `kw`), its warnings hidden, collecting its log lines."""
+    import warnings
+
+    import artlearn as al
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = al.train_kfold(df, out, log=lines.append, **{**defaults, **kw})
+    return run, lines

@@ -317,7 +317,7 @@ def test_bad_arguments_raise_value_errors_naming_the_value():
     for size in (7, 0, 32.0):
         with pytest.raises(ValueError, match=f"size={size}"):
             center_views(batch, sizes, size)
-        with pytest.raises(ValueError, match="out_size"):
+        with pytest.raises(ValueError, match=f"size={size}"):
             store_side(size, 0.5, 256)
     with pytest.raises(ValueError, match="ratio"):
         sample_crop_boxes(sizes, 0.08, (4 / 3, 3 / 4), g)
@@ -407,6 +407,7 @@ def test_colour_jitter_off_draws_nothing_and_recipe_views_are_train_views():
     torch.testing.assert_close(recipe_views(canvas, sizes, recipe, torch.Generator().manual_seed(9)), plain)
     jittered = recipe_views(canvas, sizes, recipe.override(colour_jitter=0.3), torch.Generator().manual_seed(9))
     assert not torch.allclose(jittered, plain)
-    gray = lambda v: (0.2989 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2])  # noqa: E731
-    corr = torch.corrcoef(torch.stack([gray(jittered).flatten(), gray(plain).flatten()]))[0, 1]
-    assert corr > 0.8  # the same crops, recoloured (not other crops)
+    gray = 0.2989 * jittered[:, 0] + 0.587 * jittered[:, 1] + 0.114 * jittered[:, 2]
+    plain_gray = 0.2989 * plain[:, 0] + 0.587 * plain[:, 1] + 0.114 * plain[:, 2]
+    for a, b in zip(gray, plain_gray):  # per image, luma changes only by brightness x contrast (affine) and clipping
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95  # the same crops, recoloured

@@ -8,6 +8,7 @@ import warnings
 import pytest
 
 import artlearn as al
+from conftest import quiet_train_kfold
 import artlearn.kfold as kfold_module
 from artlearn.budget import BatchTimer, FoldPlanner, FoldShape, Speed, measure_speed, parse_budget, plan_epochs
 
@@ -192,11 +193,8 @@ def _fixed_speed(monkeypatch, batch_s):
 
 
 def _train(df, out, **kw):
-    lines = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run = al.train_kfold(df, out, log=lines.append, **{**TINY, **kw})
-    return run, lines
+    """train_kfold on TINY settings, quietly, collecting its log lines."""
+    return quiet_train_kfold(df, out, TINY, **kw)
 
 
 def test_train_kfold_logs_the_plan_before_fold_0_and_records_timing(table, tmp_path):

@@ -87,7 +87,8 @@ def test_one_recipe_flag_with_its_own_default():
 
 
 def test_tta_choices_are_read_when_the_parser_is_built(monkeypatch):
-    monkeypatch.setitem(recipe.TTA_VIEWS, "tenfold", 20)
+    from artlearn.tta import TTA
+    monkeypatch.setitem(recipe.TTA_VIEWS, "tenfold", TTA(n_windows=4, mirror=True))
     assert cli.tta_choices() == (*recipe.TTAS, "tenfold")
     assert "tenfold" in _action(_parser(), "tta").choices
     assert cli.parse_setting("tta", "tenfold") == "tenfold"

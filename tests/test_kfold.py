@@ -1,6 +1,5 @@
 """train_kfold run directories, resuming, refusing mixed configurations, OOF scores and select_folds."""
 import json
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -8,6 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 import artlearn as al
+from conftest import quiet_train_kfold
 import artlearn.kfold as kfold_module
 from artlearn.checkpoint import FoldMeta
 from artlearn.kfold import KFoldRun, select_folds
@@ -24,12 +24,8 @@ def table(tmp_path_factory):
 
 
 def _train(df, out, **kw):
-    """train_kfold quietly, collecting its log lines."""
-    lines = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run = al.train_kfold(df, out, log=lines.append, **{**TINY, **kw})
-    return run, lines
+    """train_kfold on TINY settings, quietly, collecting its log lines."""
+    return quiet_train_kfold(df, out, TINY, **kw)
 
 
 def _record_fits(monkeypatch, fail_on=None):

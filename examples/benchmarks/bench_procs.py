@@ -45,11 +45,11 @@ def parse_args(argv=None):
 def batch_seconds(df, recipe, threads: int, batches: int, barrier=None) -> float:
     """Median seconds per training batch of fold 0 in this process with `threads` torch threads."""
     torch.set_num_threads(threads)
-    dls = artlearn.artist_dls(df, fold=0, **recipe.kwargs_for("dls"))
+    dls = artlearn.artist_dls(df, fold=0, recipe=recipe)
     if len(dls.train) < WARMUP + batches:
         raise ValueError(f"fold 0 has {len(dls.train)} training batches of {recipe.bs}, fewer than the {WARMUP} "
                          f"warm-up + {batches} timed ones: give a smaller --batches or --bs")
-    learn = artlearn.artist_learner(dls, seed=0, progress=False, **recipe.kwargs_for("learner"))
+    learn = artlearn.artist_learner(dls, recipe=recipe, seed=0, progress=False)
     if barrier is not None:
         barrier.wait()  # every process starts its batches together
     timer = BatchTimer(WARMUP + batches)
