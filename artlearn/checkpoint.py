@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .files import atomic_write_bytes, atomic_write_csv  # noqa: F401 (atomic_write_csv: old import path)
-from .checks import MIN_SIDE
+from .checks import MAX_SIDE, MIN_SIDE
 from .rng import fork_global_rng
 from .runconfig import CONFIG_NAME as RUN_CONFIG_NAME, FOLDS_NAME as RUN_FOLDS_NAME, read_config, run_identity
 
@@ -26,7 +26,7 @@ WEIGHTS_NAME, META_NAME, HISTORY_NAME = "best.safetensors", "meta.json", "histor
 META_FORMAT, META_FORMAT_VERSION = "artlearn-fold", 3  # version 3 adds run_id and weights_sha256
 logger = logging.getLogger("artlearn")
 _PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
-MAX_SIZE, MAX_CLASSES = 4096, 100_000  # bounds of a meta.json's image size and class count (checked before building)
+MAX_CLASSES = 100_000  # the bound of a meta.json's class count (checked before building); sides: checks.MAX_SIDE
 
 
 FROM_MODEL = "the model config's"  # what an absent arch, depth, pool or n_classes means: the value in 'model'
@@ -375,11 +375,11 @@ def _meta_problem(meta: dict) -> str | None:
         if len(vocab) != n:
             return f"'vocab' has {len(vocab)} artist(s) but the model has {n} classes"
     size = meta.get("size")
-    if size is not None and not _is_int(size, MIN_SIDE, MAX_SIZE):
-        return f"'size' is {size!r}; need an integer image size in {MIN_SIDE}..{MAX_SIZE}"
+    if size is not None and not _is_int(size, MIN_SIDE, MAX_SIDE):
+        return f"'size' is {size!r}; need an integer image size in {MIN_SIDE}..{MAX_SIDE}"
     side = meta.get("store_side")
-    if side is not None and not _is_int(side, 8, MAX_SIZE):
-        return f"'store_side' is {side!r}; need an integer shorter side in 8..{MAX_SIZE}"
+    if side is not None and not _is_int(side, MIN_SIDE, MAX_SIDE):
+        return f"'store_side' is {side!r}; need an integer shorter side in {MIN_SIDE}..{MAX_SIDE}"
     for key in ("mean", "std"):
         if meta.get(key) is not None and not _stats_ok(meta[key]):
             return f"{key!r} must be 3 finite numbers (one per RGB channel), not {meta[key]!r}"

@@ -6,6 +6,7 @@ import sys
 
 SHOW = 5  # how many offending names an error message lists
 MIN_SIDE = 8  # the smallest image side anything in artlearn makes or stores (a ResNet's stride 32 needs >= 1 px left)
+MAX_SIDE = 4096  # the largest: a meta.json's image size or store side, and what the 'full' store keeps at most
 
 
 class ArtlearnError(ValueError):

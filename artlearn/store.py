@@ -12,20 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checkpoint import MAX_SIZE  # the largest side anything here handles: 'full' stores up to it
-from .checks import check_choice, check_side, listing
-from .tables import cached_digest, describe_error, load_rgb
+from .checks import MAX_SIDE, check_choice, check_side, listing
+from .tables import (  # noqa: F401  (presize_for, shrink, PRESIZE_FACTOR: the store's, re-exported)
+    PRESIZE_FACTOR, cached_digest, describe_error, load_rgb, presize_for, shrink)
 
 logger = logging.getLogger("artlearn")
-PRESIZE_FACTOR = 1.15
 CLAIM_BYTES = 256  # a disk store file: this many bytes of claim (text), then the pixels, in one flat uint8 .npy
 CLAIM_TAG = "artlearn-store 1"
 ASPECT_SLACK = 1.4  # bytes estimated per stored pixel beyond the square: non-square images keep their long side
-
-
-def presize_for(size: int) -> int:
-    """Shorter side kept in the cache: a bit above the training size."""
-    return int(math.ceil(size * PRESIZE_FACTOR))
 
 
 def store_presize(store: str, size: int, min_scale: float, n_images: int, budget: int | None = None) -> int:
@@ -42,8 +36,8 @@ def store_presize(store: str, size: int, min_scale: float, n_images: int, budget
     if store == "presize":
         return floor
     if store == "full":
-        return min(cap, MAX_SIZE)
-    return max(floor, store_side(size, min_scale, MAX_SIZE, cap))
+        return min(cap, MAX_SIDE)
+    return max(floor, store_side(size, min_scale, MAX_SIDE, cap))
 
 
 def fold_store_side(meta) -> int:
@@ -135,16 +129,6 @@ def unpack_claimed(flat: np.ndarray, key: str, where, check_pixels: bool = True)
     if check_pixels and _claim(key, arr) != bytes(flat[:CLAIM_BYTES]):
         raise ValueError(f"{where}: its pixels are not the ones its claim records (edited after it was written)")
     return arr
-
-
-def shrink(img: Image.Image, presize: int) -> Image.Image:
-    """Downscale so the shorter side is presize (never upscale), keeping aspect."""
-    short = min(img.size)
-    if short <= presize:
-        return img
-    scale = presize / short
-    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def default_device_budget() -> int:

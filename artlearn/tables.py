@@ -1,6 +1,7 @@
 """Reading and validating artwork tables (CSV or artist folders) and checking/decoding their images."""
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
@@ -484,4 +485,21 @@ def _apply_image_check(df: pd.DataFrame, on_bad: str, source) -> pd.DataFrame:
     warnings.warn(message + f"; dropped {len(bad)} row(s)", stacklevel=3)
     return df[report["ok"].to_numpy()]
 
+
+PRESIZE_FACTOR = 1.15  # the image store's shorter side per pixel of training size (multicrop's scale too)
+
+
+def presize_for(size: int) -> int:
+    """Shorter side kept in the cache: a bit above the training size."""
+    return int(math.ceil(size * PRESIZE_FACTOR))
+
+
+def shrink(img: Image.Image, presize: int) -> Image.Image:
+    """Downscale so the shorter side is presize (never upscale), keeping aspect."""
+    short = min(img.size)
+    if short <= presize:
+        return img
+    scale = presize / short
+    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
 

@@ -28,7 +28,7 @@ def native_crops(arr, size: int) -> list:
     is (upscaled only below `size`), so the windows are the same whatever the store's resolution."""
     import numpy as np
     from PIL import Image
-    from .store import presize_for, shrink
+    from .tables import presize_for, shrink
     img = shrink(Image.fromarray(arr), presize_for(size))  # the store's own shrink; never upscales
     if min(img.size) < size:
         img = img.resize((max(size, round(img.width * size / min(img.size))),
