@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .files import atomic_write_bytes, atomic_write_csv  # noqa: F401 (atomic_write_csv: old import path)
 from .checks import MAX_SIDE, MIN_SIDE
+from .recipe import DEFAULT  # the recipe's sentinel: 'absence means the default'
 from .rng import fork_global_rng
 from .runconfig import CONFIG_NAME as RUN_CONFIG_NAME, FOLDS_NAME as RUN_FOLDS_NAME, read_config, run_identity
 
@@ -32,12 +33,9 @@ MAX_CLASSES = 100_000  # the bound of a meta.json's class count (checked before 
 FROM_MODEL = "the model config's"  # what an absent arch, depth, pool or n_classes means: the value in 'model'
 
 
-_SAME = object()
-
-
-def _absent(default, absent=_SAME):
+def _absent(default, absent=DEFAULT):
     """A field whose absence from an older meta.json means `absent` (its default when not given)."""
-    return field(default=default, metadata={"absent": default if absent is _SAME else absent})
+    return field(default=default, metadata={"absent": default if absent is DEFAULT else absent})
 
 
 class _JsonMapping(Mapping):
