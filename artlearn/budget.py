@@ -23,6 +23,9 @@ UNITS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "m": 60, "min":
 SAFETY = 0.04  # fraction of the budget kept back for what the plan cannot see (checkpoint writes, load noise)
 HOUR_WARNING_S = 3600  # one fold longer than this gets a plain warning
 TIMED_BATCHES, WARMUP_BATCHES, EVAL_BATCHES = 3, 1, 2
+# The training sizes a budget may choose (Recipe.size_by_budget), smallest first: 48 px is the smallest measured to
+# pay (docs/results/budget7: 0.358 against 0.341 at 64 px in 7 min); 128 px the largest measured (docs/results/compare).
+BUDGET_SIZES = (48, 64, 80, 96, 112, 128)
 
 
 def parse_budget(value) -> float | None:
@@ -102,6 +105,26 @@ class FoldTiming:
     epochs_run: int | None = None  # fewer than `epochs` when the fold's deadline shortened it
 
 
+def choose_size(epochs_at: dict, target: int) -> int:
+    """The largest size whose plan reaches `target` epochs per fold, else the smallest size: below the target an
+    epoch buys more than pixels do, past it pixels buy more than further epochs (docs/performance.md)."""
+    if not epochs_at:
+        raise ValueError("choose_size needs the planned epochs of at least one size")
+    reaching = [size for size, epochs in epochs_at.items() if epochs >= target]
+    return max(reaching) if reaching else min(epochs_at)
+
+
+def size_for_budget(epochs_at_size, target: int, sizes=BUDGET_SIZES) -> tuple:
+    """(size chosen, {size: planned epochs}): `epochs_at_size(size)` measures and plans one size; sizes are tried
+    smallest first until one falls short of `target` epochs (the larger ones would too), then `choose_size`."""
+    planned = {}
+    for size in sorted(sizes):
+        planned[size] = epochs_at_size(size)
+        if planned[size] < target:
+            break
+    return choose_size(planned, target), planned
+
+
 def plan_epochs(seconds_left: float, folds_left: int, epoch_s: float, fixed_s: float, final_s: float,
                 min_epochs: int = 1) -> int:
     """The most epochs per fold such that `folds_left` folds and the final prediction fit in `seconds_left`."""
@@ -151,7 +174,7 @@ class FoldPlanner:
         """Seconds kept for the prediction after the folds."""
         return self.predict_after * (self.shape.views * self.n_models * self.predict_view_s + self.decode_image_s)
 
-    def _epochs_for(self, folds_left: int) -> int:
+    def epochs_for(self, folds_left: int) -> int:
         """Epochs per fold for the folds left: the recipe's, or the most that fit the budget. Before any fold is
         trained a budget too small is a ValueError; later (a fold took longer than planned) the folds left get the
         fewest epochs the recipe allows, with a warning, so that nothing already trained is wasted."""
@@ -186,7 +209,7 @@ class FoldPlanner:
 
     def before_fold(self, fold: int, todo: list) -> int:
         """The epochs of `fold` (the first of `todo`, the folds this process still trains), logged with the time."""
-        epochs = self._epochs_for(len(todo))
+        epochs = self.epochs_for(len(todo))
         self.timings[fold] = FoldTiming(fold, epochs, self.fold_seconds(epochs))
         return epochs
 
@@ -211,7 +234,7 @@ class FoldPlanner:
 
     def plan_text(self, todo: list, n_processes: int = 1) -> str:
         """'4 folds x 34 epochs at 64 px, about 58 min on this machine (2 processes x 1 thread)'."""
-        epochs = self._epochs_for(len(todo))
+        epochs = self.epochs_for(len(todo))
         total = len(todo) * self.fold_seconds(epochs) + self.final_s
         sizes = (f"{self.shape.small_size}->{self.shape.size} px" if self.shape.small_size and
                  self.shape.small_fraction else f"{self.shape.size} px")
@@ -225,7 +248,7 @@ class FoldPlanner:
         """A plain warning when one fold will take over an hour here, with what to try; None otherwise."""
         if not todo:
             return None
-        fold_s = self.fold_seconds(self._epochs_for(len(todo)))
+        fold_s = self.fold_seconds(self.epochs_for(len(todo)))
         if fold_s <= HOUR_WARNING_S:
             return None
         return (f"one fold will take about {describe_seconds(fold_s)} on this machine; for a shorter run try "

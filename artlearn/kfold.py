@@ -16,7 +16,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .budget import FoldDeadline, FoldPlanner, FoldShape, cpu_count, describe_seconds, measure_speed, parse_budget
+from .budget import (
+    EVAL_BATCHES,
+    TIMED_BATCHES,
+    WARMUP_BATCHES,
+    FoldDeadline,
+    FoldPlanner,
+    FoldShape,
+    cpu_count,
+    describe_seconds,
+    measure_speed,
+    parse_budget,
+    size_for_budget,
+)
 from .checks import MIN_SIDE, check_choice
 from .distributed import DistContext, init_distributed, single_process_view
 from .ensemble import ensemble
@@ -24,6 +36,7 @@ from .files import atomic_write_csv, atomic_write_json
 from .folds import assign_folds, check_duplicates, check_fold_groups, check_n_folds
 from .recipe import Recipe
 from .rng import keep_global_rng
+from .runconfig import config_as_now, read_config
 from .run import (
     CONFIG_NAME,
     FOLDS_NAME,
@@ -316,11 +329,10 @@ def _progressive_callback(job: _FoldJob, k: int, epochs: int):
     return ProgressiveResize(small.train, round(job.recipe.progressive * epochs))
 
 
-def _fold_shape(job: _FoldJob, k: int) -> FoldShape:
+def _fold_shape(df: pd.DataFrame, k: int, r: Recipe) -> FoldShape:
     """Fold k's sizes for the planner: images per split, the resolution schedule, test-time views."""
-    n_valid = int((job.df["fold"] == k).sum())
-    r = job.recipe
-    return FoldShape(n_train=len(job.df) - n_valid, n_valid=n_valid, size=r.size,
+    n_valid = int((df["fold"] == k).sum())
+    return FoldShape(n_train=len(df) - n_valid, n_valid=n_valid, size=r.size,
                      small_size=_small_size(r.size) if r.progressive else None, small_fraction=r.progressive,
                      views=tta_spec(r.tta).views, warmup=r.warmup)
 
@@ -332,13 +344,95 @@ def _planner(job: _FoldJob, k: int, folds: list, n_models: int) -> FoldPlanner:
     def build(size):
         dls = _fold_dls(job, k, size)
         return dls, artist_learner(dls, recipe=job.recipe, seed=job.seed + k, progress=False)
-    shape = _fold_shape(job, k)
+    shape = _fold_shape(job.df, k, job.recipe)
     sizes = [shape.small_size, shape.size] if shape.small_size else [shape.size]
     with keep_global_rng():  # the throwaway learner's weight init and loaders draw from the global RNGs
         speed = measure_speed(build, sizes, job.recipe.bs)
     return FoldPlanner(shape, speed, folds, epochs=job.recipe.epochs, budget_s=job.budget_s, start=job.started,
                        predict_after=job.predict_after, n_models=n_models, clock=time.time,
                        decode_image_s=job.decode_image_s)
+
+
+# ---------------------------------------------------------------- the size a budget affords (Recipe.size_by_budget)
+
+
+def _timing_sample(df: pd.DataFrame, k: int, bs: int) -> pd.DataFrame:
+    """Enough of fold k's training and validation rows, spread over the table, to time a few batches of each."""
+    train, valid = df[df["fold"] != k], df[df["fold"] == k]
+    n_train, n_valid = bs * (WARMUP_BATCHES + TIMED_BATCHES + 1), bs * (EVAL_BATCHES + 1)
+    return pd.concat([train.iloc[::max(1, len(train) // n_train)].head(n_train),
+                      valid.iloc[::max(1, len(valid) // n_valid)].head(n_valid)])
+
+
+def _choose_budget_size(recipe: Recipe, df: pd.DataFrame, a: "_RunArgs", procs: int, todo: list) -> int:
+    """The size this machine affords under the budget: each candidate size timed on a sample of fold todo[0]'s
+    images (stored once at the largest size's side, with the threads each fold process will have) and planned for
+    the folds one process will train, the store's filling and the final prediction included."""
+    import torch
+
+    from .budget import BUDGET_SIZES
+    from .dls import artist_dls
+    from .learner import artist_learner
+    k, sample = todo[0], _timing_sample(df, todo[0], recipe.bs)
+    cache = PresizeCache(store_presize(recipe.store, max(BUDGET_SIZES), recipe.min_scale, len(sample)))
+    filling = time.time()
+    cache.fill(sample["img_path"], source="training table")
+    decode_image_s = (time.time() - filling) / len(sample)
+    per_process = -(-len(todo) // procs)
+
+    def build(size):
+        dls = artist_dls(sample, fold=k, size=size, recipe=recipe, n_folds=a.n_folds, seed=a.seed, cache=cache,
+                         workers=a.workers)
+        return dls, artist_learner(dls, recipe=recipe, seed=a.seed + k, progress=False)
+
+    def epochs_at(size: int) -> int:
+        sized = recipe.replace(size=size)
+        speed = measure_speed(build, [size, _small_size(size)] if sized.progressive else [size], recipe.bs)
+        planner = FoldPlanner(_fold_shape(df, k, sized), speed, list(range(per_process)), budget_s=a.budget_s,
+                              start=a.started - len(df) * decode_image_s, predict_after=a.predict_after,
+                              n_models=len(todo), clock=time.time, decode_image_s=decode_image_s)
+        try:
+            return planner.epochs_for(per_process)
+        except ValueError:  # not even the fewest epochs fit at this size
+            return 0
+
+    threads = torch.get_num_threads()
+    if procs > 1:
+        torch.set_num_threads(max(1, cpu_count() // procs))
+    try:
+        with keep_global_rng():
+            size, planned = size_for_budget(epochs_at, recipe.epochs, BUDGET_SIZES)
+    finally:
+        torch.set_num_threads(threads)
+    tried = ", ".join(f"{e} at {s} px" for s, e in planned.items())
+    logger.info(f"budget: training at {size} px, the largest size at which every fold still gets the recipe's "
+                f"{recipe.epochs} epochs (else the smallest); epochs per fold the budget affords: {tried}")
+    return size
+
+
+def _recorded_budget_size(out: Path, overwrite: bool) -> int | None:
+    """The size a budget chose for the run in `out` (resumed at that size, not chosen again); None for a new run."""
+    if overwrite or not (out / CONFIG_NAME).is_file():
+        return None
+    try:
+        config = config_as_now(read_config(out))
+    except ValueError:  # check_config says what is wrong with it
+        return None
+    size = config.get("size")
+    return size if config.get("size_by_budget") is True and isinstance(size, int) else None
+
+
+def _budget_sized(recipe: Recipe, df: pd.DataFrame, out: Path, a: "_RunArgs", ctx: DistContext, procs: int,
+                  todo: list) -> Recipe:
+    """The recipe at the size its budget affords when it says size_by_budget (else as it is)."""
+    if a.budget_s is None or not recipe.size_by_budget or a.size_planned:
+        return recipe
+    size = _recorded_budget_size(out, a.overwrite)
+    if size is not None:
+        logger.info(f"budget: resuming at {size} px, the size this run's budget chose")
+    else:
+        size = ctx.broadcast(_choose_budget_size(recipe, df, a, procs, todo) if ctx.is_main else None)
+    return recipe.replace(size=size)
 
 
 def _fit_fold(learn, epochs: int, fold: int) -> None:
@@ -479,7 +573,8 @@ def train_kfold(df: pd.DataFrame, out, n_folds: int = 4, folds=None, preset: str
     30 epochs at 288 px, about 6.1 h on this machine"), with a warning when one fold will take over an hour.
     `budget` ('60min', '1.5h', or seconds) makes the run fit that wall time, counted from this call: the epochs
     are planned from the measured speed (replacing `epochs`), re-planned after every fold from what it took, and
-    `predict_after` images (a test set the caller predicts with the fold ensemble afterwards) are kept time for.
+    `predict_after` images (a test set the caller predicts with the fold ensemble afterwards) are kept time for;
+    with `size_by_budget` (preset 'fast') the size is chosen too: the largest that keeps the recipe's epochs.
     `procs`: processes training folds side by side on the CPU, each with its share of the cores (None: one per core
     with a budget on a CPU, where that is measured faster than one process using every core; else 1).
     summary.json's 'timing' records the plan and what each fold took.
@@ -524,6 +619,7 @@ class _RunArgs:
     predict_after: int
     procs: int | None
     started: float
+    size_planned: bool = False  # a fold process: the parent chose the budget's size
 
 
 def _check_out(out: Path, config: dict, legacy: dict, protect: list, overwrite: bool) -> None:
@@ -579,6 +675,8 @@ def _train_kfold(df, out, cache, a: _RunArgs, overrides, log_given: bool) -> KFo
     _check_run_args(a.n_folds, a.seed, a.workers, a.overwrite)
     if "tta" in overrides and overrides["tta"] is None:
         overrides = {**overrides, "tta": "none"}  # tta=None means no TTA, as in ensemble(), not "the preset's"
+    if overrides.get("size") is not None and overrides.get("size_by_budget") is None:
+        overrides = {**overrides, "size_by_budget": False}  # a size given explicitly is the size trained
     recipe = Recipe.preset("reference" if a.preset is None else a.preset).replace(**overrides).validate()
     todo = _folds_to_train(a.folds, a.n_folds)
     makers = _callback_factories(a.cbs)
@@ -588,11 +686,13 @@ def _train_kfold(df, out, cache, a: _RunArgs, overrides, log_given: bool) -> KFo
         ctx.check_ddp(recipe.bs, a.sync_bn)
     df, digests = _prepare_folds(df, a.n_folds, a.seed)
     _check_splits(df, a.n_folds, recipe, recipe.bs // ctx.world_size if a.ddp and ctx.enabled else recipe.bs)
+    procs = _process_count(a, ctx, len(todo), bool(makers) or log_given)
+    recipe = _budget_sized(recipe, df, Path(out), a, ctx, procs, todo)
+    overrides = {**overrides, "size": recipe.size, "size_by_budget": recipe.size_by_budget}
     settings = {**recipe.as_dict(), **({"epochs": None} if a.budget_s is not None else {})}  # a budget plans them
     config = run_config(settings, df, digests, preset=a.preset, n_folds=a.n_folds, seed=a.seed, budget=a.budget_s)
     legacy, protect = {"data": data_fingerprint(df)}, [*df["img_path"], *a.protect]
     ctx.everywhere(lambda: _check_out(out, config, legacy, protect, a.overwrite))
-    procs = _process_count(a, ctx, len(todo), bool(makers) or log_given)
     if procs > 1:
         return _spawn_folds(df, out, a, overrides, procs)
     if cache is None:
@@ -646,7 +746,7 @@ def _spawn_folds(df: pd.DataFrame, out: Path, a: _RunArgs, overrides: dict, proc
     logger.info(f"fold-parallel on this machine: {procs} processes x {threads} thread{'s' if threads > 1 else ''}")
     kwargs = dict(n_folds=a.n_folds, folds=a.folds, preset=a.preset, seed=a.seed, workers=a.workers,
                   progress=a.progress, overwrite=a.overwrite, protect=a.protect, budget=a.budget_s,
-                  predict_after=a.predict_after, procs=1, **overrides)
+                  predict_after=a.predict_after, procs=1, size_planned=True, **overrides)
     errors = mp.get_context("spawn").SimpleQueue()
     port = _free_port()
     try:
@@ -703,7 +803,7 @@ def _fold_process(rank: int, procs: int, threads: int, port: int, df, out: str, 
         args = _RunArgs(kwargs.pop("n_folds"), kwargs.pop("folds"), kwargs.pop("preset"), kwargs.pop("seed"),
                         kwargs.pop("workers"), kwargs.pop("progress"), None, False, None, kwargs.pop("overwrite"),
                         kwargs.pop("protect"), kwargs.pop("budget"), kwargs.pop("predict_after"), kwargs.pop("procs"),
-                        started)
+                        started, kwargs.pop("size_planned"))
         _train_kfold(df, Path(out), None, args, kwargs, False)
     except ValueError as e:
         errors.put(str(e))

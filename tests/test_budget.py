@@ -297,3 +297,108 @@ def test_fold_deadline_on_time_changes_nothing(table):
     learn = al.artist_learner(dls, arch="resnet18", progress=False, seed=0, epochs=2)
     learn.fit(2, cbs=[FoldDeadline(deadline=float("inf"))])
     assert len(learn.history.rows) == 2 and learn.cosine_annealing.t_total == 2
+
+
+# ---------------------------------------------------------------- the size a budget affords
+
+
+def test_choose_size_is_the_largest_that_keeps_the_target_epochs():
+    from artlearn.budget import choose_size
+    assert choose_size({48: 30, 64: 20, 80: 16, 96: 11}, target=16) == 80
+    assert choose_size({48: 9}, target=16) == 48  # none reaches it: the smallest, where an epoch costs least
+    assert choose_size({48: 40, 64: 30}, target=16) == 64
+    with pytest.raises(ValueError, match="at least one size"):
+        choose_size({}, target=16)
+
+
+def test_size_for_budget_stops_at_the_first_size_short_of_the_target():
+    from artlearn.budget import size_for_budget
+    affordable = {48: 40, 64: 25, 80: 17, 96: 12, 112: 9, 128: 7}
+    tried = []
+
+    def epochs_at(size):
+        tried.append(size)
+        return affordable[size]
+    size, planned = size_for_budget(epochs_at, 16, sizes=(128, 48, 96, 64, 80, 112))
+    assert size == 80 and tried == [48, 64, 80, 96] and planned == {48: 40, 64: 25, 80: 17, 96: 12}
+    tried.clear()
+    assert size_for_budget(epochs_at, 50)[0] == 48 and tried == [48]
+
+
+SIZED = {k: v for k, v in TINY.items() if k != "size"}
+
+
+def _train_sized(df, out, **kw):
+    """train_kfold on TINY settings but the size, quietly, collecting its log lines."""
+    return quiet_train_kfold(df, out, SIZED, **kw)
+
+
+
+SPEEDS = {16: 1.0, 24: 3.0, 32: 12.0}  # seconds per training batch at each size
+
+
+def _speed_by_size(monkeypatch, batch_s: dict):
+    """measure_speed replaced by fixed seconds per batch at each size (no re-plan from the folds' real times)."""
+    def fake(build, sizes, bs):
+        return Speed(train_batch_s={s: batch_s[s] for s in sizes}, eval_view_s=0.001, setup_s=0.1, bs=bs)
+    monkeypatch.setattr(kfold_module, "measure_speed", fake)
+    monkeypatch.setattr(FoldPlanner, "after_fold", lambda self, *args, **kw: None)
+    monkeypatch.setattr("artlearn.budget.BUDGET_SIZES", tuple(sorted(batch_s)))
+
+
+def test_budget_chooses_the_largest_size_that_keeps_the_recipe_epochs(table, tmp_path, monkeypatch):
+    # 3 batches per epoch: 80 s affords about 12 epochs per fold at 16 px, 4 at 24 px, 1 at 32 px; the target is 2
+    _speed_by_size(monkeypatch, SPEEDS)
+    run, lines = _train_sized(table, tmp_path / "r", budget="80s", procs=1, epochs=2, size_by_budget=True)
+    chosen = [line for line in lines if line.startswith("budget: training at 24 px")]
+    assert chosen and "at 16 px" in chosen[0] and "at 32 px" in chosen[0]
+    assert lines.index(chosen[0]) < next(i for i, line in enumerate(lines) if line.startswith("plan: 2 folds"))
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["size"] == 24 and config["size_by_budget"] is True and config["epochs"] is None
+    assert {json.loads((tmp_path / "r" / f"fold{k}" / "meta.json").read_text())["size"] for k in (0, 1)} == {24}
+    assert all(run.summary["timing"]["folds"][k]["epochs"] >= 2 for k in ("0", "1"))
+
+
+def test_resumed_budget_run_keeps_the_size_it_chose(table, tmp_path, monkeypatch):
+    _speed_by_size(monkeypatch, SPEEDS)
+    _train_sized(table, tmp_path / "r", budget="80s", procs=1, folds=[0], epochs=2, size_by_budget=True)
+    chosen = json.loads((tmp_path / "r" / "config.json").read_text())["size"]
+    assert chosen in (24, 32)  # one fold per process affords more than two
+    monkeypatch.setattr(kfold_module, "_choose_budget_size", lambda *a, **kw: pytest.fail("chose the size again"))
+    run, lines = _train_sized(table, tmp_path / "r", budget="80s", procs=1, epochs=2, size_by_budget=True)
+    assert any(line == f"budget: resuming at {chosen} px, the size this run's budget chose" for line in lines)
+    assert not any(line.startswith("budget: training at") for line in lines)
+    assert any("fold 0: complete checkpoint found" in line for line in lines)
+    assert json.loads((tmp_path / "r" / "fold1" / "meta.json").read_text())["size"] == chosen
+
+
+def test_an_explicit_size_is_the_size_trained(table, tmp_path, monkeypatch):
+    _speed_by_size(monkeypatch, SPEEDS)
+    _, lines = _train_sized(table, tmp_path / "r", budget="80s", procs=1, epochs=2, preset="fast", size=16,
+)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["size"] == 16 and config["size_by_budget"] is False
+    assert not any(line.startswith("budget: training at") for line in lines)
+
+
+def test_without_a_budget_size_by_budget_trains_the_recipe_size(table, tmp_path, monkeypatch):
+    _speed_by_size(monkeypatch, SPEEDS)
+    _, lines = _train_sized(table, tmp_path / "r", epochs=1, size_by_budget=True, size=16)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["size"] == 16
+    assert not any(line.startswith("budget:") for line in lines)
+
+
+def test_fold_processes_get_the_chosen_size_and_do_not_choose_again(table, tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+    _speed_by_size(monkeypatch, SPEEDS)
+    spawned = {}
+
+    def fake_start(fn, args, nprocs, start_method):
+        spawned.update(kwargs=args[5], nprocs=nprocs)
+    monkeypatch.setattr(mp, "start_processes", fake_start)
+    monkeypatch.setattr(kfold_module, "load_run", lambda out: None)
+    monkeypatch.setattr(kfold_module, "_choose_budget_size", lambda recipe, df, a, procs, todo: 24)
+    al.train_kfold(table, tmp_path / "r", budget="80s", procs=2, epochs=2, size_by_budget=True, **SIZED)
+    assert spawned["nprocs"] == 2
+    kwargs = spawned["kwargs"]
+    assert kwargs["size"] == 24 and kwargs["size_by_budget"] is True and kwargs["size_planned"] is True

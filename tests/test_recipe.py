@@ -79,7 +79,8 @@ def test_override_keeps_none_and_absent_means_come_from_the_fields():
     assert set(absent) == set(Recipe.names())
     assert (absent["pipeline"], absent["store"], absent["colour_jitter"], absent["size"]) == ("items", "presize", 0.0,
                                                                                                288)
-    assert set(Recipe.names()) - IDENTITY_SETTINGS == {"pipeline", "store", "zero_init_residual", "colour_jitter"}
+    assert set(Recipe.names()) - IDENTITY_SETTINGS == {"pipeline", "store", "zero_init_residual", "colour_jitter",
+                                                       "size_by_budget"}
 
 
 def test_the_items_pipeline_refuses_data_settings_added_after_it():
