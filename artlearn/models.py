@@ -1,9 +1,10 @@
-"""Networks trained from scratch: torchvision's ResNets (and ConvNeXts) with a choice of pooling.
+"""Networks trained from scratch: torchvision's ResNets (and ConvNeXts), fastai's XResNets, a choice of pooling.
 
 Every model built here has a JSON-able `config` such that `build_model(**model.config)` rebuilds the same
 architecture, which is how a checkpoint folder is turned back into a model (see `artlearn.checkpoint`).
 """
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -13,9 +14,11 @@ from torchvision.ops import StochasticDepth
 
 from .checks import check_choice, check_fraction
 
-__all__ = ["GeM", "ArtistResNet", "ArtistConvNeXt", "ARCHITECTURES", "build_model", "POOLS", "RESNET_DEPTHS"]
+__all__ = ["GeM", "ArtistResNet", "ArtistConvNeXt", "ArtistXResNet", "ARCHITECTURES", "build_model", "POOLS",
+           "RESNET_DEPTHS", "XRESNET_DEPTHS"]
 
 RESNET_DEPTHS = (18, 34, 50, 101)
+XRESNET_DEPTHS = (18, 34, 50)
 POOLS = ("avg", "gem")
 _RESNET_BUILDERS = {18: tvm.resnet18, 34: tvm.resnet34, 50: tvm.resnet50, 101: tvm.resnet101}
 _RESNET_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
@@ -221,12 +224,85 @@ class ArtistConvNeXt(_SplitModel):
         return x if pre_logits else self.fc(x)
 
 
+def _fastai_xresnet(depth: int, n_classes: int) -> nn.Module:
+    """fastai's `xresnet{depth}(n_out=n_classes)`; fastai's import-time `torch.jit.script` FutureWarning (on
+    functions artlearn does not use) is silenced, as in artlearn's own first import."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from fastai.vision.models import xresnet
+    return getattr(xresnet, f"xresnet{depth}")(n_out=n_classes)
+
+
+class ArtistXResNet(_SplitModel):
+    """fastai's XResNet-18/34/50 from scratch (ResNet-D of "Bag of Tricks", He et al. 2019: a three-conv stem and
+    average-pooled shortcuts) with avg or GeM pooling and the same features/head split.
+
+    Stem and stages are fastai's own modules (`fastai.vision.models.xresnet`, reused rather than rewritten); fastai
+    starts each block's last BatchNorm at zero, which is `zero_init_residual=True` here (False: at one, as
+    torchvision's default).
+    """
+
+    def __init__(self, depth: int, n_classes: int, pool: str = "avg", zero_init_residual: bool = False,
+                 gem_p: float = 3.0, gem_learnable: bool = True, drop_rate: float = 0.0,
+                 grad_checkpoint: bool = False):
+        super().__init__()
+        check_choice("depth", depth, XRESNET_DEPTHS)
+        check_choice("pool", pool, POOLS)
+        _check_n_classes(n_classes)
+        depth, n_classes = int(depth), int(n_classes)
+        net = _fastai_xresnet(depth, n_classes)  # stem (3 convs), max pool, 4 stages, head
+        parts = list(net.children())
+        self.stem = nn.Sequential(*parts[:4])
+        self.layer1, self.layer2, self.layer3, self.layer4 = parts[4:8]
+        self.pool = _make_pool(pool, gem_p, gem_learnable)
+        self.drop = nn.Dropout(drop_rate) if drop_rate else nn.Identity()
+        self.fc = parts[-1]
+        if not zero_init_residual:
+            for bn in self.residual_norms():
+                nn.init.ones_(bn.weight)
+        self._config = dict(arch=f"xresnet{depth}", depth=depth, n_classes=n_classes, pool=pool,
+                            zero_init_residual=bool(zero_init_residual), drop_rate=float(drop_rate),
+                            grad_checkpoint=bool(grad_checkpoint))
+        if pool == "gem":
+            self._config.update(gem_p=float(gem_p), gem_learnable=bool(gem_learnable))
+
+    def residual_norms(self) -> list:
+        """The BatchNorm closing each block's residual branch (the one `zero_init_residual` starts at zero)."""
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return [[m for m in block.convpath[-1] if isinstance(m, nn.BatchNorm2d)][0] for st in stages for block in st]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
+        x = self.stem(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self._stage(stage, x)
+        return x
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""
+        x = self.drop(torch.flatten(self.pool(feats), 1))
+        return x if pre_logits else self.fc(x)
+
+
 def _resnet_builder(depth: int):
     """Registry entry for `resnet{depth}`: checks a `depth=` passed along (as in a config)."""
     def build(n_classes, pool="avg", depth=depth, drop_path=None, **kw):
         if depth != build.depth:
             raise ValueError(f"arch 'resnet{build.depth}' does not match depth={depth!r}")
         return ArtistResNet(build.depth, n_classes, pool, drop_path=0.0 if drop_path is None else drop_path, **kw)
+    build.depth = depth
+    return build
+
+
+def _xresnet_builder(depth: int):
+    """Registry entry for `xresnet{depth}` (fastai's blocks have no stochastic depth: drop_path is refused)."""
+    def build(n_classes, pool="avg", depth=depth, drop_path=None, **kw):
+        if depth != build.depth:
+            raise ValueError(f"arch 'xresnet{build.depth}' does not match depth={depth!r}")
+        if drop_path:
+            raise ValueError(f"drop_path={drop_path!r}: xresnet{build.depth} has no stochastic depth (fastai's "
+                             "blocks); leave drop_path unset or use a resnet")
+        return ArtistXResNet(build.depth, n_classes, pool, **kw)
     build.depth = depth
     return build
 
@@ -249,6 +325,7 @@ def _convnext_builder(name: str):
 # **kw): every builder takes the recipe's model settings (refusing the ones it cannot honour) and a model's own
 # `config` back. Register a new architecture by adding an entry.
 ARCHITECTURES = {**{f"resnet{d}": _resnet_builder(d) for d in RESNET_DEPTHS},
+                 **{f"xresnet{d}": _xresnet_builder(d) for d in XRESNET_DEPTHS},
                  **{name: _convnext_builder(name) for name in _CONVNEXT_BUILDERS}}
 
 

@@ -10,6 +10,7 @@ from artlearn.models import (
     ARCHITECTURES,
     ArtistConvNeXt,
     ArtistResNet,
+    ArtistXResNet,
     GeM,
     build_model,
 )
@@ -109,7 +110,9 @@ def test_positional_and_keyword_construction_agree():
 @pytest.mark.parametrize("kw", [dict(arch="resnet18", pool="avg"), dict(arch="resnet34", pool="gem", gem_p=4.0),
                                 dict(arch="resnet50", pool="gem", gem_learnable=False, zero_init_residual=True),
                                 dict(arch="resnet101", pool="avg", drop_rate=0.2),
-                                dict(arch="convnext_nano", pool="gem"), dict(arch="convnext_tiny", pool="avg")])
+                                dict(arch="convnext_nano", pool="gem"), dict(arch="convnext_tiny", pool="avg"),
+                                dict(arch="xresnet18", pool="gem", zero_init_residual=True),
+                                dict(arch="xresnet50", pool="avg", drop_rate=0.1)])
 def test_build_model_config_round_trip(kw):
     with torch.device("meta"):
         m = build_model(n_classes=6, **kw)
@@ -122,7 +125,8 @@ def test_build_model_config_round_trip(kw):
 
 
 def test_registry_names_every_architecture():
-    assert {"resnet18", "resnet34", "resnet50", "resnet101", "convnext_nano", "convnext_tiny"} <= set(ARCHITECTURES)
+    assert {"resnet18", "resnet34", "resnet50", "resnet101", "xresnet18", "xresnet34", "xresnet50", "convnext_nano",
+            "convnext_tiny"} <= set(ARCHITECTURES)
 
 
 def test_gem_weights_and_p_init():
@@ -136,6 +140,39 @@ def test_zero_init_residual_is_passed_to_torchvision():
     m = ArtistResNet(18, 3, zero_init_residual=True)
     assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for layer in (m.layer1, m.layer4) for b in layer)
     assert float(ArtistResNet(18, 3).layer1[0].bn2.weight.detach().sum()) > 0
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50])
+def test_xresnet_is_fastais_own(depth):
+    """Same parameters and layers as fastai's xresnet{depth} (the oracle): its stem and stages, our pool and head."""
+    from fastai.vision.models import xresnet
+    with torch.device("meta"):
+        ours = ArtistXResNet(depth, 7)
+        ours_gem = build_model(f"xresnet{depth}", n_classes=7, pool="gem")
+        ref = getattr(xresnet, f"xresnet{depth}")(n_out=7)
+    assert n_params(ours) == n_params(ref) and n_params(ours_gem) == n_params(ref) + 1
+    assert sorted(tuple(v.shape) for v in ours.state_dict().values()) == \
+        sorted(tuple(v.shape) for v in ref.state_dict().values())
+    assert ours.num_features == (512 if depth < 50 else 2048)
+
+
+def test_xresnet_forward_split_and_residual_init():
+    """forward == head(features) at 48 px; zero_init_residual starts each block's last BatchNorm at 0 (fastai's
+    default), False at 1; drop_path and a depth fastai lacks are refused by name."""
+    torch.manual_seed(0)
+    m = build_model("xresnet18", n_classes=4).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.forward_head(m.forward_features(x)), rtol=0, atol=0)
+        assert m.forward_features(x).shape == (2, 512, 2, 2)
+    assert len(m.residual_norms()) == 8
+    assert all(float(bn.weight.detach().min()) == 1.0 for bn in m.residual_norms())
+    zero = build_model("xresnet18", n_classes=4, zero_init_residual=True)
+    assert all(float(bn.weight.detach().abs().sum()) == 0 for bn in zero.residual_norms())
+    with pytest.raises(ValueError, match="drop_path=0.1: xresnet18 has no stochastic depth"):
+        build_model("xresnet18", n_classes=4, drop_path=0.1)
+    with pytest.raises(ValueError, match="depth"):
+        ArtistXResNet(101, 4)
 
 
 def test_convnext_matches_torchvision_and_splits():
@@ -167,7 +204,7 @@ def _saved_activation_bytes(model, x) -> int:
     return total
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "convnext_nano"])
+@pytest.mark.parametrize("arch", ["resnet18", "xresnet18", "convnext_nano"])
 def test_gradient_checkpointing_same_result_less_memory(arch):
     torch.manual_seed(0)
     plain = build_model(arch, n_classes=5)
