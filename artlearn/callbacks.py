@@ -93,6 +93,47 @@ class FlushDenormals(Callback):
     release = after_fit  # ArtistLearner.fit calls it when an exception escapes the fit
 
 
+class CPUAutocast(Callback):
+    """bf16 autocast of the forward pass and loss on the CPU (fastai's `MixedPrecision` autocasts CUDA only).
+
+    Weights, gradients and the optimizer stay float32 (no loss scaling: bf16 has float32's range); predictions are
+    handed to the loss and metrics as float32. Measured on 2 cores with AVX-512 BF16 (ResNet-18, 48 px, bs 32):
+    0.27 s per training step against 0.38 s in float32 (docs/performance.md).
+    """
+    order = 10  # where fastai's MixedPrecision runs
+
+    def __init__(self):
+        self.context = None
+
+    def before_batch(self):
+        """Enter bf16 autocast for the forward pass."""
+        self.context = torch.autocast("cpu", dtype=torch.bfloat16)
+        self.context.__enter__()
+
+    def after_pred(self):
+        """float32 predictions for the loss and metrics."""
+        self.learn.pred = _to_float(self.pred)
+
+    def after_loss(self):
+        """Leave autocast before the backward pass."""
+        self.release()
+
+    def release(self):
+        """Leave autocast if it is entered (idempotent; also when an exception ends the batch)."""
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+    after_cancel_batch = after_fit = release
+
+
+def _to_float(pred):
+    """float32 copies of the floating-point tensors in `pred` (a tensor or a tuple of them)."""
+    if isinstance(pred, (tuple, list)):
+        return type(pred)(_to_float(p) for p in pred)
+    return pred.float() if torch.is_tensor(pred) and pred.is_floating_point() else pred
+
+
 class ReuseHeap(TrainingOnly):
     """On the CPU, malloc keeps freed memory during a training fit (`device.reuse_heap`), glibc's defaults after it.
 

@@ -30,22 +30,32 @@ def dls_on_cuda(dls) -> bool:
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:
-    """'bf16', 'fp16' or 'fp32': 'auto' is bf16 where supported, else fp16, on CUDA; always fp32 on CPU."""
+    """'bf16', 'fp16' or 'fp32': 'auto' is bf16 where supported, else fp16, on CUDA and fp32 on the CPU; on the CPU
+    'bf16' is bf16 autocast and 'fp16' is fp32 (torch's CPU fp16 kernels are slower than fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; choose one of {list(PRECISIONS)}")
     if not cuda:
-        return "fp32"
+        return "bf16" if precision == "bf16" else "fp32"
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX, as oneDNN reports it); without it torch
+    emulates bf16, several times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16/fp16 autocast on CUDA per `precision`; a no-op context on CPU or with 'fp32'."""
+    """bf16/fp16 autocast per `precision` (bf16 on the CPU too); a no-op context with 'fp32'."""
     mode = resolve_precision(precision, device.type == "cuda")
     if mode == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
 def to_memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """`artist_learner`: a fastai Learner with the recipe's defaults (from-scratch model, torch Adam, label-smoothed
 cross-entropy, per-epoch cosine LR, accuracy and macro-F1) and its optional extras."""
+import logging
 import sys
 import tempfile
 from functools import partial
@@ -29,6 +30,7 @@ from fastprogress import fastprogress
 from .callbacks import (
     EMA,
     CosineAnnealing,
+    CPUAutocast,
     EpochTable,
     FlushDenormals,
     FoldCheckpoint,
@@ -41,11 +43,13 @@ from .callbacks import (
     ReuseHeap,
 )
 from .checks import check_choice, check_number
-from .device import dls_on_cuda, resolve_precision
+from .device import cpu_has_native_bf16, dls_on_cuda, resolve_precision
 from .dls import ArtistDataLoaders
 from .models import build_model
 from .recipe import OPTIMIZERS as OPTIMIZER_NAMES, REFERENCE, Recipe
 from .rng import fork_global_rng
+
+logger = logging.getLogger("artlearn")
 
 __all__ = ["artist_learner", "fold_learner", "ArtistLearner", "f1_macro", "torch_optimizer", "fused", "OPTIMIZERS"]
 
@@ -182,8 +186,13 @@ def _gpu_callbacks(dls, precision, channels_last) -> list:
     if channels_last is not False:
         cbs.append(ChannelsLast())
     mode = resolve_precision(precision, cuda)
-    if mode != "fp32":
+    if mode != "fp32" and cuda:
         cbs.append(MixedPrecision(amp_mode=mode))
+    elif mode == "bf16":
+        if not cpu_has_native_bf16():
+            logger.warning("precision='bf16': this CPU has no native bf16 (AVX-512 BF16 or AMX), so torch emulates "
+                           "it, several times slower than fp32; use precision='auto' here")
+        cbs.append(CPUAutocast())
     return cbs
 
 

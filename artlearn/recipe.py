@@ -60,7 +60,8 @@ class Recipe:
                           "(each image as decoded); capped by the memory budget", STORES,
                           absent="presize")
     # model: what learns
-    arch: str = _setting("resnet50", "model", "learner", "architecture (resnet18/34/50/101, convnext_nano/tiny)")
+    arch: str = _setting("resnet50", "model", "learner",
+                         "architecture (resnet18/34/50/101, xresnet18/34/50, convnext_nano/tiny)")
     pool: str = _setting("avg", "model", "learner", "global pooling: avg or gem")
     grad_checkpoint: bool = _setting(False, "model", "learner", "recompute activations to save memory")
     zero_init_residual: bool = _setting(False, "model", "learner", "ResNets: start each residual block's last "
@@ -79,8 +80,8 @@ class Recipe:
     eta_min: float = _setting(0.0, "optimisation", "learner", "cosine annealing's final learning rate")
     warmup: int = _setting(0, "optimisation", "learner", "linear warmup epochs before the cosine")
     monitor: str = _setting("valid_loss", "optimisation", "learner", "metric that picks the best epoch", MONITORS)
-    precision: str = _setting("auto", "optimisation", "learner", "CUDA precision: auto, bf16, fp16 or fp32",
-                              PRECISIONS)
+    precision: str = _setting("auto", "optimisation", "learner",
+                              "auto (CUDA: bf16 or fp16; CPU: fp32), bf16 (CPU too), fp16 (CUDA) or fp32", PRECISIONS)
     grad_accum: int = _setting(1, "optimisation", "learner", "batches accumulated per optimizer step")
     # extras: options off in the report's recipe
     mixup: float = _setting(0.0, "extras", "learner", "MixUp Beta alpha (0: off)")

@@ -41,15 +41,20 @@ def test_reused_heap_hands_memory_back_after_an_error():
 
 def test_resolve_device_and_precision():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_precision("auto", cuda=False) == "fp32"  # the CPU always trains in fp32
+    assert resolve_precision("auto", cuda=False) == "fp32"  # the CPU trains in fp32 unless bf16 is asked for
+    assert resolve_precision("fp16", cuda=False) == "fp32"  # torch's CPU fp16 is slower than fp32
+    assert resolve_precision("bf16", cuda=False) == "bf16"
     assert resolve_precision("bf16", cuda=True) == "bf16"
     with pytest.raises(ValueError, match="precision='fp8'"):
         resolve_precision("fp8", cuda=False)
 
 
-def test_autocast_is_a_no_op_on_cpu():
+def test_autocast_on_cpu_is_bf16_only_when_asked():
+    for precision in ("auto", "fp32", "fp16"):
+        with autocast(torch.device("cpu"), precision):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with autocast(torch.device("cpu"), "bf16"):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 def test_to_memory_format_makes_images_channels_last():

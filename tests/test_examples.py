@@ -246,7 +246,7 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     """benchmarks/bench.py --epochs: every contender timed in one run, the ratios printed from those timings."""
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
     args = ["--data", str(tiny_data), "--images", "40", "--size", "16", "--bs", "8", "--epochs", "1", "--unfused",
-            "--prefetch", "--phases"]
+            "--prefetch", "--phases", "--compare-precision"]
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -262,6 +262,8 @@ def test_bench_epochs_prints_the_ratios_side_by_side(tiny_data, tmp_path):
     totals = re.search(r"fastai loop +(\d+\.\d+) s, model-only +(\d+\.\d+) s", phases["total"])
     assert totals and all(float(t) > 0 for t in totals.groups())  # fastai loop and model-only, both timed
     assert "peak memory" in out
+    speeds = re.search(r"fp32 (\d+\.\d+) images/s, bf16 autocast (\d+\.\d+) images/s \(x(\d+\.\d+)\)", out)
+    assert speeds and float(speeds[3]) == pytest.approx(float(speeds[2]) / float(speeds[1]), abs=0.01)
 
 
 def test_bench_procs_times_both_layouts_side_by_side(tiny_data, tmp_path):

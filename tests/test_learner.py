@@ -22,6 +22,7 @@ from fastai.torch_core import TensorCategory, TensorImage
 
 from artlearn.callbacks import (
     EMA,
+    CPUAutocast,
     EpochTable,
     HISTORY_COLUMNS,
     CosineAnnealing,
@@ -230,13 +231,31 @@ def test_extras_on_cpu_compose_and_train():
     learn = artist_learner(dls, arch="resnet18", pool="gem", precision="bf16", channels_last=True, grad_accum=2,
                            mixup=0.4, ema=0.99, logit_adjust=1.0, progress=False, seed=0)
     types = {type(cb): cb for cb in learn.cbs}
-    assert MixedPrecision not in types  # no autocast on CPU: results unchanged
-    assert {ChannelsLast, GradientAccumulation, MixUp, EMA, LogitAdjustment} <= set(types)
+    assert MixedPrecision not in types  # fastai's autocasts CUDA only: CPUAutocast does the CPU's
+    assert {ChannelsLast, CPUAutocast, GradientAccumulation, MixUp, EMA, LogitAdjustment} <= set(types)
     assert types[GradientAccumulation].n_acc == 2 * dls.train.bs
     learn.fit(1)
     hist = learn.history.frame()
     assert hist[["train_loss", "valid_loss"]].notna().all().all() and learn.ema.n_updates == 1
     assert CutMix in {type(cb) for cb in artist_learner(dls, arch="resnet18", cutmix=1.0, progress=False).cbs}
+
+
+def test_cpu_bf16_autocasts_the_forward_pass_only():
+    """precision='bf16' on the CPU: the model's convolutions see bf16 inside the batch, the loss gets float32
+    predictions, the weights and gradients stay float32, and autocast is left after every batch; 'auto' and
+    'fp32' add no autocast (the CPU's default stays float32)."""
+    dls = image_dls()
+    learn = artist_learner(dls, arch="resnet18", precision="bf16", progress=False, seed=0)
+    seen = []
+    learn.model.fc.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, torch.is_autocast_enabled("cpu"))))
+    learn.fit(1)
+    assert seen and all(on for _, on in seen) and (torch.bfloat16, True) in seen
+    assert not torch.is_autocast_enabled("cpu")
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    assert learn.history.frame()[["train_loss", "valid_loss"]].notna().all().all()
+    for precision in ("auto", "fp32"):
+        assert not any(isinstance(cb, CPUAutocast) for cb in
+                       artist_learner(dls, arch="resnet18", precision=precision, progress=False).cbs)
 
 
 def test_zero_init_residual_starts_every_block_as_identity():

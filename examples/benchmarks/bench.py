@@ -3,6 +3,7 @@
     python examples/benchmarks/bench.py                                 # synthetic data, ResNet-18, 128 px, CPU
     python examples/benchmarks/bench.py --data ../shared/data/artworks --arch resnet18 --size 128 --bs 32
     python examples/benchmarks/bench.py --data DIR --arch resnet50 --size 288 --bs 64 --precision bf16  # on a GPU
+    python examples/benchmarks/bench.py --size 48 --compare-precision --skip torchvision,ensemble,cache  # CPU bf16?
 
 With --epochs N (the headline): N whole training epochs exactly as train_kfold runs them (fold 0 of a 4-fold split:
 training + validation, per-epoch start-up included), for each --pipelines entry, against the model-only time for
@@ -36,7 +37,7 @@ import artlearn
 from artlearn.checkpoint import save_weights
 from artlearn.callbacks import ReuseHeap
 from artlearn.cli import add_recipe_flag, read_competition, run_cli
-from artlearn.device import default_workers, reused_heap
+from artlearn.device import cpu_has_native_bf16, default_workers, resolve_precision, reused_heap
 from artlearn.files import atomic_write_json
 from artlearn.learner import fused
 from artlearn.recipe import REFERENCE
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--pipelines", default="device,items", help="artist_dls pipelines timed by --epochs")
     add_recipe_flag(p, "store", default=REFERENCE.store, help="image store rule (Recipe.store)")
     p.add_argument("--compile", action="store_true", help="also time the model-only ceiling with torch.compile")
+    p.add_argument("--compare-precision", action="store_true", help="also time the model-only step in fp32 and in "
+                   "bf16 autocast side by side (interleaved repetitions; on the CPU too)")
     p.add_argument("--unfused", action="store_true", help="with --epochs: also time artlearn epochs with torch's "
                    "default (unfused) Adam, to measure what the fused step gives")
     p.add_argument("--default-heap", action="store_true", help="with --epochs: also time artlearn epochs without "
@@ -75,13 +78,11 @@ def parse_args(argv=None):
 
 
 def device_setup(precision: str):
-    """(device, autocast dtype or None, channels_last?) for this machine."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), None, True  # channels-last as artist_learner trains on every device
-    if precision == "fp32":
-        return torch.device("cuda"), None, True
-    bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-    return torch.device("cuda"), (torch.bfloat16 if bf16 else torch.float16), True
+    """(device, autocast dtype or None, channels_last?) for this machine, as artist_learner resolves `precision`
+    (bf16 autocast on the CPU too when asked for)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mode = resolve_precision(precision, device.type == "cuda")
+    return device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode), True  # channels-last everywhere
 
 
 def sync(device):
@@ -91,9 +92,9 @@ def sync(device):
 
 
 def autocast(device, dtype):
-    """Autocast context for the GPU path, a no-op otherwise."""
+    """Autocast context at `dtype` on the device (CUDA or CPU), a no-op for float32."""
     import contextlib
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def make_step(model, device, dtype, channels_last):
@@ -201,6 +202,31 @@ def bench_compile(args, n_classes, device, dtype, channels_last) -> None:
     compiled = statistics.median(timed_reps(run, args, device))
     print(f"compile      : ceiling eager {eager:.1f} images/s, compiled {compiled:.1f} images/s "
           f"(x{compiled / eager:.2f}); first compiled step {first:.1f} s")
+
+
+def bench_precision(args, n_classes, device, channels_last) -> None:
+    """Model-only training step in float32 and in bf16 autocast, repetitions interleaved (a shared machine's load
+    falls on both alike), printed with their ratio."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    steps = {name: make_step(fresh_model(args, n_classes, device, channels_last), device, dtype, channels_last)
+             for name, dtype in dtypes.items()}
+    x = torch.randn(args.bs, 3, args.size, args.size, device=device)
+    y = torch.randint(0, n_classes, (args.bs,), device=device)
+    rates = {name: [] for name in dtypes}
+    with flushed():
+        for rep in range(args.reps + 1):
+            for name, step in steps.items():
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(args.batches):
+                    step(x, y)
+                sync(device)
+                if rep:
+                    rates[name].append(args.batches * args.bs / (time.perf_counter() - start))
+    fp32, bf16 = (statistics.median(rates[name]) for name in dtypes)
+    native = f"; native bf16: {cpu_has_native_bf16()}" if device.type == "cpu" else ""
+    print(f"precision    : model-only step fp32 {fp32:.1f} images/s, bf16 autocast {bf16:.1f} images/s "
+          f"(x{bf16 / fp32:.2f}){native}")
 
 
 def bench_artlearn(args, df, device, cache) -> float:
@@ -629,6 +655,8 @@ def _main(argv=None) -> int:
           f"side {cache.presize} px)")
     if args.compile:
         bench_compile(args, n_classes, device, dtype, channels_last)
+    if args.compare_precision:
+        bench_precision(args, n_classes, device, channels_last)
     mean, std = cache.channel_stats(df["img_path"])
     if args.epochs:
         bench_epochs(args, df, cache, n_classes, device, dtype, channels_last, mean, std)
