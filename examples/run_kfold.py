@@ -255,7 +255,10 @@ def _main(args, dist) -> int:
     RUN_DIR[:] = [out]
     if args.resume and not (out / "config.json").is_file():
         raise ValueError(f"--resume: {out} has no run to resume")
-    settings = " ".join(f"{k}={v}" for k, v in recipe.as_dict().items())
+    shown = recipe.as_dict()
+    if args.budget and recipe.size_by_budget:  # train_kfold times the sizes and logs its choice
+        shown["size"] = "(chosen by the budget)"
+    settings = " ".join(f"{k}={v}" for k, v in shown.items())
     say(f"run directory: {out}\nrecipe: preset={args.preset} {settings}")
     if dist.enabled:
         mode = "data-parallel (--ddp)" if args.ddp else "fold-parallel"

@@ -269,3 +269,30 @@ def test_budget_table_runs_each_row_with_the_same_minutes(tmp_path):
     valid = set(folds.loc[folds["fold"] == 0, "img_path"].map(lambda p: str(Path(p).resolve())))
     assert set(fastai_oof["img_path"].map(lambda p: str(Path(p).resolve()))) == valid  # the same fold 0 for all
     assert set(plain_oof["img_path"]) == valid
+
+
+def test_budget_table_rows_are_specs_checked_before_training(tmp_path):
+    """A row is preset[+key=value...] (each candidate alone on a base), the old names still read; a bad spec is a
+    ValueError naming it before any run or folder is made."""
+    table = load("budget_table")
+    assert table.row_settings("fast") == {"preset": "fast"}
+    assert table.row_settings("fast+size=48+ema=0.998+lr=1e-3") == dict(preset="fast", size=48, ema=0.998, lr=1e-3)
+    assert table.row_settings("fast+sgd") == dict(preset="fast", optimizer="sgd", lr=0.05, wd=0.0005)
+    for bad, says in [("quick+size=48", "not a preset"), ("fast+size", "not key=value"),
+                      ("fast+sizes=48", "no such setting"), ("fast+arch=resnet7", "arch")]:
+        with pytest.raises(ValueError, match=says):
+            table.row_settings(bad)
+        assert table.main(["--data", str(tmp_path / "nowhere"), "--minutes", "1", "--rows", f"fast,{bad}",
+                           "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()
+
+
+def test_budget_table_pairs_each_row_with_the_first_by_seed(tmp_path):
+    """results.md's last column: a row's accuracy minus the first row's, seed by seed (mean, min..max)."""
+    table = load("budget_table")
+    runs = [dict(row=r, seed=s, accuracy=a, f1_macro=0.1, epochs=3, process_wall_s=9.0)
+            for r, s, a in [("base", 1, 0.30), ("base", 2, 0.40), ("cand", 1, 0.35), ("cand", 2, 0.41)]]
+    table.write_table(tmp_path, runs, base="base")
+    md = (tmp_path / "results.md").read_text()
+    assert "accuracy vs base, paired" in md
+    assert "| cand | 1,2 | 0.3800 (0.3500..0.4100) |" in md and "+0.0300 (+0.0100..+0.0500) |" in md

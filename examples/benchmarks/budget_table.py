@@ -7,11 +7,17 @@ Each row is trained by `train_kfold(..., folds=[0], budget=...)` (the epochs pla
 machine) in its own process with one torch thread, `--parallel` rows at a time (as a 2-core machine runs two
 folds side by side). `plain` is plain_torchvision.py (here) given the same minutes (`--minutes`), `fastai` is
 fastai's own `vision_learner(xresnet18)` + `fit_one_cycle` (fastai_baseline.py, here). One JSON line per run in
-<out>/results.jsonl (reruns skip the runs already there); the table (mean, min..max over seeds) in results.md.
+<out>/results.jsonl (reruns skip the runs already there); the table (mean, min..max over seeds, and each row's
+accuracy minus the first row's, seed by seed) in results.md. A row is `plain`, `fastai` or a spec
+'preset[+key=value...]' (Recipe settings on top of a preset), so every candidate can be run alone on one base:
+
+    python examples/benchmarks/budget_table.py --data ../shared/data/artworks --minutes 7 --seeds 7,42 \
+        --rows fast+size=48,fast+size=48+ema=0.998,fast+size=48+arch=xresnet18 --out runs/cand7
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -19,22 +25,34 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from artlearn.cli import int_list, read_competition, run_cli
+from artlearn.cli import int_list, parse_setting, read_competition, run_cli
 from artlearn.files import atomic_write_csv, atomic_write_json, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
-ROWS = {  # row name -> train_kfold preset and overrides (each a Recipe setting alone, or the chosen combination)
-    "fast": dict(preset="fast"),
-    "fast+lr=1e-3": dict(preset="fast", lr=1e-3),
-    "fast+size=96": dict(preset="fast", size=96),
-    "fast+size=96+progressive=0.5": dict(preset="fast", size=96, progressive=0.5),
-    "fast+size=48": dict(preset="fast", size=48),
-    "fast+tta=flip": dict(preset="fast", tta="flip"),
-    "fast+label_smoothing=0.1": dict(preset="fast", label_smoothing=0.1),
-    "fast+sgd": dict(preset="fast", optimizer="sgd", lr=0.05, wd=5e-4),
-    "reference@64px": dict(preset="reference", arch="resnet18", size=64),
-}
+# Rows are specs, 'preset[+key=value...]' (a Recipe preset, then Recipe settings: each candidate alone on top of
+# a preset, or a combination); these names are kept for the tables already committed (docs/results/budget7).
+ALIASES = {"fast+sgd": "fast+optimizer=sgd+lr=0.05+wd=0.0005", "reference@64px": "reference+arch=resnet18+size=64"}
+TERM = re.compile(r"\+(?=[A-Za-z_])")  # '+' between terms, not the one of '1e+3'
 SCRIPTS = {"plain": "plain_torchvision.py", "fastai": "fastai_baseline.py"}
+
+
+def row_settings(row: str) -> dict:
+    """train_kfold's preset and overrides of a row spec 'preset[+key=value...]'; ValueError naming the bad term."""
+    from artlearn import Recipe
+    from artlearn.recipe import PRESETS
+    spec = ALIASES.get(row, row)
+    preset, *terms = [t.strip() for t in TERM.split(spec)]
+    if preset not in PRESETS:
+        raise ValueError(f"row {row!r}: starts with {preset!r}, not a preset; a row is plain, fastai or "
+                         f"preset[+key=value...] with a preset of {list(PRESETS)}")
+    settings = {}
+    for term in terms:
+        key, eq, raw = term.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"row {row!r}: term {term!r} is not key=value")
+        settings[key.strip()] = parse_setting(key.strip(), raw.strip())
+    Recipe.preset(preset).replace(**settings).validate()
+    return dict(preset=preset, **settings)
 
 
 def parse_args(argv=None):
@@ -42,7 +60,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="competition folder with train.csv")
     p.add_argument("--minutes", type=float, required=True, help="wall minutes each row gets for fold 0")
-    p.add_argument("--rows", default="fast,plain,fastai", help=f"comma-separated: {', '.join([*ROWS, *SCRIPTS])}")
+    p.add_argument("--rows", default="fast,plain,fastai",
+                   help=f"comma-separated: {', '.join(SCRIPTS)} or preset[+key=value...] (e.g. fast+ema=0.998)")
     p.add_argument("--seeds", default="7,42")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--out", type=Path, required=True)
@@ -83,12 +102,12 @@ def train_one(row: str, seed: int, minutes: float, folds_csv: str, run_dir: str)
     df = pd.read_csv(folds_csv, dtype={"img_path": str, "artist": str}, keep_default_na=False)
     started = time.time()
     run = al.train_kfold(df, run_dir, folds=[0], seed=seed, budget=minutes * 60, progress=False, procs=1,
-                         **ROWS[row])
+                         **row_settings(row))
     oof = run.oof_scores
     timing = run.summary["timing"]
     result = dict(row=row, seed=seed, minutes=minutes, accuracy=oof["accuracy"], f1_macro=oof["f1_macro"],
                   epochs=timing["folds"]["0"]["epochs"], planned_s=timing["folds"]["0"]["planned_s"],
-                  wall_s=round(time.time() - started, 1), settings=ROWS[row])
+                  wall_s=round(time.time() - started, 1), settings=row_settings(row))
     atomic_write_json(Path(run_dir, "result.json"), result)
 
 
@@ -106,18 +125,32 @@ def run_one(row: str, seed: int, args, folds_csv: Path) -> dict:
     return result
 
 
-def write_table(out: Path, results: list) -> None:
-    """results.md: one line per row, mean and min..max over seeds."""
-    lines = ["| row | seeds | OOF accuracy | OOF macro-F1 | epochs | wall s per run |", "|---|---|---|---|---|---|"]
+def paired_delta(rs: list, base: list) -> str:
+    """Mean and min..max over the shared seeds of a row's accuracy minus the base row's ('' without shared seeds)."""
+    base_acc = {r["seed"]: r["accuracy"] for r in base}
+    deltas = [r["accuracy"] - base_acc[r["seed"]] for r in rs if r["seed"] in base_acc]
+    if not deltas:
+        return ""
+    return f"{statistics.mean(deltas):+.4f} ({min(deltas):+.4f}..{max(deltas):+.4f})"
+
+
+def write_table(out: Path, results: list, base: str | None = None) -> None:
+    """results.md: one line per row, mean and min..max over seeds, and the paired difference to the `base` row."""
     rows = {}
     for r in results:
         rows.setdefault(r["row"], []).append(r)
+    base = base if base in rows else None
+    lines = ["| row | seeds | OOF accuracy | OOF macro-F1 | epochs | wall s per run |"
+             + (f" accuracy vs {base}, paired |" if base else ""),
+             "|---|---|---|---|---|---|" + ("---|" if base else "")]
     for row, rs in sorted(rows.items(), key=lambda kv: -statistics.mean(r["accuracy"] for r in kv[1])):
+        rs = sorted(rs, key=lambda r: r["seed"])
         acc, f1 = [r["accuracy"] for r in rs], [r["f1_macro"] for r in rs]
         lines.append(f"| {row} | {','.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} "
                      f"({min(acc):.4f}..{max(acc):.4f}) | {statistics.mean(f1):.4f} ({min(f1):.4f}..{max(f1):.4f}) | "
                      f"{', '.join(str(r.get('epochs')) for r in rs)} | "
-                     f"{', '.join(str(r.get('process_wall_s')) for r in rs)} |")
+                     f"{', '.join(str(r.get('process_wall_s')) for r in rs)} |"
+                     + (f" {paired_delta(rs, rows[base]) if row != base else ''} |" if base else ""))
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
@@ -135,25 +168,25 @@ def _main(argv=None) -> int:
         return 0
     args = parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS and r not in SCRIPTS]
-    if unknown:
-        raise ValueError(f"--rows {args.rows!r}: unknown rows {unknown}; choose from {[*ROWS, *SCRIPTS]}")
+    for row in rows:  # every spec checked before anything is trained
+        if row not in SCRIPTS:
+            row_settings(row)
     seeds = int_list(args.seeds, "--seeds")
     args.out.mkdir(parents=True, exist_ok=True)
     folds_csv = fold_table(args.data, args.out)
     jsonl = args.out / "results.jsonl"
     done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
     seen = {(r["row"], r["seed"]) for r in done}
-    todo = [(row, s) for s in seeds for row in rows if (row, s) not in seen]
+    todo = [(row, s) for row in rows for s in seeds if (row, s) not in seen]  # a row's seeds side by side
     with ThreadPoolExecutor(args.parallel) as pool:
         for result in pool.map(lambda job: run_one(*job, args, folds_csv), todo):
             done.append(result)
             with open(jsonl, "a") as f:
                 f.write(json.dumps(result) + "\n")
-            write_table(args.out, done)
+            write_table(args.out, done, rows[0])
             print(f"{result['row']} seed {result['seed']}: accuracy {result['accuracy']:.4f}, "
                   f"macro-F1 {result['f1_macro']:.4f} ({result.get('epochs')} epochs)", flush=True)
-    write_table(args.out, done)
+    write_table(args.out, done, rows[0])
     return 0
 
 
