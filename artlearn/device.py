@@ -31,19 +31,21 @@ def dls_on_cuda(dls) -> bool:
 
 def resolve_precision(precision: str, cuda: bool) -> str:
     """'bf16', 'fp16' or 'fp32': 'auto' is bf16 where supported, else fp16, on CUDA and fp32 on the CPU; on the CPU
-    'bf16' is bf16 autocast and 'fp16' is fp32 (torch's CPU fp16 kernels are slower than fp32)."""
+    'bf16' is bf16 autocast where the CPU computes bf16 natively (else fp32, faster than emulated bf16) and 'fp16'
+    is fp32 (torch's CPU fp16 kernels are slower than fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; choose one of {list(PRECISIONS)}")
     if not cuda:
-        return "bf16" if precision == "bf16" else "fp32"
+        return "bf16" if precision == "bf16" and cpu_has_native_bf16() else "fp32"
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX, as oneDNN reports it); without it torch
-    emulates bf16, several times slower than fp32."""
+    """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX, as oneDNN reports it); elsewhere torch
+    emulates bf16 or falls back to reference kernels."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN

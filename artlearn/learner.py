@@ -1,5 +1,6 @@
 """`artist_learner`: a fastai Learner with the recipe's defaults (from-scratch model, torch Adam, label-smoothed
 cross-entropy, per-epoch cosine LR, accuracy and macro-F1) and its optional extras."""
+import functools
 import logging
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from .callbacks import (
     ReuseHeap,
 )
 from .checks import check_choice, check_number
-from .device import cpu_has_native_bf16, dls_on_cuda, resolve_precision
+from .device import dls_on_cuda, resolve_precision
 from .dls import ArtistDataLoaders
 from .models import build_model
 from .recipe import OPTIMIZERS as OPTIMIZER_NAMES, REFERENCE, Recipe
@@ -189,11 +190,17 @@ def _gpu_callbacks(dls, precision, channels_last) -> list:
     if mode != "fp32" and cuda:
         cbs.append(MixedPrecision(amp_mode=mode))
     elif mode == "bf16":
-        if not cpu_has_native_bf16():
-            logger.warning("precision='bf16': this CPU has no native bf16 (AVX-512 BF16 or AMX), so torch emulates "
-                           "it, several times slower than fp32; use precision='auto' here")
         cbs.append(CPUAutocast())
+    elif precision == "bf16" and not cuda:
+        _note_fp32_fallback()
     return cbs
+
+
+@functools.cache
+def _note_fp32_fallback() -> None:
+    """Say once per process that precision='bf16' trains in fp32 on this CPU."""
+    logger.info("precision='bf16': this CPU has no native bf16 (AVX-512 BF16 or AMX, as oneDNN reports), so training "
+                "runs in fp32, the faster choice here")
 
 
 def _fold_of(dls, fold):

@@ -4,6 +4,7 @@ import copy
 import functools
 import inspect
 import json
+import logging
 import math
 
 import pandas as pd
@@ -20,6 +21,8 @@ from fastai.learner import Learner, Recorder
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import TensorCategory, TensorImage
 
+import artlearn.device as device_module
+import artlearn.learner as learner_module
 from artlearn.callbacks import (
     EMA,
     CPUAutocast,
@@ -226,7 +229,8 @@ def test_bad_arguments_name_the_value(kw, match):
         artist_learner(image_dls(), **kw)
 
 
-def test_extras_on_cpu_compose_and_train():
+def test_extras_on_cpu_compose_and_train(monkeypatch):
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)  # bf16 autocast on any CPU
     dls = image_dls()
     learn = artist_learner(dls, arch="resnet18", pool="gem", precision="bf16", channels_last=True, grad_accum=2,
                            mixup=0.4, ema=0.99, logit_adjust=1.0, progress=False, seed=0)
@@ -240,10 +244,11 @@ def test_extras_on_cpu_compose_and_train():
     assert CutMix in {type(cb) for cb in artist_learner(dls, arch="resnet18", cutmix=1.0, progress=False).cbs}
 
 
-def test_cpu_bf16_autocasts_the_forward_pass_only():
-    """precision='bf16' on the CPU: the model's convolutions see bf16 inside the batch, the loss gets float32
+def test_cpu_bf16_autocasts_the_forward_pass_only(monkeypatch):
+    """precision='bf16' on a CPU with native bf16: the model's layers see bf16 inside the batch, the loss gets float32
     predictions, the weights and gradients stay float32, and autocast is left after every batch; 'auto' and
     'fp32' add no autocast (the CPU's default stays float32)."""
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
     dls = image_dls()
     learn = artist_learner(dls, arch="resnet18", precision="bf16", progress=False, seed=0)
     seen = []
@@ -256,6 +261,18 @@ def test_cpu_bf16_autocasts_the_forward_pass_only():
     for precision in ("auto", "fp32"):
         assert not any(isinstance(cb, CPUAutocast) for cb in
                        artist_learner(dls, arch="resnet18", precision=precision, progress=False).cbs)
+
+
+def test_cpu_bf16_without_native_support_trains_in_fp32_and_says_so(monkeypatch, caplog):
+    """On a CPU without native bf16, precision='bf16' (fast's) trains in fp32, with one log line per process."""
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    learner_module._note_fp32_fallback.cache_clear()  # a fresh process
+    dls = image_dls()
+    with caplog.at_level(logging.INFO, logger="artlearn"):
+        cbs = [artist_learner(dls, arch="resnet18", precision="bf16", progress=False).cbs for _ in range(2)]
+    assert not any(isinstance(cb, CPUAutocast) for learner_cbs in cbs for cb in learner_cbs)
+    notes = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(notes) == 1 and "runs in fp32" in notes[0]
 
 
 def test_zero_init_residual_starts_every_block_as_identity():
