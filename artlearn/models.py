@@ -126,7 +126,23 @@ def _torchvision_resnet(depth: int, n_classes: int, zero_init_residual: bool, dr
     return net
 
 
-class ArtistResNet(_SplitModel):
+class _FourStageNet(_SplitModel):
+    """A stem, four stages `layer1`..`layer4`, then pool, (dropout,) and `fc`: the ResNet families' shared forward."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
+        x = self._stem(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self._stage(stage, x)
+        return x
+
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""
+        x = self.drop(torch.flatten(self.pool(feats), 1))
+        return x if pre_logits else self.fc(x)
+
+
+class ArtistResNet(_FourStageNet):
     """ResNet-18/34/50/101 from scratch (torchvision's builders, `weights=None`) with avg or GeM pooling.
 
     The layers keep torchvision's names (`conv1` ... `layer4`, `fc`), so with `pool='avg'` the state dict is
@@ -156,17 +172,9 @@ class ArtistResNet(_SplitModel):
         if pool == "gem":
             self._config.update(gem_p=float(gem_p), gem_learnable=bool(gem_learnable))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = self._stage(stage, x)
-        return x
-
-    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""
-        x = self.drop(torch.flatten(self.pool(feats), 1))
-        return x if pre_logits else self.fc(x)
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision's stem: 7x7 conv, BatchNorm, ReLU, max pool."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
 def _check_n_classes(n_classes) -> None:
@@ -233,7 +241,7 @@ def _fastai_xresnet(depth: int, n_classes: int) -> nn.Module:
     return getattr(xresnet, f"xresnet{depth}")(n_out=n_classes)
 
 
-class ArtistXResNet(_SplitModel):
+class ArtistXResNet(_FourStageNet):
     """fastai's XResNet-18/34/50 from scratch (ResNet-D of "Bag of Tricks", He et al. 2019: a three-conv stem and
     average-pooled shortcuts) with avg or GeM pooling and the same features/head split.
 
@@ -271,17 +279,9 @@ class ArtistXResNet(_SplitModel):
         stages = (self.layer1, self.layer2, self.layer3, self.layer4)
         return [[m for m in block.convpath[-1] if isinstance(m, nn.BatchNorm2d)][0] for st in stages for block in st]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem and the four stages: (N, 3, H, W) -> (N, C, H/32, W/32)."""
-        x = self.stem(x)
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = self._stage(stage, x)
-        return x
-
-    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, flatten, (dropout,) classify; `pre_logits=True` returns the pooled features."""
-        x = self.drop(torch.flatten(self.pool(feats), 1))
-        return x if pre_logits else self.fc(x)
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """fastai's stem: three 3x3 conv layers and a max pool."""
+        return self.stem(x)
 
 
 def _resnet_builder(depth: int):
